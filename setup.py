@@ -1,0 +1,43 @@
+"""Long-context continued pre-training engine for Llama-3 on megatron-core.
+
+Install on a CPU machine with ``pip install torch==2.13.0 && pip install -e .``:
+torch is pinned first so that no dependency pulls the multi-GB CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="longctx-engine",
+    version="0.1.0",
+    description="Train Llama-3 to 64K-512K tokens of context (ProLong recipe) on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine*", "data_tools*", "csrc*"]),
+    include_package_data=True,
+    package_data={"data_tools": ["recipes/*.yaml", "sample/*"], "engine": ["configs/*.yaml"]},
+    install_requires=[
+        # Tested: torch 2.13.0 (CPU, this repo's CI) and 2.11 (H100 machine).
+        "torch>=2.6,<2.14",
+        # 0.16.1 is the newest for Python 3.11; our CPU shim patches its internals by name.
+        "megatron-core>=0.16.1,<0.17",
+        "numpy>=1.24",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.14",
+        "pyyaml>=6",
+        "tiktoken>=0.7",
+        "tokenizers>=0.19",
+        "zstandard>=0.22",
+        "pyarrow>=14",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # GPU extras: used when present, never required.
+        "gpu": ["flash-attn", "transformer-engine[pytorch]", "triton"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.44", "triton>=3.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "lce-data=data_tools.cli:main",
+        ],
+    },
+)
