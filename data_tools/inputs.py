@@ -1,0 +1,246 @@
+"""Reading corpora: JSON lines (plain, .gz, .zst), Parquet files and plain-text folders.
+
+Inputs are read in chunks of raw records (`RawChunk`) by the main process; `parse_chunk` turns a
+chunk into texts (and group keys) in a worker. Every problem is a `BadRecord` naming the file,
+the line (or row) number, what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst",
+                  ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class BadRecord:
+    path: str
+    line: int
+    problem: str
+    fix: str = "fix the record or pass --skip-bad to skip and count such lines"
+
+    def message(self) -> str:
+        return f"{self.path}:{self.line}: {self.problem}. {self.fix}"
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "line": self.line, "problem": self.problem}
+
+
+class InputError(ValueError):
+    """A bad record when --skip-bad is off; str() names the file, the line and the fix."""
+
+    def __init__(self, record: BadRecord):
+        super().__init__(record.message())
+        self.record = record
+
+
+@dataclass
+class RawChunk:
+    """Records of one file: JSON lines as bytes, or already-decoded Parquet/text values."""
+    path: str
+    kind: str  # "jsonl", "rows" (Parquet: list of dicts) or "text" (one file = one document)
+    first_line: int  # 1-based line or row number of records[0]
+    records: list
+    bad: list = field(default_factory=list)  # problems found while reading (truncated stream)
+
+
+def list_input_files(paths: Sequence[str]) -> list[str]:
+    """Expand folders (recursively, sorted, hidden files skipped) into files."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(os.path.join(root, n) for n in names if not n.startswith("."))
+            files.extend(sorted(found))
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {path!r} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no input files under {list(paths)}")
+    return files
+
+
+def input_kind(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
+
+
+def _decompressed_blocks(path: str, block_bytes: int) -> Iterator[bytes]:
+    """The file's bytes, decompressed for .gz/.zst; EOFError if a compressed stream is cut."""
+    if path.endswith(".zst"):
+        yield from _zstd_blocks(path, block_bytes)
+        return
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:  # gzip raises EOFError itself on a cut stream
+        while True:
+            block = f.read(block_bytes)
+            if not block:
+                return
+            yield block
+
+
+def _zstd_blocks(path: str, block_bytes: int) -> Iterator[bytes]:
+    # zstandard's stream_reader reports a truncated frame as a clean end of file, so frames
+    # are followed by hand: a frame still open when the bytes run out is an error.
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    frame_open = False
+    with open(path, "rb") as f:
+        while True:
+            compressed = f.read(block_bytes)
+            if not compressed:
+                break
+            while compressed:
+                try:
+                    block = decompressor.decompress(compressed)
+                except zstandard.ZstdError as error:
+                    raise EOFError(f"corrupt zstd data ({error})") from None
+                frame_open = not decompressor.eof
+                if block:
+                    yield block
+                compressed = decompressor.unused_data if decompressor.eof else b""
+                if decompressor.eof:
+                    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    if frame_open:
+        raise EOFError("the last zstd frame has no end")
+
+
+def _read_jsonl(path: str, chunk_bytes: int) -> Iterator[RawChunk]:
+    line_no = 1
+    pending = b""
+    blocks = _decompressed_blocks(path, chunk_bytes)
+    while True:
+        try:
+            block = next(blocks, b"")
+        except (EOFError, OSError) as error:
+            # The partial line in `pending` is lost with the stream: report it there.
+            yield RawChunk(path, "jsonl", line_no, [], [BadRecord(
+                path, line_no, f"compressed stream is truncated or corrupt ({error})",
+                "re-create the file; --skip-bad keeps the lines before this one")])
+            return
+        if not block:
+            break
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        if lines:
+            yield RawChunk(path, "jsonl", line_no, lines)
+            line_no += len(lines)
+    if pending:
+        yield RawChunk(path, "jsonl", line_no, [pending])
+
+
+def _read_parquet(path: str, columns: Sequence[str], chunk_rows: int = 8192) -> Iterator[RawChunk]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    present = set(parquet.schema_arrow.names)
+    wanted = [c for c in columns if c in present]
+    row = 1
+    for batch in parquet.iter_batches(batch_size=chunk_rows, columns=wanted):
+        rows = batch.to_pylist()
+        yield RawChunk(path, "rows", row, rows)
+        row += len(rows)
+
+
+def _read_text_file(path: str) -> Iterator[RawChunk]:
+    with open(path, "rb") as f:
+        yield RawChunk(path, "text", 1, [f.read()])
+
+
+def read_chunks(path: str, columns: Sequence[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[RawChunk]:
+    """Raw records of one input file in chunks of about `chunk_bytes` bytes."""
+    kind = input_kind(path)
+    if kind == "jsonl":
+        return _read_jsonl(path, chunk_bytes)
+    if kind == "parquet":
+        return _read_parquet(path, columns)
+    return _read_text_file(path)
+
+
+def _text_of(record: dict, keys: Sequence[str], path: str, line: int) -> tuple[Optional[str], Optional[BadRecord]]:
+    values = []
+    for key in keys:
+        if key not in record:
+            present = ", ".join(sorted(map(str, record))[:8])
+            return None, BadRecord(path, line, f"missing key {key!r} (keys present: {present})",
+                                   "choose the text field with --json-keys, or --skip-bad")
+        value = record[key]
+        if not isinstance(value, str):
+            return None, BadRecord(path, line, f"key {key!r} holds {type(value).__name__}, "
+                                               f"not a string", "fix the record or --skip-bad")
+        values.append(value)
+    text = "\n\n".join(values)
+    if not text.strip():
+        return None, BadRecord(path, line, "empty text", "drop the record or pass --skip-bad")
+    return text, None
+
+
+def parse_chunk(chunk: RawChunk, keys: Sequence[str], group_key: Optional[str]):
+    """Texts, group keys (or None) and problems of one chunk, in input order."""
+    texts: list[str] = []
+    groups: Optional[list[str]] = [] if group_key else None
+    bad = list(chunk.bad)
+    for i, raw in enumerate(chunk.records):
+        line = chunk.first_line + i
+        if chunk.kind == "text":
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad.append(BadRecord(chunk.path, line, f"invalid UTF-8 at byte {error.start}",
+                                     "re-encode the file as UTF-8 or pass --skip-bad"))
+                continue
+            if not text.strip():
+                bad.append(BadRecord(chunk.path, line, "empty text",
+                                     "drop the file or pass --skip-bad"))
+                continue
+            texts.append(text)
+            if groups is not None:
+                groups.append(os.path.dirname(chunk.path))
+            continue
+        if chunk.kind == "jsonl":
+            if not raw.strip():
+                continue  # blank lines carry nothing and are not errors in JSON lines
+            try:
+                decoded = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad.append(BadRecord(chunk.path, line, f"invalid UTF-8 at byte {error.start}",
+                                     "re-encode the file as UTF-8 or pass --skip-bad"))
+                continue
+            try:
+                record = json.loads(decoded)
+            except json.JSONDecodeError as error:
+                bad.append(BadRecord(chunk.path, line,
+                                     f"malformed JSON ({error.msg} at column {error.colno})"))
+                continue
+            if not isinstance(record, dict):
+                bad.append(BadRecord(chunk.path, line, f"a JSON {type(record).__name__}, "
+                                                       f"not an object"))
+                continue
+        else:
+            record = raw
+        text, problem = _text_of(record, keys, chunk.path, line)
+        if problem is None and group_key is not None:
+            if record.get(group_key) is None:
+                problem = BadRecord(chunk.path, line, f"missing group key {group_key!r}",
+                                    "fix --group-by or pass --skip-bad")
+        if problem is not None:
+            bad.append(problem)
+            continue
+        texts.append(text)
+        if groups is not None:
+            groups.append(str(record[group_key]))
+    return texts, groups, bad

@@ -1,0 +1,262 @@
+"""Corpus files -> Megatron indexed dataset (PREFIX.bin/.idx) with a JSON summary beside it.
+
+Pipeline: the main process reads raw chunks of records (a few MB each); workers parse JSON and
+tokenize a whole chunk per call, returning flat numpy arrays (cheap to pickle); the main process
+adds BOS/EOS, filters short documents and writes the arrays in bulk. Per-record work in Python is
+only the JSON parse, which is why this beats one-pool-task-per-line preprocessing.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
+from data_tools.inputs import BadRecord, InputError, RawChunk, list_input_files, parse_chunk, read_chunks
+from data_tools.tokenizer import TextTokenizer, flatten_token_lists, load_tokenizer
+
+MAX_BAD_RECORDS_KEPT = 100
+
+
+@dataclass
+class PreprocessOptions:
+    json_keys: Sequence[str] = ("text",)
+    group_by: Optional[str] = None
+    append_eos: bool = True
+    prepend_bos: bool = False
+    min_tokens: int = 0
+    workers: int = 1
+    skip_bad: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ChunkTokens:
+    """One chunk, tokenized: ids back to back, per-document lengths, group keys, problems."""
+    tokens: np.ndarray
+    lengths: np.ndarray
+    groups: Optional[list]
+    bad: list
+    records: int
+
+
+@dataclass
+class Counters:
+    documents: int = 0
+    tokens: int = 0
+    records: int = 0
+    skipped_lines: int = 0
+    filtered_documents: int = 0
+    filtered_tokens: int = 0
+    bad_records: list = field(default_factory=list)
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path: str, json_keys, group_by, dtype) -> None:
+    # One core per worker: the Rust encoders would otherwise start a thread per core each.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(tokenizer=load_tokenizer(tokenizer_path), json_keys=json_keys,
+                   group_by=group_by, dtype=dtype)
+
+
+def _tokenize_chunk(chunk: RawChunk) -> ChunkTokens:
+    texts, groups, bad = parse_chunk(chunk, _worker["json_keys"], _worker["group_by"])
+    tokens, lengths = flatten_token_lists(_worker["tokenizer"].encode_batch(texts) if texts else [],
+                                          dtype=_worker["dtype"])
+    return ChunkTokens(tokens, lengths, groups, bad, len(chunk.records))
+
+
+def add_boundary_tokens(tokens: np.ndarray, lengths: np.ndarray, bos: Optional[int],
+                        eos: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Insert `bos` before and `eos` after each document of a flat array; returns new arrays."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if eos is not None:
+        tokens = np.insert(tokens, np.cumsum(lengths), eos)
+        lengths = lengths + 1
+    if bos is not None:
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        tokens = np.insert(tokens, starts, bos)
+        lengths = lengths + 1
+    return tokens, lengths
+
+
+def _keep_long_enough(tokens, lengths, min_tokens, counters: Counters):
+    if min_tokens <= 0:
+        return tokens, lengths
+    keep = lengths >= min_tokens
+    counters.filtered_documents += int((~keep).sum())
+    counters.filtered_tokens += int(lengths[~keep].sum())
+    return tokens[np.repeat(keep, lengths)], lengths[keep]
+
+
+class _Progress:
+    """tqdm bar counting documents, with tokens/s beside the documents/s."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.start = time.perf_counter()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" doc", unit_scale=True, mininterval=1.0, dynamic_ncols=True)
+
+    def update(self, documents: int, total_tokens: int) -> None:
+        if self.bar is not None:
+            rate = total_tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{total_tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
+            self.bar.update(documents)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tokenized_chunks(files: list[str], tokenizer_path: str, options: PreprocessOptions,
+                      dtype) -> Iterator[ChunkTokens]:
+    columns = list(options.json_keys) + ([options.group_by] if options.group_by else [])
+    raw = (chunk for path in files for chunk in read_chunks(path, columns))
+    init_args = (tokenizer_path, tuple(options.json_keys), options.group_by, dtype)
+    if options.workers <= 1:
+        _init_worker(*init_args)
+        yield from map(_tokenize_chunk, raw)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(options.workers, initializer=_init_worker, initargs=init_args) as pool:
+        # imap keeps input order, so documents land in the .bin in corpus order.
+        yield from pool.imap(_tokenize_chunk, raw, chunksize=1)
+
+
+def _absorb_problems(result: ChunkTokens, options: PreprocessOptions, counters: Counters) -> None:
+    for record in result.bad:
+        if not options.skip_bad:
+            raise InputError(record)
+        counters.skipped_lines += 1
+        if len(counters.bad_records) < MAX_BAD_RECORDS_KEPT:
+            counters.bad_records.append(record.as_dict())
+
+
+def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
+               options: Optional[PreprocessOptions] = None) -> dict:
+    """Tokenize `inputs` (files or folders) into OUTPUT_PREFIX.bin/.idx; returns the summary.
+
+    The summary (documents, tokens, skipped lines, seconds, ...) is also written to
+    OUTPUT_PREFIX.summary.json. Raises InputError on the first bad record unless skip_bad.
+    """
+    options = options or PreprocessOptions()
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(tokenizer_path)
+    files = list_input_files(inputs)
+    bos = tokenizer.bos_id if options.prepend_bos else None
+    eos = tokenizer.eos_id if options.append_eos else None
+    if options.append_eos and eos is None:
+        raise ValueError(f"tokenizer {tokenizer_path} defines no EOS token; drop --append-eos")
+    if options.prepend_bos and bos is None:
+        raise ValueError(f"tokenizer {tokenizer_path} defines no BOS token; drop --prepend-bos")
+    dtype = token_dtype(tokenizer.vocab_size)
+    counters = Counters()
+    progress = _Progress(options.progress)
+    # Grouped documents are assembled after all input is read, from pieces kept on disk.
+    writer = IndexedWriter(output_prefix + (".pieces" if options.group_by else ""), dtype)
+    group_ids: dict[str, int] = {}
+    piece_groups: list[np.ndarray] = []
+    try:
+        for result in _tokenized_chunks(files, tokenizer.path, options, dtype):
+            _absorb_problems(result, options, counters)
+            counters.records += result.records
+            tokens, lengths = result.tokens, result.lengths
+            if options.group_by:
+                piece_groups.append(np.fromiter(
+                    (group_ids.setdefault(g, len(group_ids)) for g in result.groups),
+                    dtype=np.int64, count=len(result.groups)))
+            else:
+                tokens, lengths = add_boundary_tokens(tokens, lengths, bos, eos)
+                tokens, lengths = _keep_long_enough(tokens, lengths, options.min_tokens, counters)
+                counters.documents += len(lengths)
+            writer.add_documents(tokens, lengths)
+            counters.tokens += len(tokens)
+            progress.update(len(result.lengths), counters.tokens)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    if options.group_by:
+        gids = np.concatenate(piece_groups) if piece_groups else np.zeros(0, np.int64)
+        _assemble_groups(output_prefix, gids, bos, eos, options.min_tokens, dtype, counters)
+    seconds = time.perf_counter() - start
+    summary = {
+        "output": os.path.abspath(output_prefix),
+        "inputs": [os.path.abspath(p) for p in files],
+        "tokenizer": tokenizer.describe(),
+        "dtype": np.dtype(dtype).name,
+        "documents": counters.documents,
+        "tokens": counters.tokens,
+        "input_records": counters.records,
+        "skipped_lines": counters.skipped_lines,
+        "bad_records": counters.bad_records,
+        "filtered_documents": counters.filtered_documents,
+        "filtered_tokens": counters.filtered_tokens,
+        "groups": len(group_ids) if options.group_by else None,
+        "json_keys": list(options.json_keys),
+        "group_by": options.group_by,
+        "append_eos": options.append_eos,
+        "prepend_bos": options.prepend_bos,
+        "min_tokens": options.min_tokens,
+        "workers": options.workers,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(counters.tokens / max(seconds, 1e-9), 1),
+    }
+    with open(output_prefix + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _assemble_groups(output_prefix: str, piece_groups: np.ndarray, bos, eos, min_tokens: int,
+                     dtype, counters: Counters, flush_tokens: int = 1 << 24) -> None:
+    """Concatenate the pieces of each group, in input order, into one document per group."""
+    pieces = IndexedReader(output_prefix + ".pieces")
+    order = np.argsort(piece_groups, kind="stable")
+    group_sizes = np.bincount(piece_groups, weights=pieces.lengths, minlength=0).astype(np.int64)
+    group_sizes += (bos is not None) + (eos is not None)
+    group_starts = np.searchsorted(piece_groups[order], np.arange(len(group_sizes)))
+    group_starts = np.append(group_starts, len(order))
+    counters.tokens = 0
+    writer = IndexedWriter(output_prefix, dtype)
+    try:
+        parts, lengths, buffered = [], [], 0
+        for group, size in enumerate(group_sizes):
+            if size < min_tokens:
+                counters.filtered_documents += 1
+                counters.filtered_tokens += int(size)
+                continue
+            if bos is not None:
+                parts.append(np.array([bos], dtype=dtype))
+            parts.extend(pieces[p] for p in order[group_starts[group]:group_starts[group + 1]])
+            if eos is not None:
+                parts.append(np.array([eos], dtype=dtype))
+            lengths.append(size)
+            buffered += size
+            if buffered >= flush_tokens:
+                writer.add_documents(np.concatenate(parts), np.array(lengths))
+                parts, lengths, buffered = [], [], 0
+        if lengths:
+            writer.add_documents(np.concatenate(parts), np.array(lengths))
+        counters.documents = writer.num_documents
+        counters.tokens = writer.num_tokens
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        del pieces
+        for suffix in (".bin", ".idx"):
+            os.remove(output_prefix + ".pieces" + suffix)

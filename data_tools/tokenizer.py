@@ -1,0 +1,228 @@
+"""Tokenizers from local files only: tiktoken BPE (Llama-3), Hugging Face tokenizer.json, SentencePiece.
+
+`load_tokenizer(path)` picks the kind from the file itself:
+- a directory or file holding tokenizer.json -> Hugging Face `tokenizers` (Rust);
+- a text file of "base64-token rank" lines (Llama-3's tokenizer.model) -> tiktoken, with
+  Llama-3's 256 special tokens numbered from the end of the BPE ranks (128000+);
+- any other file -> a SentencePiece model (Llama-2's tokenizer.model).
+A directory holding only tokenizer.model is read as that file. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+# Llama-3's pre-tokenizer regular expression (the same in tokenizer.json and Meta's tokenizer.py).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+# Named special tokens by offset from the first special id; every other offset is reserved.
+_LLAMA3_NAMED_SPECIALS = {
+    0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+    6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+    10: "<|python_tag|>",
+}
+
+
+def llama3_special_tokens(first_id: int) -> dict[str, int]:
+    """Llama-3's special tokens (names as in Llama-3.1+), numbered from `first_id` (128000)."""
+    specials = {}
+    reserved = 0
+    for offset in range(LLAMA3_NUM_SPECIAL_TOKENS):
+        name = _LLAMA3_NAMED_SPECIALS.get(offset)
+        if name is None:
+            name = f"<|reserved_special_token_{reserved}|>"
+            reserved += 1
+        specials[name] = first_id + offset
+    return specials
+
+
+class TokenizerError(ValueError):
+    """A tokenizer path that cannot be loaded; the message names the path and the fix."""
+
+
+class TextTokenizer:
+    """Common interface: `encode_batch` (no special tokens added), `decode`, special ids."""
+
+    kind = "base"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.vocab_size = 0
+        self.bos_id: Optional[int] = None
+        self.eos_id: Optional[int] = None
+        self.pad_id: Optional[int] = None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.encode_batch([text])[0])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token such as "<|eot_id|>"; KeyError if this vocabulary lacks it."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": os.path.abspath(self.path),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+class TiktokenTokenizer(TextTokenizer):
+    kind = "tiktoken"
+
+    def __init__(self, path: str, ranks: dict[bytes, int]):
+        import tiktoken
+
+        super().__init__(path)
+        self.specials = llama3_special_tokens(len(ranks))
+        self._encoding = tiktoken.Encoding(
+            name=f"tiktoken:{os.path.basename(path)}", pat_str=LLAMA3_SPLIT_PATTERN,
+            mergeable_ranks=ranks, special_tokens=self.specials)
+        self.vocab_size = len(ranks) + len(self.specials)
+        self.bos_id = self.specials["<|begin_of_text|>"]
+        self.eos_id = self.specials["<|end_of_text|>"]
+        self.pad_id = self.specials["<|finetune_right_pad_id|>"]
+        self.num_threads = 1
+
+    def encode_batch(self, texts):
+        # Special-token strings inside raw text stay plain text (encode_ordinary): a web page
+        # that contains "<|eot_id|>" must not end a turn.
+        if len(texts) == 1 or self.num_threads == 1:
+            return [self._encoding.encode_ordinary(t) for t in texts]
+        return self._encoding.encode_ordinary_batch(list(texts), num_threads=self.num_threads)
+
+    def decode(self, ids):
+        return self._encoding.decode([int(i) for i in ids])
+
+    def token_id(self, token):
+        return self.specials[token]
+
+
+class HFTokenizer(TextTokenizer):
+    kind = "huggingface"
+
+    def __init__(self, path: str, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        super().__init__(path)
+        self._tok = Tokenizer.from_file(tokenizer_json)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        config_path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
+        config = {}
+        if os.path.exists(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        self.bos_id = self._special_from_config(config.get("bos_token"))
+        self.eos_id = self._special_from_config(config.get("eos_token"))
+        self.pad_id = self._special_from_config(config.get("pad_token"))
+
+    def _special_from_config(self, entry) -> Optional[int]:
+        if isinstance(entry, dict):
+            entry = entry.get("content")
+        return self._tok.token_to_id(entry) if entry else None
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, token):
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise KeyError(token)
+        return token_id
+
+
+class SentencePieceTokenizer(TextTokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece
+
+        super().__init__(path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as error:
+            raise TokenizerError(
+                f"{path} is neither a tokenizer.json, a tiktoken BPE file nor a SentencePiece "
+                f"model ({error}); pass a Hugging Face tokenizer folder, Llama-3's "
+                f"tokenizer.model or a SentencePiece .model") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.num_threads = 1
+
+    def encode_batch(self, texts):
+        return self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
+
+    def decode(self, ids):
+        return self._sp.decode([int(i) for i in ids])
+
+    def token_id(self, token):
+        token_id = self._sp.piece_to_id(token)
+        if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id):
+            raise KeyError(token)
+        return token_id
+
+
+def _read_tiktoken_ranks(path: str) -> Optional[dict[bytes, int]]:
+    """The BPE ranks if `path` is a tiktoken file ("base64 rank" per line), else None."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    first = head.split(b"\n", 1)[0].split()
+    if len(first) != 2 or not first[1].isdigit():
+        return None
+    try:
+        base64.b64decode(first[0], validate=True)
+    except ValueError:
+        return None
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def load_tokenizer(path: str) -> TextTokenizer:
+    """Load a tokenizer from a local file or folder (see the module docstring for the rules)."""
+    if not path or not os.path.exists(path):
+        raise TokenizerError(
+            f"tokenizer path {path!r} does not exist; pass a folder with tokenizer.json, "
+            f"Llama-3's tokenizer.model (tiktoken) or a SentencePiece .model file")
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            candidate = os.path.join(path, name)
+            if os.path.exists(candidate):
+                if name == "tokenizer.json":
+                    return HFTokenizer(path, candidate)
+                return load_tokenizer(candidate)
+        raise TokenizerError(f"folder {path!r} holds neither tokenizer.json nor tokenizer.model")
+    if path.endswith(".json"):
+        return HFTokenizer(path, path)
+    ranks = _read_tiktoken_ranks(path)
+    if ranks is not None:
+        return TiktokenTokenizer(path, ranks)
+    return SentencePieceTokenizer(path)
+
+
+def flatten_token_lists(token_lists: Sequence[Sequence[int]], dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-document token lists into (flat ids, lengths) numpy arrays."""
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=dtype,
+                       count=int(lengths.sum()))
+    return flat, lengths
