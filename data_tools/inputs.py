@@ -189,58 +189,63 @@ def _text_of(record: dict, keys: Sequence[str], path: str, line: int) -> tuple[O
     return text, None
 
 
+def _decode_utf8(raw: bytes, path: str, line: int):
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        return None, BadRecord(path, line, f"invalid UTF-8 at byte {error.start}",
+                               "re-encode the file as UTF-8 or pass --skip-bad")
+
+
+def iter_records(chunk: RawChunk):
+    """(line, value, problem) per record: value is a dict (JSON/Parquet) or a str (text file)."""
+    for record in chunk.bad:
+        yield record.line, None, record
+    for i, raw in enumerate(chunk.records):
+        line = chunk.first_line + i
+        if chunk.kind == "rows":
+            yield line, raw, None
+            continue
+        if chunk.kind == "jsonl" and not raw.strip():
+            continue  # blank lines carry nothing and are not errors in JSON lines
+        decoded, problem = _decode_utf8(raw, chunk.path, line)
+        if problem is not None or chunk.kind == "text":
+            yield line, decoded, problem
+            continue
+        try:
+            record = json.loads(decoded)
+        except json.JSONDecodeError as error:
+            yield line, None, BadRecord(chunk.path, line,
+                                        f"malformed JSON ({error.msg} at column {error.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield line, None, BadRecord(chunk.path, line,
+                                        f"a JSON {type(record).__name__}, not an object")
+            continue
+        yield line, record, None
+
+
 def parse_chunk(chunk: RawChunk, keys: Sequence[str], group_key: Optional[str]):
     """Texts, group keys (or None) and problems of one chunk, in input order."""
     texts: list[str] = []
     groups: Optional[list[str]] = [] if group_key else None
-    bad = list(chunk.bad)
-    for i, raw in enumerate(chunk.records):
-        line = chunk.first_line + i
-        if chunk.kind == "text":
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                bad.append(BadRecord(chunk.path, line, f"invalid UTF-8 at byte {error.start}",
-                                     "re-encode the file as UTF-8 or pass --skip-bad"))
-                continue
-            if not text.strip():
-                bad.append(BadRecord(chunk.path, line, "empty text",
-                                     "drop the file or pass --skip-bad"))
-                continue
-            texts.append(text)
-            if groups is not None:
-                groups.append(os.path.dirname(chunk.path))
-            continue
-        if chunk.kind == "jsonl":
-            if not raw.strip():
-                continue  # blank lines carry nothing and are not errors in JSON lines
-            try:
-                decoded = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                bad.append(BadRecord(chunk.path, line, f"invalid UTF-8 at byte {error.start}",
-                                     "re-encode the file as UTF-8 or pass --skip-bad"))
-                continue
-            try:
-                record = json.loads(decoded)
-            except json.JSONDecodeError as error:
-                bad.append(BadRecord(chunk.path, line,
-                                     f"malformed JSON ({error.msg} at column {error.colno})"))
-                continue
-            if not isinstance(record, dict):
-                bad.append(BadRecord(chunk.path, line, f"a JSON {type(record).__name__}, "
-                                                       f"not an object"))
-                continue
-        else:
-            record = raw
-        text, problem = _text_of(record, keys, chunk.path, line)
-        if problem is None and group_key is not None:
-            if record.get(group_key) is None:
+    bad = []
+    for line, record, problem in iter_records(chunk):
+        if problem is None and isinstance(record, str):
+            if not record.strip():
+                problem = BadRecord(chunk.path, line, "empty text",
+                                    "drop the file or pass --skip-bad")
+            text, group = record, os.path.dirname(chunk.path)
+        elif problem is None:
+            text, problem = _text_of(record, keys, chunk.path, line)
+            if problem is None and group_key is not None and record.get(group_key) is None:
                 problem = BadRecord(chunk.path, line, f"missing group key {group_key!r}",
                                     "fix --group-by or pass --skip-bad")
+            group = str(record.get(group_key)) if group_key else None
         if problem is not None:
             bad.append(problem)
             continue
         texts.append(text)
         if groups is not None:
-            groups.append(str(record[group_key]))
+            groups.append(group)
     return texts, groups, bad

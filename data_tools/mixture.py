@@ -1,0 +1,278 @@
+"""YAML recipe of weighted sources -> packed training dataset (see data_tools/packed.py).
+
+A recipe (data_tools/recipes/*.yaml):
+    name: prolong-stage1-64k
+    seq_length: 65536          # L, tokens per sequence
+    seed: 42
+    total_tokens: 20e9         # optional; default: one pass, no sequence repeated
+    sources:
+      - {name: books, path: books, weight: 0.3, long: true}       # documents >= L, cut
+      - {name: fineweb, path: fineweb, weight: 0.1}                # concatenated
+      - {name: books-64k, path: books, weight: 0.25, min_doc_tokens: 65536}
+`path` is a Megatron dataset prefix, relative to --data-root (or the recipe's data_root).
+
+Each source's documents are shuffled (seed), packed (long: split_long, else
+pack_concatenated), and its sequences shuffled; megatron-core's build_blending_indices then
+interleaves sources so that every prefix of the training order follows the weights.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from data_tools.indexed import IndexedReader, bin_path, idx_path
+from data_tools.packed import METADATA_FILE, write_packed
+from data_tools.packing import pack_concatenated, split_long
+
+SOURCE_KEYS = {"name", "path", "weight", "long", "min_doc_tokens"}
+RECIPE_KEYS = {"name", "seq_length", "seed", "total_tokens", "data_root", "sources",
+               "description"}
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be built; the message names the recipe file."""
+
+
+@dataclass
+class Source:
+    name: str
+    path: str
+    weight: float
+    long: bool = False
+    min_doc_tokens: int = 0
+
+
+@dataclass
+class Recipe:
+    path: str
+    name: str
+    seq_length: int
+    seed: int
+    sources: list[Source]
+    total_tokens: Optional[int] = None
+    data_root: str = "."
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_recipe_path(path: str) -> str:
+    """A recipe file path, or the name of a shipped recipe ("prolong-stage1-64k")."""
+    if os.path.exists(path):
+        return path
+    shipped = os.path.join(RECIPES_DIR, path if path.endswith(".yaml") else path + ".yaml")
+    if os.path.exists(shipped):
+        return shipped
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(RECIPES_DIR, "*.yaml")))
+    raise RecipeError(f"recipe {path!r} not found: give a YAML file or one of {names}")
+
+
+def _number(value, what: str, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RecipeError(f"{path}: {what} must be a number, not {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise RecipeError(f"{path}: {what} must be a number, not {value!r}") from None
+
+
+def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional[int] = None,
+                seed: Optional[int] = None, total_tokens: Optional[int] = None) -> Recipe:
+    """Parse and check a recipe; keyword arguments override the file's values."""
+    import yaml
+
+    path = resolve_recipe_path(path)
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), list) or not raw["sources"]:
+        raise RecipeError(f"{path}: a recipe is a mapping with a non-empty 'sources' list")
+    unknown = set(raw) - RECIPE_KEYS
+    if unknown:
+        raise RecipeError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(RECIPE_KEYS)}")
+    sources = []
+    for i, entry in enumerate(raw["sources"]):
+        if not isinstance(entry, dict) or "path" not in entry or "weight" not in entry:
+            raise RecipeError(f"{path}: source {i + 1} needs at least 'path' and 'weight'")
+        unknown = set(entry) - SOURCE_KEYS
+        if unknown:
+            raise RecipeError(f"{path}: source {i + 1} has unknown keys {sorted(unknown)}; "
+                              f"known: {sorted(SOURCE_KEYS)}")
+        weight = _number(entry["weight"], f"weight of source {i + 1}", path)
+        if weight < 0 or not np.isfinite(weight):
+            raise RecipeError(f"{path}: weight of source {i + 1} is {weight}; weights are >= 0")
+        sources.append(Source(name=str(entry.get("name", entry["path"])), path=str(entry["path"]),
+                              weight=weight, long=bool(entry.get("long", False)),
+                              min_doc_tokens=int(entry.get("min_doc_tokens", 0))))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{path}: source names must be unique, got {names}")
+    weight_sum = sum(s.weight for s in sources)
+    if not weight_sum > 0:
+        raise RecipeError(f"{path}: the source weights sum to {weight_sum}; they must sum to a "
+                          f"positive number")
+    length = int(seq_length or _number(raw.get("seq_length", 0), "seq_length", path))
+    if length <= 0:
+        raise RecipeError(f"{path}: seq_length must be a positive number of tokens")
+    total = total_tokens if total_tokens is not None else raw.get("total_tokens")
+    root = data_root or raw.get("data_root") or "."
+    return Recipe(path=os.path.abspath(path), name=str(raw.get("name", os.path.basename(path))),
+                  seq_length=length,
+                  seed=int(seed if seed is not None else raw.get("seed", 0)),
+                  sources=sources,
+                  total_tokens=int(_number(total, "total_tokens", path)) if total else None,
+                  data_root=os.path.abspath(root))
+
+
+def source_prefix(recipe: Recipe, source: Source) -> str:
+    return os.path.normpath(os.path.join(recipe.data_root, source.path))
+
+
+def _file_identity(path: str) -> dict:
+    # Size, mtime and a hash of the first and last MiB: cheap for 100 GB inputs, and any
+    # rewrite of an .idx changes its size, its header or its tail.
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if stat.st_size > 1 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Hash of everything the built index depends on: the recipe and each input's identity."""
+    inputs = {}
+    for source in recipe.sources:
+        prefix = source_prefix(recipe, source)
+        for path in (idx_path(prefix), bin_path(prefix)):
+            if not os.path.exists(path):
+                raise RecipeError(f"{recipe.path}: source {source.name!r}: {path} does not "
+                                  f"exist (set --data-root or the recipe's data_root)")
+        inputs[source.name] = {"idx": _file_identity(idx_path(prefix)),
+                               "bin_bytes": os.path.getsize(bin_path(prefix))}
+    key = {"sources": [asdict(s) for s in recipe.sources], "inputs": inputs,
+           "seq_length": recipe.seq_length, "seed": recipe.seed,
+           "total_tokens": recipe.total_tokens, "version": 1}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _megatron_helpers():
+    """megatron-core's compiled dataset helpers, loaded from their file.
+
+    `import megatron.core.datasets.helpers_cpp` would run megatron/core/__init__.py, which
+    imports torch and optimizer code for seconds; the extension itself needs none of it.
+    """
+    spec = importlib.util.find_spec("megatron")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("megatron-core is not installed: pip install 'megatron-core>=0.16.1'")
+    for root in spec.submodule_search_locations:
+        found = glob.glob(os.path.join(root, "core", "datasets", "helpers_cpp*.so"))
+        if found:
+            loader = importlib.machinery.ExtensionFileLoader("helpers_cpp", found[0])
+            module = importlib.util.module_from_spec(
+                importlib.util.spec_from_loader("helpers_cpp", loader))
+            loader.exec_module(module)
+            return module
+    raise ImportError("megatron-core is installed without its compiled helpers_cpp extension")
+
+
+def blend(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, running sample count within that source) for `size` training samples."""
+    weights = np.asarray(weights, dtype=np.float64)
+    weights = weights / weights.sum()
+    source_index = np.zeros(size, dtype=np.int16)
+    source_sample = np.zeros(size, dtype=np.int64)
+    _megatron_helpers().build_blending_indices(source_index, source_sample, weights,
+                                               len(weights), size, False)
+    return source_index, source_sample
+
+
+def _source_rng(seed: int, name: str) -> np.random.Generator:
+    # Keyed by name, so adding or reordering sources does not reshuffle the others.
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
+    """Build (or reuse, when its hash matches) the packed dataset of `recipe` in `output`.
+
+    Returns the metadata, with "reused": True when the cached index was kept.
+    """
+    key = recipe_hash(recipe)
+    metadata_path = os.path.join(output, METADATA_FILE)
+    if os.path.exists(metadata_path):
+        with open(metadata_path) as f:
+            cached = json.load(f)
+        if cached.get("hash") == key:
+            log(f"reusing the packed index in {output} (hash {key})")
+            return {**cached, "reused": True}
+    start = time.perf_counter()
+    L = recipe.seq_length
+    built = []
+    for source in recipe.sources:
+        prefix = source_prefix(recipe, source)
+        reader = IndexedReader(prefix)
+        lengths = np.asarray(reader.lengths, dtype=np.int64)
+        rng = _source_rng(recipe.seed, source.name)
+        if source.long:
+            candidates = np.flatnonzero(lengths >= L)
+        else:
+            candidates = np.flatnonzero(lengths >= max(source.min_doc_tokens, 1))
+        documents = rng.permutation(candidates)
+        packed = (split_long if source.long else pack_concatenated)(lengths[documents], L)
+        order = rng.permutation(len(packed.sequences))
+        built.append((source, prefix, documents, packed, order, len(lengths) - len(candidates),
+                      int(lengths.sum() - lengths[candidates].sum())))
+    weights = np.array([s.weight for s in recipe.sources])
+    available = np.array([len(b[3].sequences) for b in built])
+    for (source, prefix, *_), count in zip(built, available):
+        if source.weight > 0 and count == 0:
+            raise RecipeError(
+                f"{recipe.path}: source {source.name!r} ({prefix}) yields no sequence of {L} "
+                f"tokens{' (no document is that long)' if source.long else ''}")
+    if recipe.total_tokens:
+        size = recipe.total_tokens // L
+    else:  # one pass: stop when the first source would have to repeat a sequence
+        share = weights / weights.sum()
+        size = int(min(available[share > 0] / share[share > 0]))
+    source_index, source_sample = blend(weights, size)
+    order = np.empty((size, 2), dtype=np.int64)
+    order[:, 0] = source_index
+    infos = []
+    for k, (source, prefix, documents, packed, seq_order, filtered_docs, filtered_tokens) in enumerate(built):
+        mine = source_index == k
+        # A source drawn more than once over repeats its shuffled sequences in the same order.
+        order[mine, 1] = seq_order[source_sample[mine] % max(len(seq_order), 1)]
+        drawn = int(mine.sum())
+        infos.append({
+            "name": source.name, "prefix": prefix, "weight": source.weight, "long": source.long,
+            "min_doc_tokens": source.min_doc_tokens, "documents_in_input": int(len(IndexedReader(prefix))),
+            "documents_packed": int(len(packed.kept) - packed.dropped_documents),
+            "documents_filtered": filtered_docs, "tokens_filtered": filtered_tokens,
+            "tokens_dropped_by_packing": packed.dropped_tokens,
+            "sequences_available": int(len(packed.sequences)), "sequences_drawn": drawn,
+            "tokens_drawn": drawn * L,
+            "epochs": round(drawn / max(len(packed.sequences), 1), 4),
+        })
+    metadata = {
+        "recipe": recipe.name, "recipe_path": recipe.path, "hash": key,
+        "seq_length": L, "seed": recipe.seed, "num_sequences": size,
+        "total_tokens": size * L, "pad_id": 0,
+        "tokens_per_source": {info["name"]: info["tokens_drawn"] for info in infos},
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+    write_packed(output, metadata, [(info, b[2], b[3]) for info, b in zip(infos, built)], order)
+    log(f"built {size:,} sequences of {L:,} tokens in {output} ({metadata['build_seconds']} s)")
+    return {**metadata, "sources": infos, "reused": False}

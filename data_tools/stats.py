@@ -1,0 +1,139 @@
+"""merge, stats and inspect: looking at and combining indexed and packed datasets."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from data_tools.indexed import IndexedReader, IndexedWriter
+from data_tools.packed import METADATA_FILE, PackedDataset
+from data_tools.tokenizer import load_tokenizer
+
+
+def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
+    """Concatenate indexed datasets (same dtype), in the order given, into OUTPUT_PREFIX."""
+    readers = [IndexedReader(p) for p in inputs]
+    writer = IndexedWriter(output_prefix, readers[0].dtype)
+    try:
+        for reader in readers:
+            writer.copy_from(reader)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"output": os.path.abspath(output_prefix), "inputs": list(inputs),
+            "documents": writer.num_documents, "tokens": writer.num_tokens}
+
+
+def length_histogram(lengths: np.ndarray) -> list[dict]:
+    """Documents and tokens per power-of-two length bin [2^k, 2^(k+1)), empty bins left out."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bins = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+    total = max(int(lengths.sum()), 1)
+    rows = []
+    for k in np.unique(bins):
+        inside = bins == k
+        tokens = int(lengths[inside].sum())
+        rows.append({"from": int(2 ** k), "to": int(2 ** (k + 1)), "documents": int(inside.sum()),
+                     "tokens": tokens, "token_share": tokens / total})
+    return rows
+
+
+def dataset_stats(prefix: str) -> dict:
+    """Token counts and the document-length distribution of an indexed dataset (in tokens)."""
+    reader = IndexedReader(prefix)
+    lengths = np.asarray(reader.lengths, dtype=np.int64)
+    empty = len(lengths) == 0
+    return {
+        "prefix": os.path.abspath(prefix), "dtype": np.dtype(reader.dtype).name,
+        "documents": int(len(lengths)), "tokens": int(lengths.sum()),
+        "bin_bytes": os.path.getsize(prefix + ".bin"),
+        "min": 0 if empty else int(lengths.min()),
+        "mean": 0.0 if empty else round(float(lengths.mean()), 1),
+        "median": 0 if empty else int(np.median(lengths)),
+        "p90": 0 if empty else int(np.percentile(lengths, 90)),
+        "max": 0 if empty else int(lengths.max()),
+        "histogram": length_histogram(lengths),
+    }
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"{stats['prefix']}: {stats['documents']:,} documents, {stats['tokens']:,} tokens "
+             f"({stats['dtype']}, {stats['bin_bytes']:,} bytes)",
+             f"document length (tokens): min {stats['min']:,}  median {stats['median']:,}  "
+             f"mean {stats['mean']:,}  p90 {stats['p90']:,}  max {stats['max']:,}",
+             "", f"{'length (tokens)':>24} {'documents':>10} {'tokens':>14} {'% tokens':>9}"]
+    for row in stats["histogram"]:
+        span = f"[{row['from']:,}, {row['to']:,})"
+        lines.append(f"{span:>24} {row['documents']:>10,} {row['tokens']:>14,} "
+                     f"{100 * row['token_share']:>8.1f}%")
+    return "\n".join(lines)
+
+
+def plot_histogram(stats: dict, png_path: str) -> None:
+    """Bar chart of documents and token share per length bin, written to `png_path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = stats["histogram"]
+    labels = [f"2^{int(np.log2(r['from']))}" for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.bar(labels, [r["documents"] for r in rows], color="tab:blue")
+    top.set_ylabel("documents")
+    top.set_title(f"{os.path.basename(stats['prefix'])}: {stats['documents']:,} documents, "
+                  f"{stats['tokens']:,} tokens")
+    bottom.bar(labels, [100 * r["token_share"] for r in rows], color="tab:orange")
+    bottom.set_ylabel("% of tokens")
+    bottom.set_xlabel("document length (tokens), bin start")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def tokenizer_of(path: str) -> Optional[str]:
+    """The tokenizer path recorded when `path` (a prefix or a packed folder) was built."""
+    candidates = [path + ".summary.json", os.path.join(path, METADATA_FILE)]
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            with open(candidate) as f:
+                data = json.load(f)
+            if "tokenizer" in data:
+                return data["tokenizer"]["path"]
+            for source in data.get("sources", []):
+                found = tokenizer_of(source["prefix"])
+                if found:
+                    return found
+    return None
+
+
+def inspect_document(prefix: str, index: int, tokenizer_path: Optional[str] = None) -> dict:
+    """Document `index` of an indexed dataset: its length, first ids and decoded text."""
+    reader = IndexedReader(prefix)
+    tokens = np.asarray(reader[index])
+    result = {"document": index, "tokens": int(len(tokens)), "ids": tokens[:16].tolist()}
+    tokenizer_path = tokenizer_path or tokenizer_of(prefix)
+    if tokenizer_path:
+        result["text"] = load_tokenizer(tokenizer_path).decode(tokens)
+    return result
+
+
+def inspect_sequence(folder: str, index: int, tokenizer_path: Optional[str] = None) -> dict:
+    """Packed sequence `index`: source, document lengths, loss tokens and decoded pieces."""
+    dataset = PackedDataset(folder)
+    sequence = dataset[index]
+    result = {"sequence": index, "source": dataset.source_of(index),
+              "tokens": int(len(sequence.tokens)),
+              "doc_lengths": sequence.doc_lengths.tolist(),
+              "loss_tokens": (int(sequence.loss_mask.sum()) if sequence.loss_mask is not None
+                              else int(len(sequence.tokens)))}
+    tokenizer_path = tokenizer_path or tokenizer_of(folder)
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path)
+        ends = np.cumsum(sequence.doc_lengths)
+        result["pieces"] = [tokenizer.decode(sequence.tokens[end - n:end])
+                            for n, end in zip(sequence.doc_lengths.tolist(), ends.tolist())]
+    return result
