@@ -25,14 +25,14 @@ LLAMA3_SPLIT_PATTERN = (
 LLAMA3_NUM_SPECIAL_TOKENS = 256
 # Named special tokens by offset from the first special id; every other offset is reserved.
 _LLAMA3_NAMED_SPECIALS = {
-    0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+    0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 5: "<|step_id|>",
     6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
     10: "<|python_tag|>",
 }
 
 
 def llama3_special_tokens(first_id: int) -> dict[str, int]:
-    """Llama-3's special tokens (names as in Llama-3.1+), numbered from `first_id` (128000)."""
+    """Llama-3's special tokens, named as in Llama-3.2's tokenizer.json, from `first_id` (128000)."""
     specials = {}
     reserved = 0
     for offset in range(LLAMA3_NUM_SPECIAL_TOKENS):

@@ -1,0 +1,170 @@
+"""preprocess: every input format, grouping, filters, workers, and bad input."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import zstandard
+
+from data_tools.cli import main
+from data_tools.indexed import IndexedReader
+from data_tools.inputs import InputError
+from data_tools.preprocess import PreprocessOptions, preprocess
+
+
+def _jsonl_bytes(records):
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def _write_input(folder, fmt, records):
+    """The same records in one input format; returns the path to give preprocess."""
+    if fmt == "jsonl":
+        path = folder / "data.jsonl"
+        path.write_bytes(_jsonl_bytes(records))
+    elif fmt == "gz":
+        path = folder / "data.jsonl.gz"
+        path.write_bytes(gzip.compress(_jsonl_bytes(records)))
+    elif fmt == "zst":
+        path = folder / "data.jsonl.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(_jsonl_bytes(records)))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = folder / "data.parquet"
+        pq.write_table(pa.Table.from_pylist(records), str(path), row_group_size=7)
+    else:  # a plain-text folder: one file per document, read in sorted order
+        path = folder / "texts"
+        path.mkdir()
+        for i, record in enumerate(records):
+            (path / f"{i:04d}.txt").write_text(record["text"], encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "gz", "zst", "parquet", "text"])
+def test_each_format_gives_the_tokens_of_every_document_plus_eos(tmp_path, fmt, doc_records,
+                                                                 llama3, llama3_model):
+    records = doc_records[:25]
+    path = _write_input(tmp_path, fmt, records)
+    summary = preprocess([path], str(tmp_path / "out"), llama3_model,
+                         PreprocessOptions(progress=False))
+    expected = [llama3.encode(r["text"]) + [llama3.eos_id] for r in records]
+    reader = IndexedReader(str(tmp_path / "out"))
+    assert reader.dtype == np.int32
+    assert summary["documents"] == len(reader) == 25
+    assert summary["tokens"] == reader.num_tokens == sum(map(len, expected))
+    assert reader.lengths.tolist() == [len(e) for e in expected]
+    assert np.array_equal(reader.tokens, np.concatenate(expected))
+    with open(str(tmp_path / "out") + ".summary.json") as f:
+        assert json.load(f)["tokens"] == summary["tokens"]
+
+
+def test_group_by_repository_concatenates_files_in_order(tmp_path, code_records, llama3,
+                                                         sample_datasets):
+    reader = IndexedReader(sample_datasets["code"])
+    repos = list(dict.fromkeys(r["repo"] for r in code_records))
+    assert len(reader) == len(repos) == 18
+    for i in (0, 5, 17):
+        files = [r["text"] for r in code_records if r["repo"] == repos[i]]
+        expected = sum((llama3.encode(t) for t in files), []) + [llama3.eos_id]
+        assert reader[i].tolist() == expected
+
+
+def test_interleaved_groups_bos_eos_and_min_tokens(tmp_path, llama3, llama3_model):
+    records = [{"repo": "a", "text": "alpha one"}, {"repo": "b", "text": "beta"},
+               {"repo": "a", "text": " alpha two"}, {"repo": "c", "text": "x" * 5000}]
+    path = _write_input(tmp_path, "jsonl", records)
+    summary = preprocess([path], str(tmp_path / "out"), llama3_model, PreprocessOptions(
+        group_by="repo", prepend_bos=True, min_tokens=5, progress=False))
+    reader = IndexedReader(str(tmp_path / "out"))
+    a = [128000] + llama3.encode("alpha one") + llama3.encode(" alpha two") + [128001]
+    c = [128000] + llama3.encode("x" * 5000) + [128001]
+    assert [reader[i].tolist() for i in range(len(reader))] == [a, c]
+    assert summary["filtered_documents"] == 1  # "beta" + BOS + EOS = 3 tokens < 5
+    assert summary["groups"] == 3 and summary["tokens"] == len(a) + len(c)
+    assert not os.path.exists(str(tmp_path / "out.pieces.bin"))
+
+
+def test_two_workers_write_the_same_bytes_as_one(tmp_path, llama3_model, sample_datasets):
+    sample = os.path.join(os.path.dirname(__file__), "..", "..", "data_tools", "sample")
+    preprocess([os.path.join(sample, "code.jsonl.zst")], str(tmp_path / "two"), llama3_model,
+               PreprocessOptions(group_by="repo", workers=2, progress=False))
+    for suffix in (".bin", ".idx"):
+        with open(str(tmp_path / "two") + suffix, "rb") as a, \
+                open(sample_datasets["code"] + suffix, "rb") as b:
+            assert a.read() == b.read()
+
+
+BAD_LINES = [
+    (b'{"text": "fine"}\n{"text": "broken\n{"text": "also fine"}\n', 2, "malformed JSON"),
+    (b'{"text": "fine"}\n{"body": "no text key"}\n{"text": "also fine"}\n', 2, "missing key 'text'"),
+    (b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n', 2, "invalid UTF-8"),
+    (b'{"text": "fine"}\n{"text": "   "}\n{"text": "also fine"}\n', 2, "empty text"),
+]
+
+
+@pytest.mark.parametrize("content,line,problem", BAD_LINES)
+def test_bad_line_stops_with_file_and_line_or_is_skipped_and_counted(tmp_path, content, line,
+                                                                     problem, llama3,
+                                                                     llama3_model):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    out = str(tmp_path / "out")
+    with pytest.raises(InputError) as error:
+        preprocess([str(path)], out, llama3_model, PreprocessOptions(progress=False))
+    assert f"bad.jsonl:{line}: {problem}" in str(error.value)
+    assert "--skip-bad" in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no partial output of any name
+
+    summary = preprocess([str(path)], out, llama3_model,
+                         PreprocessOptions(skip_bad=True, progress=False))
+    assert summary["skipped_lines"] == 1 and summary["bad_records"][0]["line"] == line
+    expected = len(llama3.encode("fine")) + len(llama3.encode("also fine")) + 2
+    assert IndexedReader(out).num_tokens == summary["tokens"] == expected
+
+
+def test_truncated_zst_is_reported_and_the_complete_lines_kept(tmp_path, llama3, llama3_model):
+    lines = [{"text": f"record number {i} " + "words " * 50} for i in range(3000)]
+    whole = zstandard.ZstdCompressor().compress(_jsonl_bytes(lines))
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(InputError, match=r"cut.jsonl.zst:\d+: compressed stream is truncated"):
+        preprocess([str(path)], str(tmp_path / "out"), llama3_model,
+                   PreprocessOptions(progress=False))
+    summary = preprocess([str(path)], str(tmp_path / "out"), llama3_model,
+                         PreprocessOptions(skip_bad=True, progress=False))
+    kept = summary["documents"]
+    assert 0 < kept < 3000 and summary["skipped_lines"] == 1
+    assert summary["bad_records"][0]["line"] == kept + 1
+    assert summary["tokens"] == sum(len(llama3.encode(r["text"])) + 1 for r in lines[:kept])
+
+
+def test_hugging_face_and_sentencepiece_tokenizers(tmp_path, doc_records, llama3_dir,
+                                                   sentencepiece_model):
+    from data_tools.tokenizer import load_tokenizer
+
+    path = _write_input(tmp_path, "jsonl", doc_records[:10])
+    for name, tokenizer_path in (("hf", llama3_dir), ("spm", sentencepiece_model)):
+        summary = preprocess([path], str(tmp_path / name), tokenizer_path,
+                             PreprocessOptions(progress=False))
+        tokenizer = load_tokenizer(tokenizer_path)
+        expected = sum(len(tokenizer.encode(r["text"])) + 1 for r in doc_records[:10])
+        reader = IndexedReader(str(tmp_path / name))
+        assert summary["tokens"] == reader.num_tokens == expected
+        assert reader.dtype == (np.uint16 if name == "spm" else np.int32)
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys, llama3_model):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n[1, 2]\n')
+    code = main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer", llama3_model, "--quiet"])
+    assert code == 2
+    assert "bad.jsonl:2: a JSON list, not an object" in capsys.readouterr().err
+    code = main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer", str(tmp_path / "nope.model"), "--quiet"])
+    assert code == 2 and "nope.model" in capsys.readouterr().err
+    assert main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer", llama3_model, "--quiet", "--skip-bad"]) == 0
+    assert "skipped lines: 1" in capsys.readouterr().out
