@@ -1,0 +1,143 @@
+"""mix: recipes, PackedDataset contents, determinism, caching, windows for context parallelism."""
+import os
+
+import numpy as np
+import pytest
+
+from data_tools_helpers import expected_stream_tokens, write_recipe
+from data_tools.indexed import IndexedReader
+from data_tools.mixture import RecipeError, build_mixture, load_recipe
+from data_tools.packed import PackedDataset
+
+L = 2048
+
+
+def _sources():
+    return [{"name": "code", "path": "code", "weight": 0.6, "long": True},
+            {"name": "docs", "path": "docs", "weight": 0.4}]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, sample_datasets):
+    root = tmp_path_factory.mktemp("mix")
+    recipe = load_recipe(write_recipe(root / "r.yaml", L, _sources()),
+                         data_root=sample_datasets["root"])
+    metadata = build_mixture(recipe, str(root / "packed"), log=lambda *_: None)
+    return recipe, metadata, PackedDataset(str(root / "packed"))
+
+
+def test_every_sequence_is_l_tokens_with_boundaries_and_matches_the_source_stream(mixed,
+                                                                                  sample_datasets):
+    recipe, metadata, ds = mixed
+    assert ds.seq_length == L and len(ds) == metadata["num_sequences"] > 0
+    code, docs = IndexedReader(sample_datasets["code"]), IndexedReader(sample_datasets["docs"])
+    documents = {name: np.load(os.path.join(ds.path, f"source{k}.documents.npy"))
+                 for k, name in enumerate(("code", "docs"))}
+    streams = {"docs": expected_stream_tokens(docs, documents["docs"])}
+    for i in range(len(ds)):
+        seq = ds[i]
+        assert seq.tokens.shape == (L,) and seq.loss_mask is None
+        assert seq.doc_lengths.dtype == np.int32 and seq.doc_lengths.sum() == L
+        source = ds.source_of(i)
+        if source == "code":  # a long document: one piece, cut at a multiple of L
+            assert seq.doc_lengths.tolist() == [L]
+            assert any(_is_aligned_piece(code, d, seq.tokens) for d in documents["code"])
+        else:
+            j = int(ds._order[i, 1])
+            assert np.array_equal(seq.tokens, streams["docs"][j * L:(j + 1) * L])
+            # boundaries are where EOS (128001) ends a document
+            ends = np.cumsum(seq.doc_lengths)[:-1] - 1
+            assert np.all(seq.tokens[ends] == 128001)
+
+
+def _is_aligned_piece(reader, doc, tokens):
+    full = np.asarray(reader[int(doc)])
+    return any(np.array_equal(full[k:k + L], tokens) for k in range(0, len(full) - L + 1, L))
+
+
+def test_weights_and_metadata(mixed):
+    recipe, metadata, ds = mixed
+    counts = {name: sum(ds.source_of(i) == name for i in range(len(ds))) for name in ("code", "docs")}
+    assert abs(counts["code"] / len(ds) - 0.6) < 1.0 / len(ds) + 1e-9
+    assert ds.metadata["tokens_per_source"] == {k: v * L for k, v in counts.items()}
+    assert ds.metadata["seed"] == 1 and ds.metadata["recipe"] == "test"
+    # one pass by default: the scarcer source (docs) is used exactly once, nothing repeats
+    docs_info = ds.metadata["sources"][1]
+    assert docs_info["sequences_drawn"] == docs_info["sequences_available"]
+    pairs = {tuple(row) for row in np.asarray(ds._order)}
+    assert len(pairs) == len(ds)
+
+
+def test_windows_read_only_their_tokens_and_clip_boundaries(mixed):
+    _, _, ds = mixed
+    i = next(i for i in range(len(ds)) if len(ds[i].doc_lengths) > 3)
+    full = ds[i]
+    for start, end in ((0, L), (0, 512), (512, 1536), (L - 1, L), (700, 700)):
+        window = ds.get(i, start, end)
+        assert np.array_equal(window.tokens, full.tokens[start:end])
+        bounds = np.concatenate([[0], np.cumsum(full.doc_lengths)])
+        cuts = np.unique(np.clip(bounds, start, end)) - start
+        assert window.doc_lengths.tolist() == np.diff(cuts).tolist()
+    with pytest.raises(IndexError):
+        ds.get(i, 10, L + 1)
+
+
+def test_deterministic_for_a_seed_cached_and_rebuilt_when_inputs_change(tmp_path,
+                                                                        sample_datasets, mixed):
+    _, _, first = mixed
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", L, _sources()),
+                         data_root=sample_datasets["root"])
+    build_mixture(recipe, str(tmp_path / "a"), log=lambda *_: None)
+    again = PackedDataset(str(tmp_path / "a"))
+    assert len(again) == len(first)
+    assert all(np.array_equal(again[i].tokens, first[i].tokens) for i in range(len(first)))
+    assert build_mixture(recipe, str(tmp_path / "a"), log=lambda *_: None)["reused"] is True
+    other = load_recipe(write_recipe(tmp_path / "r2.yaml", L, _sources(), seed=2),
+                        data_root=sample_datasets["root"])
+    assert build_mixture(other, str(tmp_path / "a"), log=lambda *_: None)["reused"] is False
+    reseeded = PackedDataset(str(tmp_path / "a"))
+    assert not all(np.array_equal(reseeded[i].tokens, first[i].tokens) for i in range(len(first)))
+
+
+def test_total_tokens_repeats_sources_in_proportion(tmp_path, sample_datasets):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", L, _sources(), total_tokens=300 * L),
+                         data_root=sample_datasets["root"])
+    metadata = build_mixture(recipe, str(tmp_path / "p"), log=lambda *_: None)
+    assert metadata["num_sequences"] == 300
+    assert metadata["tokens_per_source"] == {"code": 180 * L, "docs": 120 * L}
+    assert len(PackedDataset(str(tmp_path / "p"))) == 300
+
+
+def test_recipe_errors_name_the_file(tmp_path, sample_datasets):
+    zero = [{"path": "code", "weight": 0}, {"path": "docs", "weight": 0.0}]
+    path = write_recipe(tmp_path / "zero.yaml", L, zero)
+    with pytest.raises(RecipeError, match=r"zero.yaml: the source weights sum to 0.0"):
+        load_recipe(path)
+    path = write_recipe(tmp_path / "neg.yaml", L, [{"path": "code", "weight": -1}])
+    with pytest.raises(RecipeError, match="neg.yaml: weight of source 1 is -1.0"):
+        load_recipe(path)
+    path = write_recipe(tmp_path / "missing.yaml", L, [{"path": "nowhere", "weight": 1}])
+    with pytest.raises(RecipeError, match="missing.yaml: source 'nowhere'.*does not exist"):
+        build_mixture(load_recipe(path, data_root=str(tmp_path)), str(tmp_path / "o"))
+    path = write_recipe(tmp_path / "long.yaml", 10 ** 6, [{"path": "code", "weight": 1,
+                                                           "long": True}])
+    with pytest.raises(RecipeError, match="long.yaml: source 'code'.*no document is that long"):
+        build_mixture(load_recipe(path, data_root=sample_datasets["root"]), str(tmp_path / "o"))
+
+
+def test_shipped_prolong_recipes():
+    stage1 = load_recipe("prolong-stage1-64k")
+    assert stage1.seq_length == 65536 and stage1.total_tokens == 20 * 10 ** 9
+    weights = {s.name: s.weight for s in stage1.sources}
+    assert weights == {"stack-repos": 0.3, "books": 0.3, "fineweb-edu": 0.1, "fineweb": 0.1,
+                       "stackexchange": 0.04, "wikipedia": 0.04, "tulu-v2": 0.03, "arxiv": 0.03,
+                       "openwebmath": 0.03, "textbooks": 0.03}
+    assert {s.name for s in stage1.sources if s.long} == {"stack-repos", "books"}
+    stage2 = load_recipe("prolong-stage2-512k")
+    assert stage2.seq_length == 524288
+    w2 = {s.name: s.weight for s in stage2.sources}
+    assert (w2["stack-repos-512k"], w2["stack-repos-64k"], w2["books-512k"], w2["books-64k"]) == \
+        (0.15, 0.15, 0.05, 0.25)
+    assert abs(sum(w2.values()) - 1.0) < 1e-9
+    assert {s.name: s.min_doc_tokens for s in stage2.sources if s.min_doc_tokens} == \
+        {"stack-repos-64k": 65536, "books-64k": 65536}
