@@ -1,0 +1,84 @@
+"""Llama-3 model shapes: named configs for 8B and 70B and tiny sizes for tests.
+
+The model definition knows nothing about parallelism; `engine.parallel` decides how it is spread.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape of a Llama-3 decoder. All sizes are counts (layers, heads, features, tokens)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # KV heads (GQA)
+    ffn_hidden_size: int
+    vocab_size: int = 128_256
+    rope_base: float = 500_000.0
+    max_position_embeddings: int = 8192
+    norm_eps: float = 1e-5
+    init_method_std: float = 0.02
+    # Llama-3 keeps input embedding and output layer separate.
+    untie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unpadded model."""
+        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        kv = self.num_query_groups * self.head_dim
+        per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+        embeddings = v * h * (2 if self.untie_embeddings else 1)
+        return self.num_layers * per_layer + embeddings + h
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}: choose sizes whose ratio is the head dimension"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_query_groups {self.num_query_groups} (GQA needs whole query groups)"
+            )
+
+
+MODEL_CONFIGS: dict[str, LlamaConfig] = {
+    "llama3-8b": LlamaConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14_336,
+    ),
+    "llama3-70b": LlamaConfig(
+        num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+        ffn_hidden_size=28_672,
+    ),
+    # Test sizes: every dimension divisible by 2 so TP2/PP2/VPP2 layouts apply.
+    "tiny": LlamaConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=128, vocab_size=512, max_position_embeddings=4096,
+    ),
+    # Quickstart size for the real Llama-3 tokenizer: big enough that the loss visibly falls.
+    "tiny-llama3-vocab": LlamaConfig(
+        num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=256, max_position_embeddings=16_384,
+    ),
+}
+
+
+def get_model_config(name: str, **overrides) -> LlamaConfig:
+    """A named config with optional field overrides, validated."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
+    config = MODEL_CONFIGS[name].replace(**overrides) if overrides else MODEL_CONFIGS[name]
+    config.validate()
+    return config

@@ -1,0 +1,81 @@
+"""megatron-core layer specs for Llama-3: which module fills each slot of a transformer layer.
+
+Slots (norms, core attention, linears) are swapped here rather than by forking megatron's modules:
+our RMSNorm (sequence-parallel aware) everywhere a norm goes, and the core attention chosen by
+the caller. Transformer-engine's fused modules are used when it is installed and asked for.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from engine.model.norm import RMSNorm
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def llama_layer_spec(core_attention: type = DotProductAttention,
+                     use_transformer_engine: bool = False) -> ModuleSpec:
+    """The spec of one Llama-3 decoder layer.
+
+    ``core_attention`` is the module that computes softmax(QK^T)V given projected, rotated
+    Q/K/V; the projections, RoPE and output projection stay megatron's.
+    """
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import (
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        # TE fuses the pre-attention and pre-MLP norms into the following linear.
+        qkv, fc1, proj, fc2 = (TELayerNormColumnParallelLinear, TELayerNormColumnParallelLinear,
+                               TERowParallelLinear, TERowParallelLinear)
+        input_norm = pre_mlp_norm = IdentityOp
+    else:
+        qkv, fc1, proj, fc2 = (ColumnParallelLinear, ColumnParallelLinear,
+                               RowParallelLinear, RowParallelLinear)
+        input_norm = pre_mlp_norm = RMSNorm
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=core_attention,
+                    linear_proj=proj,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def llama_block_spec(num_layers_on_stage: int, **layer_kwargs) -> TransformerBlockSubmodules:
+    """Block spec for the layers one pipeline stage (or virtual stage) builds.
+
+    Passing the block explicitly keeps megatron from choosing its own final norm, which under
+    sequence parallelism would be the torch norm that refuses it.
+    """
+    layer = llama_layer_spec(**layer_kwargs)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_on_stage, layer_norm=RMSNorm)

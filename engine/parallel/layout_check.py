@@ -1,0 +1,198 @@
+"""Check a parallel layout on any machine: train a tiny Llama-3 a few steps and record the result.
+
+Run once in the single-process layout and once in the layout under test, then compare::
+
+    torchrun --nproc-per-node 1 -m engine.parallel.layout_check --out /tmp/ref
+    torchrun --nproc-per-node 8 -m engine.parallel.layout_check --tp 2 --pp 2 --sp \\
+        --distributed-optimizer --out /tmp/tp2pp2dp2
+    python -m engine.parallel.layout_check --compare /tmp/ref /tmp/tp2pp2dp2
+
+Each run writes per-step loss and grad norm (``steps.json``) and every rank's weight shards
+under canonical names; ``--compare`` reassembles the full weights and reports relative errors.
+Weights start canonical (a function of the seed alone) and the synthetic data is the same global
+batch whatever the layout, so any difference beyond float reordering is a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_TOLERANCE = 1e-5
+
+
+def synthetic_global_batch(vocab_size: int, global_batch: int, seq_length: int, seed: int):
+    """Tokens [G, S+1] and a loss mask [G, S] whose valid-token count varies per sequence."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (global_batch, seq_length + 1), generator=generator)
+    # Sequence i keeps its first seq_length - i*(seq_length // (2*global_batch)) labels: the
+    # token-averaged loss must weight micro-batches by their valid tokens, not equally.
+    loss_mask = torch.ones(global_batch, seq_length)
+    for i in range(global_batch):
+        loss_mask[i, seq_length - i * (seq_length // (2 * global_batch)):] = 0
+    return tokens, loss_mask
+
+
+def _run(args) -> None:
+    from megatron.core import parallel_state
+
+    from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
+    from engine.model.config import get_model_config
+    from engine.model.sharding import canonical_named_parameters
+    from engine.parallel.layout import ParallelLayout
+    from engine.parallel.setup import destroy_parallel, initialize_parallel
+    from engine.training.step import MicroBatch, OptimizerSettings, build_optimizer, train_step
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = ParallelLayout.for_world_size(
+        world_size, tensor_parallel=args.tp, pipeline_parallel=args.pp,
+        virtual_stages=args.vpp, sequence_parallel=args.sp,
+        distributed_optimizer=args.distributed_optimizer)
+    model = get_model_config(args.model)
+    per_rank = args.global_batch // layout.data_parallel
+    if args.global_batch % (layout.data_parallel * args.micro_batch):
+        raise SystemExit(f"global batch {args.global_batch} is not divisible by DP x micro batch "
+                         f"= {layout.data_parallel} x {args.micro_batch}")
+    num_microbatches = per_rank // args.micro_batch
+    initialize_parallel(layout, model, num_microbatches=num_microbatches, seed=args.seed,
+                        timeout_s=args.timeout)
+    config = transformer_config(model, layout)
+    chunks = wrap_data_parallel(build_model_chunks(model, config, seed=args.seed), config,
+                                layout.distributed_optimizer)
+    optimizer, scheduler = build_optimizer(
+        chunks, OptimizerSettings(lr=args.lr, warmup_steps=0, decay_steps=args.steps * 2),
+        bf16=False, distributed_optimizer=layout.distributed_optimizer)
+
+    tokens, loss_mask = synthetic_global_batch(model.vocab_size, args.global_batch,
+                                               args.seq_length, args.seed)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    tokens, loss_mask = tokens[mine], loss_mask[mine]
+    positions = torch.arange(args.seq_length).expand(args.micro_batch, args.seq_length)
+    micro_batches = [
+        MicroBatch(tokens=tokens[i:i + args.micro_batch, :-1],
+                   labels=tokens[i:i + args.micro_batch, 1:],
+                   loss_mask=loss_mask[i:i + args.micro_batch], position_ids=positions)
+        for i in range(0, per_rank, args.micro_batch)
+    ]
+    history = []
+    for step in range(args.steps):
+        result = train_step(chunks, optimizer, scheduler, micro_batches, num_microbatches,
+                            args.seq_length, args.micro_batch)
+        history.append({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                        "num_tokens": result.num_tokens, "lr": result.lr})
+        if torch.distributed.get_rank() == 0:
+            print(f"[{layout.describe()}] step {step} loss {result.loss:.6f} "
+                  f"grad_norm {result.grad_norm:.6f} tokens {result.num_tokens}", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = {name: param.detach().clone() for chunk in chunks
+              for name, param in canonical_named_parameters(chunk.module)}
+    rank = torch.distributed.get_rank()
+    torch.save({"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                "tp_size": layout.tensor_parallel, "dp_rank": dp_rank,
+                "cp_rank": parallel_state.get_context_parallel_rank(), "shards": shards},
+               out / f"weights_rank{rank}.pt")
+    if rank == 0:
+        (out / "steps.json").write_text(json.dumps(
+            {"layout": layout.describe(), "steps": history}, indent=1))
+    torch.distributed.barrier()
+    destroy_parallel()
+
+
+def load_full_weights(run_dir: Path) -> dict[str, list[torch.Tensor]]:
+    """Full canonical weights of every data/context-parallel replica in a run directory.
+
+    Returns name -> one full tensor per replica, so replicas can be checked against each other.
+    """
+    from engine.model.sharding import merge_shards
+
+    by_replica: dict[tuple, dict[str, dict[int, torch.Tensor]]] = {}
+    for path in sorted(Path(run_dir).glob("weights_rank*.pt")):
+        record = torch.load(path, weights_only=True)
+        replica = by_replica.setdefault((record["dp_rank"], record["cp_rank"]), {})
+        for name, shard in record["shards"].items():
+            replica.setdefault(name, {})[record["tp_rank"]] = shard
+    if not by_replica:
+        raise FileNotFoundError(f"no weights_rank*.pt in {run_dir}: did the run finish?")
+    full: dict[str, list[torch.Tensor]] = {}
+    for replica in by_replica.values():
+        for name, shards in replica.items():
+            full.setdefault(name, []).append(merge_shards(name, [shards[r] for r in sorted(shards)]))
+    return full
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
+    actual, expected = actual.double(), expected.double()
+    denominator = expected.norm().item()
+    difference = (actual - expected).norm().item()
+    return difference / denominator if denominator else difference
+
+
+def compare_runs(reference_dir: Path, candidate_dir: Path) -> dict[str, float]:
+    """Worst relative error per quantity: loss, grad_norm, weights (max over tensors/replicas)."""
+    ref_steps = json.loads((Path(reference_dir) / "steps.json").read_text())["steps"]
+    cand_steps = json.loads((Path(candidate_dir) / "steps.json").read_text())["steps"]
+    if len(ref_steps) != len(cand_steps):
+        raise ValueError(f"{len(ref_steps)} reference steps vs {len(cand_steps)} candidate steps")
+    errors = {"loss": 0.0, "grad_norm": 0.0, "weights": 0.0, "num_tokens": 0.0}
+    for ref, cand in zip(ref_steps, cand_steps):
+        for key in ("loss", "grad_norm", "num_tokens"):
+            errors[key] = max(errors[key], abs(cand[key] - ref[key]) / abs(ref[key]))
+    ref_weights = load_full_weights(reference_dir)
+    cand_weights = load_full_weights(candidate_dir)
+    if set(ref_weights) != set(cand_weights):
+        missing = sorted(set(ref_weights) ^ set(cand_weights))
+        raise ValueError(f"runs hold different parameters: {missing[:5]}")
+    worst_name = None
+    for name, (expected, *_) in ref_weights.items():
+        for replica in cand_weights[name]:
+            error = relative_error(replica, expected)
+            if error >= errors["weights"]:
+                errors["weights"], worst_name = error, name
+    errors["worst_weight"] = worst_name
+    return errors
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--compare", nargs=2, metavar=("REFERENCE", "CANDIDATE"),
+                        help="compare two finished runs instead of training")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    parser.add_argument("--out", help="directory for steps.json and weight shards")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=1, help="virtual stages per pipeline rank")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs TP > 1)")
+    parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--seq-length", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds any collective may wait before failing")
+    args = parser.parse_args(argv)
+    if args.compare:
+        errors = compare_runs(*args.compare)
+        print(json.dumps(errors, indent=1))
+        worst = max(v for k, v in errors.items() if k != "worst_weight")
+        return 0 if worst <= args.tolerance else 1
+    if not args.out:
+        parser.error("--out is required when training")
+    _run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""One optimizer step over a global batch, through megatron-core's pipeline schedules.
+
+The loss is token-averaged over the whole global batch: each micro-batch returns its loss *sum*
+and valid-token count; megatron (calculate_per_token_loss) all-reduces the count over
+data-parallel ranks and divides the gradients by it in finalize_model_grads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch on this rank. Shapes [micro_batch, seq] (seq is this rank's share)."""
+
+    tokens: torch.Tensor  # int64 input ids
+    labels: torch.Tensor  # int64 next-token targets
+    loss_mask: torch.Tensor  # float, 1 where the label counts
+    position_ids: torch.Tensor  # int64 RoPE positions
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    decay_steps: int = 1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+def build_optimizer(model_chunks, settings: OptimizerSettings, *, bf16: bool,
+                    distributed_optimizer: bool):
+    """megatron's AdamW (distributed over DP ranks if asked) and its lr/wd scheduler."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.lr * settings.min_lr_ratio,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.beta1,
+        adam_beta2=settings.beta2,
+        adam_eps=settings.eps,
+        clip_grad=settings.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if settings.warmup_steps else settings.lr,
+        max_lr=settings.lr,
+        min_lr=settings.lr * settings.min_lr_ratio,
+        lr_warmup_steps=settings.warmup_steps,
+        lr_decay_steps=max(settings.decay_steps, settings.warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay,
+        wd_incr_steps=max(settings.decay_steps, 1),
+        wd_incr_style="constant",
+    )
+    model_config = get_model_config(model_chunks[0])
+    model_config.finalize_model_grads_func = finalize_model_grads
+    model_config.grad_scale_func = optimizer.scale_loss
+    return optimizer, scheduler
+
+
+def _token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _forward_step(data_iterator: Iterator[MicroBatch], model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    return per_token_loss, partial(_token_loss, batch.loss_mask)
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-averaged over the global batch
+    num_tokens: int  # valid (loss-bearing) tokens in the global batch
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+def train_step(model_chunks, optimizer, scheduler, micro_batches: Iterable[MicroBatch],
+               num_microbatches: int, seq_length: int, micro_batch_size: int) -> StepResult:
+    """Forward and backward over ``num_microbatches`` micro-batches, then one optimizer step.
+
+    ``micro_batches`` yields this rank's micro-batches (the same list for every model chunk).
+    """
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    batches = list(micro_batches)
+    iterators = [iter(batches) for _ in model_chunks]
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
+    loss_sum, num_tokens = _reduce_losses(losses)
+    return StepResult(
+        loss=loss_sum / max(num_tokens, 1.0),
+        num_tokens=int(num_tokens),
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        lr=lr,
+        skipped=not update_ok,
+    )
+
+
+def _reduce_losses(losses: list) -> tuple[float, float]:
+    """Sum (loss, tokens) over micro-batches and DP ranks; every rank gets the result."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for entry in losses:
+            totals += entry["lm loss"].double()
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
+    # Only the last pipeline stage computed losses; share them with the other stages.
+    dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(totals[0]), float(totals[1])
