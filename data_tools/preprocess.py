@@ -17,8 +17,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
-from data_tools.inputs import BadRecord, InputError, RawChunk, list_input_files, parse_chunk, read_chunks
-from data_tools.tokenizer import TextTokenizer, flatten_token_lists, load_tokenizer
+from data_tools.inputs import (CHUNK_BYTES, InputError, RawChunk, list_input_files, parse_chunk,
+                               read_chunks)
+from data_tools.tokenizer import flatten_token_lists, load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 100
 
@@ -62,8 +63,10 @@ _worker: dict = {}
 def _init_worker(tokenizer_path: str, json_keys, group_by, dtype) -> None:
     # One core per worker: the Rust encoders would otherwise start a thread per core each.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(tokenizer=load_tokenizer(tokenizer_path), json_keys=json_keys,
-                   group_by=group_by, dtype=dtype)
+    # A forked worker inherits the parent's loaded tokenizer (loading Llama-3's takes ~0.5 s).
+    if _worker.get("tokenizer_path") != tokenizer_path:
+        _worker.update(tokenizer=load_tokenizer(tokenizer_path), tokenizer_path=tokenizer_path)
+    _worker.update(json_keys=json_keys, group_by=group_by, dtype=dtype)
 
 
 def _tokenize_chunk(chunk: RawChunk) -> ChunkTokens:
@@ -121,10 +124,12 @@ class _Progress:
 def _tokenized_chunks(files: list[str], tokenizer_path: str, options: PreprocessOptions,
                       dtype) -> Iterator[ChunkTokens]:
     columns = list(options.json_keys) + ([options.group_by] if options.group_by else [])
-    raw = (chunk for path in files for chunk in read_chunks(path, columns))
+    # Smaller chunks with several workers, so that a few-MB input still keeps all of them busy.
+    chunk_bytes = CHUNK_BYTES if options.workers <= 1 else CHUNK_BYTES // 4
+    raw = (chunk for path in files for chunk in read_chunks(path, columns, chunk_bytes))
     init_args = (tokenizer_path, tuple(options.json_keys), options.group_by, dtype)
+    _init_worker(*init_args)
     if options.workers <= 1:
-        _init_worker(*init_args)
         yield from map(_tokenize_chunk, raw)
         return
     methods = multiprocessing.get_all_start_methods()
@@ -153,6 +158,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
     options = options or PreprocessOptions()
     start = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_path)
+    _worker.update(tokenizer=tokenizer, tokenizer_path=tokenizer.path)
     files = list_input_files(inputs)
     bos = tokenizer.bos_id if options.prepend_bos else None
     eos = tokenizer.eos_id if options.append_eos else None
