@@ -9,3 +9,43 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{what}: -inf pattern differs"
     finite = torch.isfinite(expected)
     torch.testing.assert_close(actual[finite], expected[finite], atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world_size: int, *args, timeout_s: float = 180.0) -> None:
+    """Run worker(rank, world_size, port, *args) in world_size spawned processes; re-raise failures.
+
+    Every collective inside has its own 60 s timeout (init_process_group(timeout=...)); this outer
+    deadline stops a test from hanging if a process dies before reaching one.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=(world_size, free_port(), *args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise TimeoutError(f"ranks did not finish within {timeout_s} s")
+
+
+def init_gloo(rank: int, world_size: int, port: int):
+    """Join a gloo group on localhost with a 60 s timeout on every collective."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
+    return dist.group.WORLD

@@ -1,0 +1,138 @@
+"""fused_linear_cross_entropy: reference vs fp64 oracle, Triton vs reference, TP=2 over gloo.
+
+Tolerances: fp32 loss 1e-5 relative, gradients 1e-5 abs (inputs ~N(0,1) / sqrt(H)); bf16 against
+the fp64 oracle 2e-2 relative on the loss and 3e-2 abs on gradients (bf16 logits and bf16 logit
+gradients, as in the unfused bf16 path; grad_W adds one bf16 rounding per chunk).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_testing import assert_close, init_gloo, run_ranks
+
+from csrc.linear_cross_entropy import default_chunk_size, fused_linear_cross_entropy
+
+TOKENS, HIDDEN, VOCAB = 45, 32, 70
+
+
+def make_inputs(dtype, seed=0, tokens=TOKENS, vocab=VOCAB):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, HIDDEN, generator=gen, dtype=torch.float64) / math.sqrt(HIDDEN) * 3
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels[[0, 7, 12]] = -100
+    loss_mask = torch.ones(tokens)
+    loss_mask[10:20] = 0  # includes a -100 label under a 0 mask and a whole masked run
+    return hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels, loss_mask
+
+
+def oracle(hidden, weight, labels, loss_mask):
+    """Dense fp64 logits + F.cross_entropy, then the gradients of loss_sum."""
+    h, w = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    keep = (labels != -100) & (loss_mask != 0)
+    losses = F.cross_entropy(h @ w.t(), labels.clamp(min=0), reduction="none")
+    loss_sum = (losses * keep).sum()
+    return (loss_sum, keep.sum(), *torch.autograd.grad(loss_sum, (h, w)))
+
+
+def run(impl, hidden, weight, labels, loss_mask, chunk_size=16, grad_scale=1.0):
+    loss_sum, n_valid = fused_linear_cross_entropy(hidden, weight, labels, loss_mask, chunk_size=chunk_size, impl=impl)
+    assert loss_sum.dtype == torch.float32 and n_valid.dtype == torch.int64
+    grads = torch.autograd.grad(loss_sum * grad_scale, (hidden, weight))
+    return (loss_sum, n_valid, *(g / grad_scale for g in grads))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_fp64_oracle(impl, dtype):
+    hidden, weight, labels, loss_mask = make_inputs(dtype)
+    expected = oracle(hidden, weight, labels, loss_mask)
+    got = run(impl, hidden, weight, labels, loss_mask, grad_scale=0.5)  # a non-unit upstream gradient
+    assert got[1].item() == expected[1].item() == TOKENS - 2 - 10  # 3 ignored labels, 10 masked, label 12 is both
+    loss_rtol, grad_atol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 3e-2)
+    assert_close(got[0], expected[0], 0, loss_rtol, f"{impl} {dtype} loss_sum")
+    assert_close(got[2], expected[2], grad_atol, 0, f"{impl} {dtype} grad hidden")
+    assert_close(got[3], expected[3], grad_atol, 0, f"{impl} {dtype} grad weight")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_triton_matches_reference_for_any_chunking(chunk_size):
+    hidden, weight, labels, loss_mask = make_inputs(torch.float32, seed=3, vocab=5000)  # several vocab blocks
+    expected = run("reference", hidden, weight, labels, None, chunk_size=1000)
+    got = run("triton", hidden, weight, labels, None, chunk_size=chunk_size)
+    for name, a, b in zip(("loss_sum", "n_valid", "grad hidden", "grad weight"), got, expected):
+        assert_close(a, b, 1e-5, 1e-5, name)
+
+
+def test_all_tokens_masked_gives_zero_loss_and_gradients():
+    hidden, weight, labels, _ = make_inputs(torch.float32)
+    for impl in ("reference", "triton"):
+        loss_sum, n_valid, grad_h, grad_w = run(impl, hidden, weight, labels, torch.zeros(TOKENS))
+        assert loss_sum.item() == 0 and n_valid.item() == 0
+        assert torch.all(grad_h == 0) and torch.all(grad_w == 0)
+
+
+def test_check_can_fail():
+    """A wrong label shifts the loss beyond tolerance: the comparison is not vacuous."""
+    hidden, weight, labels, loss_mask = make_inputs(torch.float32)
+    expected = oracle(hidden, weight, labels, loss_mask)
+    shifted = labels.clone()
+    shifted[3] = (shifted[3] + 1) % VOCAB
+    got = run("triton", hidden, weight, shifted, loss_mask)
+    with pytest.raises(AssertionError):
+        assert_close(got[0], expected[0], 0, 1e-5, "loss")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(label=VOCAB), f"label {VOCAB} is outside the vocabulary"),
+        (dict(label=-5), "label -5 is outside the vocabulary"),
+        (dict(labels_dtype=torch.int32), "labels must be int64"),
+        (dict(mask_len=3), "must have the labels' shape"),
+        (dict(weight_cols=HIDDEN + 1), "must be \\[T, H\\] and \\[V_local, H\\]"),
+    ],
+)
+def test_bad_input_is_rejected(change, message):
+    hidden, weight, labels, loss_mask = make_inputs(torch.float32)
+    if "label" in change:
+        labels[1] = change["label"]
+    labels = labels.to(change.get("labels_dtype", torch.int64))
+    if "mask_len" in change:
+        loss_mask = loss_mask[: change["mask_len"]]
+    if "weight_cols" in change:
+        weight = torch.zeros(VOCAB, change["weight_cols"])
+    with pytest.raises(ValueError, match=message):
+        fused_linear_cross_entropy(hidden, weight, labels, loss_mask, impl="triton")
+
+
+def test_default_chunk_size_keeps_logits_chunk_at_half_the_hidden_states():
+    # Llama-3 8B at 64K tokens: 1024 tokens x 128,256 vocab is ~0.5x the 64K x 4096 hidden states.
+    assert default_chunk_size(65536, 4096, 128256) == 1024
+    assert default_chunk_size(100, 64, 1000) == 256
+
+
+def _tensor_parallel_worker(rank, world_size, port, dtype):
+    group = init_gloo(rank, world_size, port)
+    hidden, weight, labels, loss_mask = make_inputs(dtype, seed=5)
+    expected = oracle(hidden, weight, labels, loss_mask)
+    shard = VOCAB // world_size
+    weight_shard = weight.detach()[rank * shard : (rank + 1) * shard].clone().requires_grad_()
+    for impl in ("reference", "triton"):
+        loss_sum, n_valid = fused_linear_cross_entropy(hidden, weight_shard, labels, loss_mask, tp_group=group,
+                                                       chunk_size=16, impl=impl)
+        grad_h, grad_w = torch.autograd.grad(loss_sum, (hidden, weight_shard))
+        grad_h = grad_h.clone()
+        torch.distributed.all_reduce(grad_h, group=group)  # what the caller's TP region does
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        assert n_valid.item() == expected[1].item()
+        assert_close(loss_sum, expected[0], 0, tol, f"rank {rank} {impl} loss_sum")
+        assert_close(grad_h, expected[2], tol, 0, f"rank {rank} {impl} grad hidden (all-reduced)")
+        assert_close(grad_w, expected[3][rank * shard : (rank + 1) * shard], tol, 0, f"rank {rank} {impl} grad weight")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_parallel_vocab_shards_match_single_rank(dtype):
+    run_ranks(_tensor_parallel_worker, 2, dtype)
