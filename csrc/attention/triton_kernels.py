@@ -358,11 +358,14 @@ def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torc
     return block_doc, block_row, n_programs
 
 
-def default_blocks(head_dim: int, interpreting: bool) -> dict[str, int]:
+def default_blocks(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict[str, int]:
     """Tile sizes. GPU values follow the FA2 Triton tutorial's H100 choices (untuned here: no GPU);
-    the interpreter uses 16 so that tests at small sizes still cover several blocks."""
+    fp32 (tests) halves the tiles so that its 4-byte tiles fit in shared memory (checked by
+    tests/csrc/compile_for_h100.py). The interpreter uses 16 so small tests cover several blocks."""
     if interpreting:
         return dict(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkdv_m=16, dkdv_n=16, warps_fwd=4, warps_bwd=4, stages=1)
+    if dtype == torch.float32:
+        return dict(fwd_m=64, fwd_n=32, dq_m=64, dq_n=32, dkdv_m=32, dkdv_n=64, warps_fwd=4, warps_bwd=4, stages=2)
     warps_fwd = 4 if head_dim <= 64 else 8
     return dict(fwd_m=128, fwd_n=64, dq_m=128, dq_n=32, dkdv_m=32, dkdv_n=128, warps_fwd=warps_fwd, warps_bwd=4, stages=3)
 
@@ -438,5 +441,5 @@ def triton_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, 
     """Run the Triton kernels on validated inputs; see csrc.attention.varlen_attention."""
     from csrc.triton_support import triton_interpreting
 
-    blocks = blocks or default_blocks(q.shape[-1], triton_interpreting())
+    blocks = blocks or default_blocks(q.shape[-1], q.dtype, triton_interpreting())
     return TritonVarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, blocks)
