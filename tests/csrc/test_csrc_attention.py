@@ -259,3 +259,16 @@ def test_bad_input_is_rejected_before_launch(change, message):
     cu_k = torch.tensor([0, 5, 10] if cu_q.numel() == 3 else [0, 2, 5, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match=message):
         varlen_attention(q, k, k, cu_q, cu_k, change.get("max_q", 10), 10, impl="triton")
+
+
+def test_cu_seqlens_are_checked_again_after_an_in_place_change():
+    """Validation is cached per cu_seqlens tensor (one host sync per micro-batch, not per layer),
+    but an in-place edit bumps the tensor's version and is caught."""
+    q = torch.zeros(10, 2, 16)
+    cu_q = torch.tensor([0, 5, 10], dtype=torch.int32)
+    cu_k = cu_q.clone()
+    varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="reference")
+    varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="reference")  # cached: no error, same answer
+    cu_q[1] = 11
+    with pytest.raises(ValueError, match="cu_seqlens_q decreases at document 1"):
+        varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="reference")
