@@ -29,6 +29,8 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        # megatron's checkpoint writer processes need it, and hang the save without it.
+        "psutil>=5.9",
     ],
     extras_require={
         # GPU extras: used when present, never required.
