@@ -390,6 +390,8 @@ class TritonVarlenAttention(torch.autograd.Function):
             num_warps=blocks["warps_fwd"], num_stages=blocks["stages"],
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        # An unused output (usually lse) then arrives as None instead of a zero tensor to read.
+        ctx.set_materialize_grads(False)
         ctx.softmax_scale, ctx.causal, ctx.blocks = softmax_scale, causal, blocks
         return out, lse
 
