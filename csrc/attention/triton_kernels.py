@@ -405,6 +405,8 @@ class TritonVarlenAttention(torch.autograd.Function):
         if d_out is None:
             d_out = torch.zeros_like(out)
         d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
+        if d_lse is not None:
+            d_lse = d_lse.contiguous()  # the delta kernel indexes it as dense [Hq, Tq]; lse.sum() gives strides 0
         common = dict(GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal,
                       DOT_FP32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
 
