@@ -1,0 +1,222 @@
+"""Engine checkpoint (any TP/PP/CP/DP layout) -> Hugging Face Llama folder, streamed.
+
+Weights are read from the megatron dist checkpoint one layer of one tensor at a time, converted
+and appended to the open safetensors shard, so peak memory is about one layer's weights whatever
+the model size. The folder is built under ``.OUT.tmp-export`` and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine.convert.dist_checkpoint import DistCheckpointReader
+from engine.convert.hf_mapping import (
+    LLAMA3_BOS_ID,
+    LLAMA3_EOS_ID,
+    ConversionError,
+    checkpoint_key,
+    detect_norm_layout,
+    hf_config_from_llama,
+    weight_mappings,
+)
+from engine.convert.safetensors_io import ShardedSafetensorsWriter, parse_size
+from engine.model.config import LlamaConfig
+
+# Files of a Hugging Face tokenizer folder; nothing else is copied from --tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    checkpoint: Path
+    num_shards: int
+    total_bytes: int
+    peak_rss_bytes: int
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resolve_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> Path:
+    """A step directory from a checkpoint root (newest, or ``step``) or a step directory."""
+    from engine.checkpoint import STATE_FILE, latest_checkpoint
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: no such checkpoint directory")
+    if step is not None:
+        candidate = path / f"step_{step:08d}"
+        if not (candidate / STATE_FILE).exists():
+            steps = sorted(p.name for p in path.glob("step_*"))
+            raise ConversionError(f"{candidate}: no complete checkpoint for step {step} "
+                                  f"(found: {', '.join(steps) or 'none'})")
+        return candidate
+    if (path / STATE_FILE).exists():
+        return path
+    try:
+        latest = latest_checkpoint(path)
+    except RuntimeError as error:
+        raise ConversionError(str(error)) from None
+    if latest is None:
+        raise ConversionError(f"{path}: neither a checkpoint ({STATE_FILE}) nor a checkpoint "
+                              f"root with a 'latest' pointer; pass a step_* directory or --step")
+    return latest
+
+
+def model_config_from_state(state: dict, source: Path) -> LlamaConfig:
+    known = {f.name for f in fields(LlamaConfig)}
+    saved = state.get("model_config") or {}
+    try:
+        return LlamaConfig(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as error:
+        raise ConversionError(f"{source}: model_config is incomplete ({error})") from None
+
+
+def _token_id(tokenizer_dir: Path, token) -> Optional[int]:
+    """The id of a special token named in tokenizer_config.json, if the folder says."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    if token is None:
+        return None
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    for token_id, entry in config.get("added_tokens_decoder", {}).items():
+        if entry.get("content") == token:
+            return int(token_id)
+    tokenizer_json = tokenizer_dir / "tokenizer.json"
+    if tokenizer_json.exists():
+        for entry in json.loads(tokenizer_json.read_text()).get("added_tokens", []):
+            if entry.get("content") == token:
+                return int(entry["id"])
+    return None
+
+
+def special_token_ids(tokenizer_dir: Optional[Path], hf_state: dict, vocab_size: int) -> tuple:
+    """(bos, eos): from the tokenizer if given, else from the imported config, else Llama-3's
+    (None where Llama-3's id does not fit a smaller test vocabulary)."""
+    imported = hf_state.get("config", {})
+    bos = imported.get("bos_token_id", LLAMA3_BOS_ID if LLAMA3_BOS_ID < vocab_size else None)
+    eos = imported.get("eos_token_id", LLAMA3_EOS_ID if LLAMA3_EOS_ID < vocab_size else None)
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").exists():
+        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        bos = _token_id(tokenizer_dir, config.get("bos_token")) or bos
+        eos = _token_id(tokenizer_dir, config.get("eos_token")) or eos
+    return bos, eos
+
+
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    if not tokenizer_dir.is_dir():
+        raise ConversionError(f"--tokenizer {tokenizer_dir}: no such directory")
+    found = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not found:
+        raise ConversionError(f"--tokenizer {tokenizer_dir}: holds none of "
+                              f"{', '.join(TOKENIZER_FILES)}; point it at a tokenizer folder")
+    return found
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[int] = None,
+                      tokenizer: Optional[str | Path] = None, dtype: str = "bfloat16",
+                      max_shard_size: str = "5GB", log=print) -> ExportResult:
+    """Write the Hugging Face folder ``out`` from an engine checkpoint. See module docstring."""
+    from engine.checkpoint import read_checkpoint_state
+
+    source = resolve_checkpoint(checkpoint, step)
+    state = read_checkpoint_state(source)
+    config = model_config_from_state(state, source)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
+    tokenizer_dir = Path(tokenizer) if tokenizer else None
+    tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"--out {out} exists and is not empty; choose a new folder or "
+                              f"remove it")
+
+    reader = DistCheckpointReader(source)
+    mappings = weight_mappings(config, detect_norm_layout(reader.tensors))
+    _check_checkpoint_shapes(reader, mappings, config, source)
+
+    tmp = out.parent / f".{out.name}.tmp-export"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # debris of an interrupted export
+    tmp.mkdir(parents=True)
+    try:
+        writer = ShardedSafetensorsWriter(
+            tmp, [(name, shape) for m in mappings for name, shape in zip(m.hf_names, m.hf_shapes)],
+            DTYPES[dtype], parse_size(max_shard_size))
+        for layer_mappings in _group_by_layer(mappings):
+            tensors = reader.read_layers([checkpoint_key(m.engine_name) for m in layer_mappings])
+            for mapping, tensor in zip(layer_mappings, tensors):
+                for name, hf_tensor in zip(mapping.hf_names, mapping.to_hf(tensor, config)):
+                    writer.write(name, hf_tensor)
+            del tensors
+        writer.finish()
+        hf_state = state.get("hugging_face") or {}
+        bos, eos = special_token_ids(tokenizer_dir, hf_state, config.vocab_size)
+        hf_config = hf_config_from_llama(config, DTYPES[dtype], bos, eos)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = dict(hf_state.get("generation_config") or {})
+        generation.setdefault("bos_token_id", bos)
+        generation.setdefault("eos_token_id", eos)
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for path in tokenizer_files:
+            shutil.copyfile(path, tmp / path.name)
+        (tmp / "engine_export.json").write_text(json.dumps(
+            {"checkpoint": str(source.resolve()), "step": state.get("step"),
+             "saved_layout": state.get("layout")}, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = ExportResult(out, source, len(writer.shards), writer.total_bytes, peak_rss_bytes())
+    log(f"exported {source} (step {state.get('step')}) -> {out}: {result.num_shards} shard(s), "
+        f"{result.total_bytes / 1e6:.1f} MB {dtype}; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
+    return result
+
+
+def _group_by_layer(mappings):
+    """Mappings in order, grouped so that one read serves a whole layer (or one global tensor)."""
+    group, current = [], object()
+    for mapping in mappings:
+        _, layer = checkpoint_key(mapping.engine_name)
+        if group and (layer != current or layer is None):
+            yield group
+            group = []
+        group.append(mapping)
+        current = layer
+    if group:
+        yield group
+
+
+def _check_checkpoint_shapes(reader: DistCheckpointReader, mappings, config: LlamaConfig,
+                             source: Path) -> None:
+    """Every tensor the model needs is in the checkpoint with the shape its config implies."""
+    for mapping in mappings:
+        key, layer = checkpoint_key(mapping.engine_name)
+        if key not in reader.tensors:
+            raise ConversionError(f"{source}: tensor {key} is missing; the checkpoint is not a "
+                                  f"complete engine Llama checkpoint")
+        stored = tuple(reader.shape(key))
+        if layer is not None:
+            expected = (config.num_layers, *mapping.engine_shape(stored[1]))
+        else:
+            expected = mapping.engine_shape(stored[0])
+        vocab_ok = not mapping.vocab_rows or stored[0] >= config.vocab_size
+        if stored != expected or not vocab_ok:
+            raise ConversionError(
+                f"{source}: tensor {key} has shape {stored}, but engine_state.json's model_config "
+                f"implies {expected}; the checkpoint and its engine_state.json disagree")

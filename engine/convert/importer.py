@@ -1,0 +1,232 @@
+"""Hugging Face Llama folder -> engine checkpoint that loads into any TP/PP layout, streamed.
+
+The result is a megatron dist checkpoint written from one process: tensors are stored under
+their global keys (per-layer weights stacked along a layer dimension), which is what every
+layout's ``sharded_state_dict`` asks for, so ``engine.checkpoint.load_checkpoint`` loads it in
+TP2 x PP2 as well as TP1. It holds weights only (step 0, no optimizer or scheduler state):
+a run starts from it with ``load_checkpoint(path, chunks, optimizer=None, load_rng=False)`` and a
+fresh optimizer. Each HF tensor is read (memory-mapped) only when its engine tensor is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine.convert.dist_checkpoint import DistCheckpointWriter
+from engine.convert.export import DTYPES, peak_rss_bytes
+from engine.convert.hf_mapping import (
+    NORM_LAYOUTS,
+    ConversionError,
+    checkpoint_key,
+    llama_config_from_hf,
+    rope_scaling_of,
+    weight_mappings,
+)
+from engine.convert.safetensors_io import HFWeightReader
+from engine.model.config import LlamaConfig
+from engine.parallel.layout import LayoutError, ParallelLayout
+
+# Weights whose values follow from the config (older exports saved RoPE's inverse frequencies).
+_DERIVED_HF_TENSORS = (".rotary_emb.inv_freq",)
+# Only these LlamaConfig fields may be overridden: the others fix the weights' shapes.
+OVERRIDABLE_FIELDS = ("rope_base", "max_position_embeddings", "norm_eps", "init_method_std")
+# megatron keeps an opaque per-module "extra state" (fp8 metadata under transformer-engine) for
+# each of these; every layout's checkpoint has one entry per layer, None for local modules.
+_EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv",
+                        "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+@dataclass
+class ImportResult:
+    checkpoint: Path
+    model_config: LlamaConfig
+    peak_rss_bytes: int
+
+
+def read_hf_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise ConversionError(f"--hf {folder}: no such directory")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing; --hf must be a Hugging Face model folder "
+                              f"(config.json and *.safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['rope_base=8e6', 'max_position_embeddings=65536'] -> typed field values."""
+    types = {f.name: f.type for f in dataclasses.fields(LlamaConfig)}
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ConversionError(f"--model-config-overrides {item!r}: expected FIELD=VALUE with "
+                                  f"FIELD one of {', '.join(OVERRIDABLE_FIELDS)}")
+        if key not in OVERRIDABLE_FIELDS:
+            raise ConversionError(f"--model-config-overrides {item!r}: {key} fixes weight shapes "
+                                  f"and comes from config.json; only {', '.join(OVERRIDABLE_FIELDS)}"
+                                  f" may change")
+        try:
+            overrides[key] = int(value) if key == "max_position_embeddings" else float(value)
+        except ValueError:
+            raise ConversionError(f"--model-config-overrides {item!r}: {value!r} is not a "
+                                  f"number") from None
+    return overrides
+
+
+def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float] = None,
+                      overrides: Optional[dict] = None, tensor_parallel: int = 1,
+                      pipeline_parallel: int = 1, norm_layout: str = "local",
+                      dtype: Optional[str] = None, log=print) -> ImportResult:
+    """Write an engine checkpoint root ``out`` (``out/step_00000000`` and ``out/latest``).
+
+    ``tensor_parallel`` / ``pipeline_parallel``: the layout training will use; checked against
+    the model now, and the vocabulary padded for it. ``norm_layout``: "local" (CPU and megatron
+    local specs) or "transformer-engine" (the norm inside the fused linear). ``dtype``: stored
+    dtype; default the checkpoint's own (its safetensors dtype).
+    """
+    from engine.checkpoint import LATEST, STATE_FILE
+
+    hf = Path(hf)
+    hf_config = read_hf_config(hf)
+    config = llama_config_from_hf(hf_config, str(hf / "config.json"))
+    overrides = dict(overrides or {})
+    if rope_base is not None:
+        overrides["rope_base"] = float(rope_base)
+    scaling = rope_scaling_of(hf_config)
+    if scaling is not None and "rope_base" not in overrides:
+        raise ConversionError(
+            f"{hf / 'config.json'}: rope scaling {scaling} is not implemented by the engine (plain "
+            f"RoPE); pass --rope-base (ProLong continues Llama-3-8B with 8e6) to train with "
+            f"plain RoPE at a new base")
+    config = config.replace(**overrides)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
+    layout = ParallelLayout(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    try:
+        layout.validate(config)
+    except LayoutError as error:
+        raise ConversionError(f"target layout {layout.describe()} does not fit {hf}: {error}") from None
+    padded_vocab = -(-config.vocab_size // tensor_parallel) * tensor_parallel
+    if padded_vocab != config.vocab_size:
+        log(f"note: vocabulary {config.vocab_size} padded to {padded_vocab} for TP"
+            f"{tensor_parallel}; load the checkpoint with that tensor-parallel size")
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"--out {out} exists and is not empty; choose a new folder or "
+                              f"remove it")
+    weights = HFWeightReader(hf)
+    try:
+        mappings = weight_mappings(config, norm_layout)
+        _check_hf_tensors(weights, mappings, hf, config)
+        stored_dtype = DTYPES[dtype] if dtype else weights.get(mappings[0].hf_names[0]).dtype
+        writer = _plan_checkpoint(weights, mappings, config, padded_vocab, stored_dtype)
+
+        tmp = out.parent / f".{out.name}.tmp-import"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # debris of an interrupted import
+        step_dir = tmp / "step_00000000"
+        try:
+            writer.write(step_dir)
+            state = {
+                "step": 0,
+                "train_state": {},
+                "scheduler": None,
+                "model_config": dataclasses.asdict(config),
+                "world_size": 1,
+                "layout": {"tensor_parallel": tensor_parallel,
+                           "pipeline_parallel": pipeline_parallel,
+                           "context_parallel": 1, "data_parallel": 1},
+                # No optimizer state: load with optimizer=None and start a fresh optimizer.
+                "weights_only": True,
+                "hugging_face": {"source": str(hf.resolve()), "config": hf_config,
+                                 "generation_config": _read_optional_json(
+                                     hf / "generation_config.json"),
+                                 "norm_layout": norm_layout},
+            }
+            (step_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+            (tmp / LATEST).write_text(step_dir.name + "\n")
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        weights.close()
+    result = ImportResult(out / "step_00000000", config, peak_rss_bytes())
+    log(f"imported {hf} -> {result.checkpoint} (rope_base {config.rope_base:g}, "
+        f"{str(stored_dtype).removeprefix('torch.')}, loadable in any layout dividing the model"
+        f"{f' with TP{tensor_parallel}' if padded_vocab != config.vocab_size else ''}); "
+        f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
+    return result
+
+
+def _read_optional_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_hf_tensors(weights: HFWeightReader, mappings, folder: Path,
+                      config: LlamaConfig) -> None:
+    """Every expected tensor exists with the shape config.json implies; nothing unknown."""
+    expected = {}
+    for mapping in mappings:
+        expected.update(zip(mapping.hf_names, mapping.hf_shapes))
+    if "lm_head.weight" not in weights.shapes and "model.embed_tokens.weight" in weights.shapes:
+        # Tied checkpoints (e.g. Llama-3.2-1B) store no lm_head: the engine's untied output
+        # layer starts as a copy of the embedding.
+        expected.pop("lm_head.weight")
+    for name, shape in expected.items():
+        if name not in weights.shapes:
+            raise ConversionError(f"{folder}: tensor {name} is missing from the safetensors "
+                                  f"files; the folder is incomplete or not a Llama model")
+        if weights.shapes[name] != tuple(shape):
+            raise ConversionError(
+                f"{folder / weights.file_of(name)}: tensor {name} has shape "
+                f"{weights.shapes[name]}, but config.json implies {tuple(shape)}; the weights do "
+                f"not match config.json (wrong config, or a different model's shard)")
+    unknown = [name for name in weights.shapes
+               if name not in expected and not name.endswith(_DERIVED_HF_TENSORS)]
+    if unknown:
+        raise ConversionError(f"{folder / weights.file_of(unknown[0])}: tensor {unknown[0]} is "
+                              f"not part of a Llama model ({len(unknown)} unknown tensors); "
+                              f"only LlamaForCausalLM checkpoints can be imported")
+
+
+def _plan_checkpoint(weights: HFWeightReader, mappings, config: LlamaConfig, padded_vocab: int,
+                     dtype: torch.dtype) -> DistCheckpointWriter:
+    writer = DistCheckpointWriter()
+    for mapping in mappings:
+        key, layer = checkpoint_key(mapping.engine_name)
+        shape = mapping.engine_shape(padded_vocab)
+        names = list(mapping.hf_names)
+        if names == ["lm_head.weight"] and "lm_head.weight" not in weights.shapes:
+            names = ["model.embed_tokens.weight"]
+
+        def produce(mapping=mapping, names=names):
+            return mapping.to_engine([weights.get(n) for n in names], config,
+                                     padded_vocab).to(dtype)
+
+        if layer is None:
+            writer.add_tensor(key, shape, dtype, produce)
+        else:
+            writer.add_layer(key, (config.num_layers, *shape), dtype, layer, produce)
+    for layer in range(config.num_layers):
+        for module in _EXTRA_STATE_MODULES:
+            writer.add_object(f"decoder.layers.{module}._extra_state/shard_{layer}_"
+                              f"{config.num_layers}", None)
+    return writer
+
+
+__all__ = ["import_checkpoint", "parse_overrides", "NORM_LAYOUTS", "ImportResult"]
