@@ -7,8 +7,6 @@ the model size. The folder is built under ``.OUT.tmp-export`` and renamed when c
 from __future__ import annotations
 
 import json
-import os
-import resource
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,13 +25,13 @@ from engine.convert.hf_mapping import (
     weight_mappings,
 )
 from engine.convert.safetensors_io import ShardedSafetensorsWriter, parse_size
+from engine.convert.staging import DTYPES, check_new_folder, peak_rss_bytes, staged_folder
 from engine.model.config import LlamaConfig
 
 # Files of a Hugging Face tokenizer folder; nothing else is copied from --tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json")
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -43,11 +41,6 @@ class ExportResult:
     num_shards: int
     total_bytes: int
     peak_rss_bytes: int
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def resolve_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> Path:
@@ -140,19 +133,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
     tokenizer_dir = Path(tokenizer) if tokenizer else None
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"--out {out} exists and is not empty; choose a new folder or "
-                              f"remove it")
+    check_new_folder(out)
 
     reader = DistCheckpointReader(source)
     mappings = weight_mappings(config, detect_norm_layout(reader.tensors))
     _check_checkpoint_shapes(reader, mappings, config, source)
 
-    tmp = out.parent / f".{out.name}.tmp-export"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # debris of an interrupted export
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out, "export") as tmp:
         writer = ShardedSafetensorsWriter(
             tmp, [(name, shape) for m in mappings for name, shape in zip(m.hf_names, m.hf_shapes)],
             DTYPES[dtype], parse_size(max_shard_size))
@@ -176,12 +163,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
         (tmp / "engine_export.json").write_text(json.dumps(
             {"checkpoint": str(source.resolve()), "step": state.get("step"),
              "saved_layout": state.get("layout")}, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result = ExportResult(out, source, len(writer.shards), writer.total_bytes, peak_rss_bytes())
     log(f"exported {source} (step {state.get('step')}) -> {out}: {result.num_shards} shard(s), "
         f"{result.total_bytes / 1e6:.1f} MB {dtype}; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")

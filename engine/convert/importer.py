@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +18,6 @@ from typing import Optional
 import torch
 
 from engine.convert.dist_checkpoint import DistCheckpointWriter
-from engine.convert.export import DTYPES, peak_rss_bytes
 from engine.convert.hf_mapping import (
     NORM_LAYOUTS,
     ConversionError,
@@ -30,6 +27,7 @@ from engine.convert.hf_mapping import (
     weight_mappings,
 )
 from engine.convert.safetensors_io import HFWeightReader
+from engine.convert.staging import DTYPES, check_new_folder, peak_rss_bytes, staged_folder
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import LayoutError, ParallelLayout
 
@@ -123,9 +121,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
             f"{tensor_parallel}; load the checkpoint with that tensor-parallel size")
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"--out {out} exists and is not empty; choose a new folder or "
-                              f"remove it")
+    check_new_folder(out)
     weights = HFWeightReader(hf)
     try:
         mappings = weight_mappings(config, norm_layout)
@@ -133,11 +129,8 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
         stored_dtype = DTYPES[dtype] if dtype else weights.get(mappings[0].hf_names[0]).dtype
         writer = _plan_checkpoint(weights, mappings, config, padded_vocab, stored_dtype)
 
-        tmp = out.parent / f".{out.name}.tmp-import"
-        if tmp.exists():
-            shutil.rmtree(tmp)  # debris of an interrupted import
-        step_dir = tmp / "step_00000000"
-        try:
+        with staged_folder(out, "import") as tmp:
+            step_dir = tmp / "step_00000000"
             writer.write(step_dir)
             state = {
                 "step": 0,
@@ -157,12 +150,6 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
             }
             (step_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
             (tmp / LATEST).write_text(step_dir.name + "\n")
-            if out.exists():
-                out.rmdir()  # empty, checked above
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         weights.close()
     result = ImportResult(out / "step_00000000", config, peak_rss_bytes())

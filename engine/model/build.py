@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from engine.model.attention import DocumentMaskedAttention, LlamaGPTModel
 from engine.model.config import LlamaConfig
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -109,18 +110,21 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
 
 
 def build_model_chunks(model: LlamaConfig, config: TransformerConfig, seed: int = 1234,
-                       core_attention: Optional[type] = None,
-                       use_transformer_engine: Optional[bool] = None) -> list[GPTModel]:
+                       attention_backend: str = "auto", core_attention=None,
+                       use_transformer_engine: Optional[bool] = None) -> list[LlamaGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialized canonically.
 
     The full weights are a function of ``seed`` alone, whatever the layout, so runs under
-    different layouts can be compared weight for weight.
+    different layouts can be compared weight for weight. ``core_attention`` (a module or
+    ModuleSpec) replaces the document-masked attention, e.g. for context parallelism.
     """
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available() and torch.cuda.is_available()
-    layer_kwargs = {"use_transformer_engine": use_transformer_engine}
-    if core_attention is not None:
-        layer_kwargs["core_attention"] = core_attention
+    if core_attention is None:
+        core_attention = ModuleSpec(module=DocumentMaskedAttention,
+                                    params={"backend": attention_backend})
+    layer_kwargs = {"use_transformer_engine": use_transformer_engine,
+                    "core_attention": core_attention}
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -128,7 +132,7 @@ def build_model_chunks(model: LlamaConfig, config: TransformerConfig, seed: int 
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         spec = llama_block_spec(get_num_layers_to_build(config, vp_stage=stage), **layer_kwargs)
-        chunk = GPTModel(
+        chunk = LlamaGPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),

@@ -10,12 +10,7 @@ from __future__ import annotations
 import torch
 
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # TODO(kernels): dispatch to csrc.rmsnorm once it lands.
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+from csrc.rmsnorm import rms_norm
 
 
 class RMSNorm(torch.nn.Module):

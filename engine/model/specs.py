@@ -11,7 +11,6 @@ import importlib.util
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -26,11 +25,10 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def llama_layer_spec(core_attention: type = DotProductAttention,
-                     use_transformer_engine: bool = False) -> ModuleSpec:
+def llama_layer_spec(core_attention, use_transformer_engine: bool = False) -> ModuleSpec:
     """The spec of one Llama-3 decoder layer.
 
-    ``core_attention`` is the module that computes softmax(QK^T)V given projected, rotated
+    ``core_attention`` (module or ModuleSpec) computes softmax(QK^T)V given projected, rotated
     Q/K/V; the projections, RoPE and output projection stay megatron's.
     """
     if use_transformer_engine:
@@ -78,4 +76,10 @@ def llama_block_spec(num_layers_on_stage: int, **layer_kwargs) -> TransformerBlo
     sequence parallelism would be the torch norm that refuses it.
     """
     layer = llama_layer_spec(**layer_kwargs)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_on_stage, layer_norm=RMSNorm)
+    final_norm = RMSNorm
+    if layer_kwargs.get("use_transformer_engine"):
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_on_stage,
+                                      layer_norm=final_norm)

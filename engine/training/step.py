@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
@@ -28,6 +29,19 @@ class MicroBatch:
     labels: torch.Tensor  # int64 next-token targets
     loss_mask: torch.Tensor  # float, 1 where the label counts
     position_ids: torch.Tensor  # int64 RoPE positions
+    # Document boundaries over the micro-batch's flattened tokens (int32, [n_docs + 1]); None
+    # means one document per sequence.
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: int = 0
+
+    def packed_seq_params(self) -> Optional[PackedSeqParams]:
+        if self.cu_seqlens is None:
+            return None
+        # sbhd: megatron keeps its [seq, batch] layout and standard RoPE path; the core
+        # attention reads the boundaries.
+        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=self.cu_seqlens,
+                               cu_seqlens_kv=self.cu_seqlens, max_seqlen_q=self.max_seqlen,
+                               max_seqlen_kv=self.max_seqlen)
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,8 @@ def _token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 def _forward_step(data_iterator: Iterator[MicroBatch], model):
     batch = next(data_iterator)
-    per_token_loss = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    per_token_loss = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
+                           packed_seq_params=batch.packed_seq_params())
     return per_token_loss, partial(_token_loss, batch.loss_mask)
 
 

@@ -14,6 +14,7 @@ from tests.distributed import torchrun
 LAYOUTS = {
     # name: (processes, flags)
     "tp2_sp": (2, ["--tp", "2", "--sp"]),
+    "tp2_document_positions": (2, ["--tp", "2", "--positions", "document"]),
     "pp2": (2, ["--pp", "2"]),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"]),
     "dp2_distopt": (2, ["--distributed-optimizer"]),
@@ -28,11 +29,20 @@ def reference_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference_document_positions(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference_document_positions")
+    torchrun("engine.parallel.layout_check", 1, ["--positions", "document", "--out", str(out)])
+    return out
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference_run, tmp_path):
+def test_layout_matches_single_process(name, reference_run, reference_document_positions,
+                                       tmp_path):
     nproc, flags = LAYOUTS[name]
     torchrun("engine.parallel.layout_check", nproc, [*flags, "--out", str(tmp_path)])
-    errors = compare_runs(reference_run, tmp_path)
+    reference = reference_document_positions if "document" in flags else reference_run
+    errors = compare_runs(reference, tmp_path)
     assert errors["num_tokens"] == 0
     for key in ("loss", "grad_norm", "weights"):
         assert errors[key] <= DEFAULT_TOLERANCE, (name, key, errors)

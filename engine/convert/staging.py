@@ -1,0 +1,48 @@
+"""What both directions share about their output: atomic publication, dtype names, peak memory."""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from engine.convert.hf_mapping import ConversionError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def check_new_folder(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"--out {out} exists and is not empty; choose a new folder or "
+                              f"remove it")
+
+
+@contextmanager
+def staged_folder(out: Path, purpose: str) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to fill; renamed to ``out`` only if the block succeeds.
+
+    An interrupted or failed conversion leaves at most ``.NAME.tmp-PURPOSE`` (removed by the
+    next attempt), never a folder at ``out`` that looks complete.
+    """
+    check_new_folder(out)
+    tmp = out.parent / f".{out.name}.tmp-{purpose}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # debris of an interrupted run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
