@@ -76,6 +76,8 @@ def main(argv=None) -> int:
 
             result = verify_logits(args.checkpoint, args.hf, seq_length=args.seq_length,
                                    batch=args.batch, seed=args.seed)
+            for case in ("unpacked", "packed_document_positions", "packed_continuous_positions"):
+                print(f"{case}: logits max abs diff {result[case]:.3e}")
             print(f"logits max abs diff {result['max_abs_diff']:.3e} "
                   f"(tolerance {args.tolerance:g}, {result['tokens']} tokens)")
             return 0 if result["max_abs_diff"] <= args.tolerance else 1

@@ -93,8 +93,6 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
     local specs) or "transformer-engine" (the norm inside the fused linear). ``dtype``: stored
     dtype; default the checkpoint's own (its safetensors dtype).
     """
-    from engine.checkpoint import LATEST, STATE_FILE
-
     hf = Path(hf)
     hf_config = read_hf_config(hf)
     config = llama_config_from_hf(hf_config, str(hf / "config.json"))
@@ -128,6 +126,9 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
         _check_hf_tensors(weights, mappings, hf, config)
         stored_dtype = DTYPES[dtype] if dtype else weights.get(mappings[0].hf_names[0]).dtype
         writer = _plan_checkpoint(weights, mappings, config, padded_vocab, stored_dtype)
+
+        # Imported only now: megatron's import costs seconds, bad input should fail at once.
+        from engine.checkpoint import LATEST, STATE_FILE
 
         with staged_folder(out, "import") as tmp:
             step_dir = tmp / "step_00000000"

@@ -2,14 +2,23 @@
 
 Both models are built in this process in fp32 (the engine one in the single-process layout,
 loaded from the engine checkpoint; the transformers one from the exported folder) and run on the
-same random tokens. Meant for small models and CI; an 8B check needs ~70 GB of host memory.
+same random tokens, in three ways:
+
+- unpacked: ``batch`` sequences of ``seq_length`` tokens, positions 0..L-1;
+- packed, per-document positions: one sequence of several documents, the engine's
+  document-masked attention against transformers run on each document alone;
+- packed, continuous positions (ProLong): as above, transformers given the same positions.
+
+Meant for small models and CI: an 8B check holds both models in fp32 (~70 GB of host memory).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -19,13 +28,52 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def engine_logits(checkpoint: str | Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, seq, vocab] (padding removed) of the engine model in ``checkpoint``."""
+def _random_doc_lengths(total: int, generator: torch.Generator) -> np.ndarray:
+    """Three to five documents of random lengths summing to ``total``."""
+    count = int(torch.randint(3, 6, (1,), generator=generator))
+    cuts = torch.randperm(total - 1, generator=generator)[:count - 1].add(1).sort().values
+    edges = [0, *cuts.tolist(), total]
+    return np.diff(edges)
+
+
+def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int = 64,
+                  batch: int = 2, seed: int = 0) -> dict:
+    """Max |engine - transformers| logit difference per case, and the worst one.
+
+    Returns {'unpacked': float, 'packed_document_positions': float,
+    'packed_continuous_positions': float, 'max_abs_diff': float, 'tokens': int}.
+    """
+    from transformers import LlamaForCausalLM
+
     from engine.checkpoint import load_checkpoint, read_checkpoint_state
     from engine.convert.export import model_config_from_state, resolve_checkpoint
     from engine.model.build import build_model_chunks, transformer_config
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import destroy_parallel, initialize_parallel
+    from engine.training.data import build_micro_batch
+
+    vocab = json.loads((Path(hf_folder) / "config.json").read_text())["vocab_size"]
+    generator = torch.Generator().manual_seed(seed)
+    unpacked = torch.randint(0, vocab, (batch, seq_length), generator=generator)
+    packed_tokens = torch.randint(0, vocab, (seq_length,), generator=generator).numpy()
+    doc_lengths = _random_doc_lengths(seq_length, generator)
+    packed = {mode: build_micro_batch([packed_tokens], [doc_lengths], position_mode=mode)
+              for mode in ("document", "continuous")}
+
+    hf_model = LlamaForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = {"unpacked": hf_model(input_ids=unpacked).logits}
+        for mode, micro_batch in packed.items():
+            # Each document alone, at the positions the packed sequence gives it.
+            pieces, start = [], 0
+            for length in doc_lengths:
+                window = slice(start, start + int(length))
+                pieces.append(hf_model(input_ids=micro_batch.tokens[:, window],
+                                       position_ids=micro_batch.position_ids[:, window]).logits)
+                start += int(length)
+            theirs[f"packed_{mode}_positions"] = torch.cat(pieces, dim=1)
+    del hf_model
 
     path = resolve_checkpoint(checkpoint)
     model = model_config_from_state(read_checkpoint_state(path), path)
@@ -37,31 +85,18 @@ def engine_logits(checkpoint: str | Path, tokens: torch.Tensor) -> torch.Tensor:
         (chunk,) = build_model_chunks(model, transformer_config(model, layout))
         load_checkpoint(path, [chunk], model_config=model, load_rng=False)
         chunk.eval()
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         with torch.no_grad():
-            logits = chunk(tokens, positions, None)
-        return logits[..., :model.vocab_size].float()
+            ours = {"unpacked": chunk(unpacked, torch.arange(seq_length).expand_as(unpacked),
+                                      None)}
+            for mode, micro_batch in packed.items():
+                ours[f"packed_{mode}_positions"] = chunk(
+                    micro_batch.tokens, micro_batch.position_ids, None,
+                    packed_seq_params=micro_batch.packed_seq_params())
     finally:
         destroy_parallel()
 
-
-def hf_logits(folder: str | Path, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                             attn_implementation="eager")
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=tokens).logits.float()
-
-
-def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int = 64,
-                  batch: int = 2, seed: int = 0) -> dict:
-    """{'max_abs_diff': float, 'tokens': int} between the two models on random tokens."""
-    import json
-
-    vocab = json.loads((Path(hf_folder) / "config.json").read_text())["vocab_size"]
-    tokens = torch.randint(0, vocab, (batch, seq_length), generator=torch.Generator().manual_seed(seed))
-    ours = engine_logits(checkpoint, tokens)
-    theirs = hf_logits(hf_folder, tokens)
-    return {"max_abs_diff": (ours - theirs).abs().max().item(), "tokens": tokens.numel()}
+    result = {case: (ours[case][..., :model.vocab_size].float() - theirs[case].float())
+              .abs().max().item() for case in theirs}
+    result["max_abs_diff"] = max(result.values())
+    result["tokens"] = unpacked.numel() + 2 * seq_length
+    return result
