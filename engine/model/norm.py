@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import torch
 
-
 from csrc.rmsnorm import rms_norm
 
 
 class RMSNorm(torch.nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension, accumulated in fp32."""
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, impl: str = "auto"):
         super().__init__()
         self.eps = eps
+        # csrc.rmsnorm impl: "triton" (ours), "reference" (plain PyTorch) or "auto" (by device).
+        self.impl = impl
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=config.params_dtype, device="cpu"
                        if config.use_cpu_initialization else torch.cuda.current_device())
@@ -27,4 +28,4 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, impl=self.impl)

@@ -3,10 +3,14 @@
 Slots (norms, core attention, linears) are swapped here rather than by forking megatron's modules:
 our RMSNorm (sequence-parallel aware) everywhere a norm goes, and the core attention chosen by
 the caller. Transformer-engine's fused modules are used when it is installed and asked for.
+Resolved KernelChoices (engine.model.kernels) pick the kernel behind each slot: the norms' impl,
+RoPE (megatron's SelfAttention or RotaryKernelSelfAttention), the MLP activation (megatron's
+gated silu or our SwiGLU module) and the core attention backend.
 """
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -18,6 +22,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from engine.model.attention import (
+    DocumentMaskedAttention,
+    RotaryKernelSelfAttention,
+    TransformerEngineDocumentAttention,
+)
+from engine.model.kernels import KernelChoices, SwiGLU, csrc_impl, default_device
 from engine.model.norm import RMSNorm
 
 
@@ -25,12 +35,31 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def llama_layer_spec(core_attention, use_transformer_engine: bool = False) -> ModuleSpec:
+def resolved_kernels(kernels: Optional[KernelChoices]) -> KernelChoices:
+    """``kernels`` (default all-auto) resolved for the device this process trains on."""
+    return (kernels or KernelChoices()).resolve(default_device())
+
+
+def core_attention_spec(backend: str) -> ModuleSpec:
+    """The core-attention slot for a backend of KernelChoices.attention ("auto" allowed)."""
+    if backend == "transformer-engine":
+        return ModuleSpec(module=TransformerEngineDocumentAttention)
+    return ModuleSpec(module=DocumentMaskedAttention, params={"backend": backend})
+
+
+def llama_layer_spec(core_attention=None, use_transformer_engine: bool = False,
+                     kernels: Optional[KernelChoices] = None) -> ModuleSpec:
     """The spec of one Llama-3 decoder layer.
 
     ``core_attention`` (module or ModuleSpec) computes softmax(QK^T)V given projected, rotated
-    Q/K/V; the projections, RoPE and output projection stay megatron's.
+    Q/K/V; None builds the one ``kernels.attention`` names. The projections and output
+    projection stay megatron's; ``kernels`` (resolved here if not yet) picks norm, RoPE and
+    activation kernels.
     """
+    kernels = resolved_kernels(kernels)
+    if core_attention is None:
+        core_attention = core_attention_spec(kernels.attention)
+    norm = ModuleSpec(module=RMSNorm, params={"impl": csrc_impl(kernels.rmsnorm)})
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import (
             TELayerNormColumnParallelLinear,
@@ -44,15 +73,24 @@ def llama_layer_spec(core_attention, use_transformer_engine: bool = False) -> Mo
     else:
         qkv, fc1, proj, fc2 = (ColumnParallelLinear, ColumnParallelLinear,
                                RowParallelLinear, RowParallelLinear)
-        input_norm = pre_mlp_norm = RMSNorm
+        input_norm = pre_mlp_norm = norm
 
+    attention_params = {"attn_mask_type": AttnMaskType.causal}
+    attention_module = SelfAttention
+    if kernels.rope == "ours":
+        attention_module = RotaryKernelSelfAttention
+        attention_params["rope_impl"] = csrc_impl(kernels.rope)
+    # Read by megatron's MLP only when config.use_te_activation_func (transformer_config sets it
+    # exactly when swiglu is ours); otherwise it applies silu to the gate half itself.
+    activation = (ModuleSpec(module=SwiGLU, params={"impl": csrc_impl(kernels.swiglu)})
+                  if kernels.swiglu == "ours" else None)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=input_norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                module=attention_module,
+                params=attention_params,
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,
                     core_attention=core_attention,
@@ -63,7 +101,8 @@ def llama_layer_spec(core_attention, use_transformer_engine: bool = False) -> Mo
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_mlp_norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=fc1, linear_fc2=fc2, activation_func=activation)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -75,8 +114,9 @@ def llama_block_spec(num_layers_on_stage: int, **layer_kwargs) -> TransformerBlo
     Passing the block explicitly keeps megatron from choosing its own final norm, which under
     sequence parallelism would be the torch norm that refuses it.
     """
-    layer = llama_layer_spec(**layer_kwargs)
-    final_norm = RMSNorm
+    kernels = resolved_kernels(layer_kwargs.pop("kernels", None))
+    layer = llama_layer_spec(kernels=kernels, **layer_kwargs)
+    final_norm = ModuleSpec(module=RMSNorm, params={"impl": csrc_impl(kernels.rmsnorm)})
     if layer_kwargs.get("use_transformer_engine"):
         from megatron.core.extensions.transformer_engine import TENorm
 
