@@ -145,9 +145,9 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
         if tmp.exists():
             shutil.rmtree(tmp)  # debris of an interrupted save
         tmp.mkdir(parents=True)
-        (tmp / "rng").mkdir()
     _barrier()
     dist_checkpointing.save(_sharded_state(model_chunks, optimizer), str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)  # after the save: megatron wants an empty directory
     torch.save(rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:

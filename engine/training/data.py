@@ -90,25 +90,32 @@ def attention_cost(doc_lengths: np.ndarray) -> int:
     return int((lengths * lengths).sum())
 
 
+def _greedy_bins(items: Sequence[int], costs: Sequence[int], bins: int,
+                 capacity: int) -> list[list[int]]:
+    """Longest-processing-time greedy: items in decreasing cost to the least-loaded bin with
+    room (ties by index, so the result is deterministic)."""
+    assigned: list[list[int]] = [[] for _ in range(bins)]
+    load = [0] * bins
+    for item in sorted(items, key=lambda i: (-costs[i], i)):
+        open_bins = [b for b in range(bins) if len(assigned[b]) < capacity]
+        target = min(open_bins, key=lambda b: (load[b], b))
+        assigned[target].append(item)
+        load[target] += costs[item]
+    return assigned
+
+
 def balance_global_batch(costs: Sequence[int], data_parallel: int,
                          num_microbatches: int, micro_batch: int) -> list[list[list[int]]]:
     """Assign a global batch's sequences to (DP rank, micro-batch) slots, balancing cost.
 
-    Longest-processing-time greedy: sequences in decreasing cost go to the slot with the least
-    cost so far among those with room. Deterministic (ties by index). Returns
-    ``slots[dp_rank][microbatch] = [sequence indices]`` with exactly ``micro_batch`` each.
+    First across DP ranks (each gets num_microbatches x micro_batch sequences, total cost
+    evened), then within a rank across micro-batches, so pipeline stages see even work too.
+    Returns ``slots[dp_rank][microbatch] = [sequence indices]``.
     """
-    total = data_parallel * num_microbatches * micro_batch
+    per_rank = num_microbatches * micro_batch
+    total = data_parallel * per_rank
     if len(costs) != total:
         raise ValueError(f"{len(costs)} sequences for {data_parallel} DP ranks x "
                          f"{num_microbatches} micro-batches x {micro_batch} = {total} slots")
-    slots = [[[] for _ in range(num_microbatches)] for _ in range(data_parallel)]
-    load = np.zeros((data_parallel, num_microbatches), dtype=np.int64)
-    order = sorted(range(total), key=lambda i: (-costs[i], i))
-    for index in order:
-        full = np.array([[len(m) >= micro_batch for m in rank] for rank in slots])
-        candidates = np.where(full, np.iinfo(np.int64).max, load)
-        rank, micro = np.unravel_index(int(np.argmin(candidates)), load.shape)
-        slots[rank][micro].append(index)
-        load[rank, micro] += costs[index]
-    return slots
+    ranks = _greedy_bins(range(total), costs, data_parallel, per_rank)
+    return [_greedy_bins(rank, costs, num_microbatches, micro_batch) for rank in ranks]

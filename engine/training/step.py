@@ -6,6 +6,7 @@ data-parallel ranks and divides the gradients by it in finalize_model_grads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Iterator, Optional
@@ -19,6 +20,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
+
+from engine.model.kernels import SummedTokenLoss
 
 
 @dataclass
@@ -93,18 +96,23 @@ def build_optimizer(model_chunks, settings: OptimizerSettings, *, bf16: bool,
     return optimizer, scheduler
 
 
-def _token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+def _token_loss(loss_mask: torch.Tensor, output):
+    if isinstance(output, SummedTokenLoss):
+        # The fused output layer + cross-entropy already summed over the loss mask.
+        loss_sum, count = output.loss_sum.float(), output.num_tokens.float()
+    else:
+        mask = loss_mask.reshape(-1).float()
+        loss_sum = (output.float().reshape(-1) * mask).sum()
+        count = mask.sum()
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
 
 
 def _forward_step(data_iterator: Iterator[MicroBatch], model):
     batch = next(data_iterator)
-    per_token_loss = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
-                           packed_seq_params=batch.packed_seq_params())
-    return per_token_loss, partial(_token_loss, batch.loss_mask)
+    # Per-token losses [b, s], or SummedTokenLoss when kernels.cross_entropy is "fused".
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
+                   loss_mask=batch.loss_mask, packed_seq_params=batch.packed_seq_params())
+    return output, partial(_token_loss, batch.loss_mask)
 
 
 @dataclass
@@ -137,12 +145,21 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: Iterable[Micro
         forward_only=False,
     )
     lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
+    loss_sum, num_tokens = _reduce_losses(losses)
+    loss = loss_sum / max(num_tokens, 1.0)
+    if not math.isfinite(loss):
+        # The gradients hold NaN/Inf too: drop them and leave weights, optimizer and schedule
+        # untouched. Every rank sees the same reduced loss, so all skip together.
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        return StepResult(loss=loss, num_tokens=int(num_tokens), grad_norm=float("nan"),
+                          lr=lr, skipped=True)
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
-    loss_sum, num_tokens = _reduce_losses(losses)
     return StepResult(
-        loss=loss_sum / max(num_tokens, 1.0),
+        loss=loss,
         num_tokens=int(num_tokens),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         lr=lr,

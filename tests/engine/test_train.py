@@ -1,0 +1,178 @@
+"""The training entry point, run as users run it: torchrun -m engine.train --config ... k=v."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.distributed import REPO, free_port, run_command, test_env, torchrun
+
+
+def metrics(run_dir) -> dict[int, dict]:
+    """Last logged record per step (a resumed run logs re-done steps again)."""
+    records = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        records[row["step"]] = row
+    return records
+
+
+def train_args(config, data, ckpt, *overrides):
+    return ["--config", config, f"data.path={data}", f"checkpoint.dir={ckpt}", *overrides]
+
+
+def launch(nproc, args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "-m", "engine.train", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=test_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(run_dir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    path = Path(run_dir) / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and any(r >= step for r in metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_sigkill_and_resume_reproduces_losses_bit_for_bit(packed_tiny_dataset, train_config,
+                                                          tmp_path):
+    steps = 6
+    reference = tmp_path / "reference"
+    torchrun("engine.train", 2, train_args(train_config, packed_tiny_dataset, reference,
+                                           "parallel.tensor_parallel=2", f"train_steps={steps}"))
+    expected = metrics(reference)
+    assert sorted(expected) == list(range(1, steps + 1))
+    assert expected[steps]["loss"] < expected[1]["loss"]
+
+    interrupted = tmp_path / "interrupted"
+    args = train_args(train_config, packed_tiny_dataset, interrupted,
+                      "parallel.tensor_parallel=2", f"train_steps={steps}",
+                      "checkpoint.save_interval=1")
+    kill_after = random.Random(os.getpid()).randint(2, steps - 2)
+    proc = launch(2, args)
+    wait_for_step(interrupted, kill_after, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # every process of the job, no chance to clean up
+    proc.wait()
+    torchrun("engine.train", 2, args)
+    resumed = metrics(interrupted)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in expected:
+        assert resumed[step]["loss"] == expected[step]["loss"], (step, kill_after)
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], (step, kill_after)
+    # Only complete checkpoints were published; no temporary directory looks like one.
+    latest = (interrupted / "latest").read_text().strip()
+    assert latest == f"step_{steps:08d}"
+    assert len(list(interrupted.glob("step_*"))) <= 2  # keep_last
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(packed_tiny_dataset, train_config, tmp_path):
+    ok = tmp_path / "one_nan"
+    torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, ok,
+                                           "train_steps=4", "inject_nan_steps=[1]"))
+    rows = metrics(ok)
+    assert rows[2]["skipped"] and rows[2]["loss"] != rows[2]["loss"]  # NaN, logged
+    assert not rows[3]["skipped"] and rows[4]["loss"] < rows[1]["loss"]
+
+    # The skipped step did not advance the schedule: step 3 runs at step 2's learning rate.
+    assert rows[3]["lr"] == rows[2]["lr"] < rows[1]["lr"]
+
+    stopped = tmp_path / "stopped"
+    result = torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, stopped,
+                                                    "train_steps=6", "inject_nan_steps=[1,2,3]"),
+                      check=False)
+    assert result.returncode != 0
+    assert "3 consecutive steps had a non-finite loss" in result.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(packed_tiny_dataset, train_config, tmp_path):
+    run = tmp_path / "preempted"
+    proc = launch(2, train_args(train_config, packed_tiny_dataset, run,
+                                "parallel.tensor_parallel=2", "train_steps=1000"))
+    wait_for_step(run, 2, proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for worker in workers:  # what a scheduler's preemption signal reaches
+        if "engine.train" in " ".join(worker.cmdline()) and worker.pid != proc.pid:
+            worker.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output[-3000:]
+    assert "SIGTERM received: checkpoint saved" in output
+    step = int((run / "latest").read_text().strip().removeprefix("step_"))
+    assert 2 <= step < 1000 and (run / f"step_{step:08d}" / "engine_state.json").exists()
+
+
+def test_a_dead_rank_ends_the_job_instead_of_hanging(packed_tiny_dataset, train_config, tmp_path):
+    run = tmp_path / "dead"
+    proc = launch(2, train_args(train_config, packed_tiny_dataset, run,
+                                "parallel.tensor_parallel=2", "train_steps=1000"))
+    wait_for_step(run, 1, proc)
+    workers = [w for w in psutil.Process(proc.pid).children(recursive=True)
+               if "engine.train" in " ".join(w.cmdline())]
+    workers[-1].kill()
+    started = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - started < 120
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.path=/nonexistent/packed"], "data.path /nonexistent/packed: no packed dataset there"),
+    (["data.seq_length=128"], "data.seq_length 128 is larger than the packing length 64"),
+    (["parallel.tensor_parallel=2"], "world size 1 is not divisible by TP x PP x CP = 2"),
+    (["optimizer.learning_rate=1"], "unknown setting 'learning_rate'"),
+    (["data.global_batch=3", "parallel.tensor_parallel=1"], None),
+])
+def test_bad_config_stops_before_training(overrides, message, packed_tiny_dataset, train_config,
+                                          tmp_path):
+    args = [*train_args(train_config, packed_tiny_dataset, tmp_path / "ckpt"), *overrides]
+    if message is None:  # a valid odd batch: DP1 takes 3 micro-batches; must start fine
+        args.append("train_steps=1")
+    result = run_command([sys.executable, "-m", "engine.train", *args], timeout=120)
+    if message is None:
+        assert result.returncode == 0, result.stdout[-2000:]
+        return
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert message in result.stdout
+    assert "Initializing" not in result.stdout and not (tmp_path / "ckpt").exists()
+
+
+def test_checkpoint_of_another_model_shape_is_refused(packed_tiny_dataset, train_config,
+                                                      tmp_path):
+    first = tmp_path / "first"
+    torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, first,
+                                           "train_steps=1"))
+    result = run_command([sys.executable, "-m", "engine.train",
+                          *train_args(train_config, packed_tiny_dataset, tmp_path / "second",
+                                      f"checkpoint.init_from={first}",
+                                      "model.overrides={num_layers: 4}")], timeout=120)
+    assert result.returncode == 2
+    assert "num_layers: checkpoint 2 vs config 4" in result.stdout
+
+
+def test_next_stage_starts_from_checkpoint_with_new_rope_base_and_schedule(
+        packed_tiny_dataset, train_config, tmp_path):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, stage1,
+                                           "train_steps=3"))
+    result = torchrun("engine.train", 1, train_args(
+        train_config, packed_tiny_dataset, stage2, f"checkpoint.init_from={stage1}",
+        "model.overrides={num_layers: 2, rope_base: 8.0e6}", "optimizer.lr=2.5e-4",
+        "train_steps=2"))
+    assert "initialized from" in result.stdout and "new RoPE base 8e+06" in result.stdout
+    first, second = metrics(stage1), metrics(stage2)
+    # This run's schedule, not the loaded optimizer's: lr 2.5e-4 at step 1 (no warm-up).
+    assert second[1]["lr"] == pytest.approx(2.5e-4)
+    # Trained weights were loaded: the new run starts well below the untrained loss.
+    assert second[1]["loss"] < first[1]["loss"] - 0.05
