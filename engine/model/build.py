@@ -111,15 +111,22 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
 
 def build_model_chunks(model: LlamaConfig, config: TransformerConfig, seed: int = 1234,
                        attention_backend: str = "auto", core_attention=None,
-                       use_transformer_engine: Optional[bool] = None) -> list[LlamaGPTModel]:
+                       use_transformer_engine: Optional[bool] = None,
+                       cp_algorithm: str = "all-gather") -> list[LlamaGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialized canonically.
 
     The full weights are a function of ``seed`` alone, whatever the layout, so runs under
     different layouts can be compared weight for weight. ``core_attention`` (a module or
-    ModuleSpec) replaces the document-masked attention, e.g. for context parallelism.
+    ModuleSpec) replaces the document-masked attention, e.g. for context parallelism. With
+    context_parallel_size > 1 and no ``core_attention``, the context-parallel attention
+    ``cp_algorithm`` (engine.parallel.context) fills the slot.
     """
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available() and torch.cuda.is_available()
+    if core_attention is None and config.context_parallel_size > 1:
+        from engine.parallel.context.module import context_parallel_attention_spec
+
+        core_attention = context_parallel_attention_spec(cp_algorithm, attention_backend)
     if core_attention is None:
         core_attention = ModuleSpec(module=DocumentMaskedAttention,
                                     params={"backend": attention_backend})

@@ -25,6 +25,9 @@ class ParallelLayout:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    # How attention crosses the CP group: "all-gather" (K/V), "ulysses" (all-to-all over heads)
+    # or "transformer-engine" (engine.parallel.context).
+    context_parallel_algorithm: str = "all-gather"
 
     @property
     def world_size(self) -> int:
@@ -40,6 +43,8 @@ class ParallelLayout:
             parts.append("SP")
         if self.distributed_optimizer:
             parts.append("DistOpt")
+        if self.context_parallel > 1:
+            parts.append(self.context_parallel_algorithm)
         return " x ".join(parts[:4]) + "".join(f" +{p}" for p in parts[4:])
 
     @classmethod
@@ -55,8 +60,11 @@ class ParallelLayout:
         return cls(data_parallel=world_size // model_parallel, **sizes)
 
     def validate(self, model: LlamaConfig, world_size: Optional[int] = None,
-                 num_microbatches: Optional[int] = None) -> None:
-        """Raise LayoutError naming the values and the fix if this layout cannot run."""
+                 num_microbatches: Optional[int] = None, seq_length: Optional[int] = None) -> None:
+        """Raise LayoutError naming the values and the fix if this layout cannot run.
+
+        ``seq_length`` (tokens), when given, is checked against the context-parallel split.
+        """
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel",
                      "data_parallel", "virtual_stages"):
             if getattr(self, name) < 1:
@@ -100,3 +108,9 @@ class ParallelLayout:
             )
         if self.sequence_parallel and tp == 1:
             raise LayoutError("sequence_parallel needs tensor_parallel > 1; turn one of them off")
+        from engine.parallel.context.chunks import validate_context_parallel
+
+        validate_context_parallel(self.context_parallel, self.context_parallel_algorithm,
+                                  seq_length=seq_length,
+                                  num_attention_heads=model.num_attention_heads,
+                                  num_query_groups=model.num_query_groups, tensor_parallel=tp)

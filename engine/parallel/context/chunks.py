@@ -1,0 +1,90 @@
+"""Causal load balance: which tokens of a sequence each context-parallel rank holds.
+
+A sequence of S tokens is cut into 2 x CP chunks of S / (2 x CP) tokens; rank r keeps chunks r
+and 2 x CP - 1 - r. Under a causal mask, the work of a chunk grows with its index, so pairing an
+early chunk with a late one gives every rank the same work (megatron / transformer-engine use the
+same split, so checkpoints and data pipelines agree on which rank holds which tokens).
+
+A rank's tokens are laid out as [chunk r, chunk 2CP-1-r] along the sequence dimension.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.parallel.layout import LayoutError
+
+CP_ALGORITHMS = ("all-gather", "ulysses", "transformer-engine")
+
+
+def load_balanced_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:
+    """The two chunk indices (of 2 x cp_size) that rank ``cp_rank`` holds, in its local order."""
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank {cp_rank} is outside a context-parallel group of {cp_size}")
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def chunk_length(seq_length: int, cp_size: int) -> int:
+    """Tokens per chunk; raises LayoutError if ``seq_length`` does not split into 2 x CP chunks."""
+    if seq_length % (2 * cp_size):
+        raise LayoutError(
+            f"seq_length {seq_length} is not divisible by 2 x context_parallel_size = "
+            f"{2 * cp_size}: use a seq_length that is a multiple of {2 * cp_size} (e.g. "
+            f"{-(-seq_length // (2 * cp_size)) * 2 * cp_size}) or a smaller context_parallel_size")
+    return seq_length // (2 * cp_size)
+
+
+def rank_token_indices(seq_length: int, cp_rank: int, cp_size: int) -> np.ndarray:
+    """Global token indices (int64 [S / CP]) of rank ``cp_rank``'s tokens, in its local order."""
+    length = chunk_length(seq_length, cp_size)
+    return np.concatenate([np.arange(c * length, (c + 1) * length, dtype=np.int64)
+                           for c in load_balanced_chunks(cp_rank, cp_size)])
+
+
+def gathered_to_sequence_order(seq_length: int, cp_size: int) -> torch.Tensor:
+    """Permutation p (int64 [S]) with sequence[t] = gathered[p[t]].
+
+    ``gathered`` is the concatenation of every rank's local tokens in rank order (what an
+    all-gather or a Ulysses all-to-all along the sequence returns).
+    """
+    gathered = np.concatenate([rank_token_indices(seq_length, r, cp_size)
+                               for r in range(cp_size)])
+    order = np.empty(seq_length, dtype=np.int64)
+    order[gathered] = np.arange(seq_length, dtype=np.int64)
+    return torch.from_numpy(order)
+
+
+def sequence_to_gathered_order(seq_length: int, cp_size: int) -> torch.Tensor:
+    """Inverse of gathered_to_sequence_order: gathered[i] = sequence[p[i]]."""
+    return torch.from_numpy(np.concatenate([rank_token_indices(seq_length, r, cp_size)
+                                            for r in range(cp_size)]))
+
+
+def validate_context_parallel(cp_size: int, algorithm: str, *, seq_length: int | None = None,
+                              num_attention_heads: int | None = None,
+                              num_query_groups: int | None = None,
+                              tensor_parallel: int = 1) -> None:
+    """Raise LayoutError naming the values and the fix when CP cannot run this configuration.
+
+    Called before any process group exists (from ParallelLayout.validate via the layout checker
+    and from the planner).
+    """
+    if algorithm not in CP_ALGORITHMS:
+        raise LayoutError(f"context-parallel algorithm {algorithm!r} is not one of "
+                          f"{CP_ALGORITHMS}")
+    if cp_size < 1:
+        raise LayoutError(f"context_parallel_size {cp_size} must be >= 1")
+    if seq_length is not None and cp_size > 1:
+        chunk_length(seq_length, cp_size)
+    if algorithm == "ulysses" and cp_size > 1 and num_attention_heads is not None:
+        local_heads = num_attention_heads // tensor_parallel
+        if local_heads % cp_size:
+            allowed = [c for c in range(1, local_heads + 1) if local_heads % c == 0]
+            raise LayoutError(
+                f"Ulysses context parallelism splits attention heads: the {local_heads} query "
+                f"heads per tensor-parallel rank (num_attention_heads {num_attention_heads} / "
+                f"tensor_parallel {tensor_parallel}) are not divisible by context_parallel_size "
+                f"{cp_size}; use context_parallel_size in {allowed} or --cp-algorithm all-gather")
+    # KV heads fewer than CP are repeated by Ulysses (ProLong repeats 8 -> 32), so
+    # num_query_groups does not bound CP; it only needs to divide the query heads (GQA).
+    del num_query_groups

@@ -1,0 +1,81 @@
+"""The context-parallel core attention that fills megatron-core's ``core_attention`` slot."""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from csrc.select import select_attention_backend, varlen_attention_function
+from engine.model.attention import causal_cu_seqlens
+from engine.parallel.context.all_gather import all_gather_kv_attention
+from engine.parallel.context.chunks import CP_ALGORITHMS
+from engine.parallel.context.ulysses import ulysses_attention
+
+
+class ContextParallelAttention(MegatronModule):
+    """Document-masked causal attention with the sequence split over the CP group.
+
+    Takes megatron's core-attention arguments for this rank's tokens: query [S/CP, b, heads, d],
+    key/value [S/CP, b, kv_heads, d] (rotated with the tokens' global positions), and
+    ``packed_seq_params`` whose cu_seqlens describe the *full* sequences (b x S tokens; every
+    CP rank holds the same, see engine.parallel.context.data). Returns [S/CP, b, heads * d].
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type=None,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None,
+                 algorithm: str = "all-gather", backend: str = "auto"):
+        super().__init__(config=config)
+        if algorithm not in ("all-gather", "ulysses"):
+            raise ValueError(f"ContextParallelAttention algorithm {algorithm!r} must be "
+                             "'all-gather' or 'ulysses'")
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale
+        self.algorithm = algorithm
+        self.requested_backend = backend
+        self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params: Optional[PackedSeqParams] = None):
+        group = self.cp_group or parallel_state.get_context_parallel_group()
+        local_len, batch = query.shape[:2]
+        seq_length = local_len * group.size()
+        if packed_seq_params is None:
+            cu_seqlens, max_seqlen = causal_cu_seqlens(batch, seq_length, query.device), seq_length
+        else:
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            max_seqlen = int(packed_seq_params.max_seqlen_q)
+        attend = varlen_attention_function(
+            select_attention_backend(self.requested_backend, query.device))
+        if self.algorithm == "all-gather":
+            return all_gather_kv_attention(query, key, value, cu_seqlens, group,
+                                           softmax_scale=self.softmax_scale, attend=attend)
+        return ulysses_attention(query, key, value, cu_seqlens, max_seqlen, group,
+                                 softmax_scale=self.softmax_scale, attend=attend)
+
+
+def context_parallel_attention_spec(algorithm: str, attention_backend: str = "auto"):
+    """The ``core_attention`` spec for ``algorithm`` (one of CP_ALGORITHMS).
+
+    "transformer-engine" is megatron's TEDotProductAttention (p2p ring by default), imported only
+    when asked for; it needs transformer-engine, a GPU, and THD-format packed sequences whose
+    documents are each divisible by 2 x CP, which this engine's data path does not produce, so it
+    is offered for comparison runs, not verified here.
+    """
+    if algorithm not in CP_ALGORITHMS:
+        raise ValueError(f"context-parallel algorithm {algorithm!r} is not one of {CP_ALGORITHMS}")
+    if algorithm == "transformer-engine":
+        from engine.model.specs import transformer_engine_available
+
+        if not transformer_engine_available():
+            raise RuntimeError("cp algorithm 'transformer-engine' needs transformer-engine "
+                               "(pip install 'transformer-engine[pytorch]'); use 'all-gather' "
+                               "or 'ulysses'")
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return ModuleSpec(module=TEDotProductAttention, params={"cp_comm_type": "p2p"})
+    return ModuleSpec(module=ContextParallelAttention,
+                      params={"algorithm": algorithm, "backend": attention_backend})
