@@ -109,6 +109,20 @@ def special_token_ids(tokenizer_dir: Optional[Path], hf_state: dict, vocab_size:
     return bos, eos
 
 
+def generation_config(imported: Optional[dict], bos, eos) -> dict:
+    """The imported model's generation settings with this export's bos/eos ids.
+
+    An imported eos list that already holds ``eos`` is kept: Llama-3-Instruct stops at
+    <|end_of_text|> or <|eot_id|> (128001, 128009).
+    """
+    generation = dict(imported or {})
+    generation["bos_token_id"] = bos
+    stops = generation.get("eos_token_id")
+    if not (isinstance(stops, list) and eos in stops):
+        generation["eos_token_id"] = eos
+    return generation
+
+
 def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
     if not tokenizer_dir.is_dir():
         raise ConversionError(f"--tokenizer {tokenizer_dir}: no such directory")
@@ -154,9 +168,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
         bos, eos = special_token_ids(tokenizer_dir, hf_state, config.vocab_size)
         hf_config = hf_config_from_llama(config, DTYPES[dtype], bos, eos)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = dict(hf_state.get("generation_config") or {})
-        generation.setdefault("bos_token_id", bos)
-        generation.setdefault("eos_token_id", eos)
+        generation = generation_config(hf_state.get("generation_config"), bos, eos)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for path in tokenizer_files:
             shutil.copyfile(path, tmp / path.name)
