@@ -165,16 +165,23 @@ class RotaryKernelSelfAttention(SelfAttention):
         return (self._rotate(query), self._rotate(key), *rest)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        from csrc.rope import apply_rope_cos_sin
+        return rotate_by_angles(x, self._rotary_angles, self.rope_impl)
 
-        # Angles [s, b, 1, rot] hold each frequency twice (megatron's rotate-half layout).
-        angles = self._rotary_angles
-        seq, batch, heads, dim = x.shape
-        half = angles.shape[-1] // 2
-        angles = angles[:, :, 0, :half].reshape(seq * batch, half)
-        rotated = apply_rope_cos_sin(x.reshape(seq * batch, heads, dim), angles.cos(),
-                                     angles.sin(), impl=self.rope_impl)
-        return rotated.view(seq, batch, heads, dim)
+
+def rotate_by_angles(x: torch.Tensor, angles: torch.Tensor, impl: str) -> torch.Tensor:
+    """RoPE with csrc.rope on x [s, b, heads, d] by megatron-layout angles [s, b, 1, rot].
+
+    megatron's angles hold each frequency twice (rotate-half layout); csrc.rope takes the
+    cos/sin of one copy per token, [s*b, rot/2].
+    """
+    from csrc.rope import apply_rope_cos_sin
+
+    seq, batch, heads, dim = x.shape
+    half = angles.shape[-1] // 2
+    angles = angles[:, :, 0, :half].reshape(seq * batch, half)
+    rotated = apply_rope_cos_sin(x.reshape(seq * batch, heads, dim), angles.cos(), angles.sin(),
+                                 impl=impl)
+    return rotated.view(seq, batch, heads, dim)
 
 
 class PerTokenRotaryEmbedding(torch.nn.Module):

@@ -12,8 +12,9 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from engine.model.attention import DocumentMaskedAttention, LlamaGPTModel
+from engine.model.attention import LlamaGPTModel
 from engine.model.config import LlamaConfig
+from engine.model.kernels import KernelChoices
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from engine.model.sharding import (
@@ -23,7 +24,12 @@ from engine.model.sharding import (
     shard_for_rank,
     tensor_parallel_dim,
 )
-from engine.model.specs import llama_block_spec, transformer_engine_available
+from engine.model.specs import (
+    core_attention_spec,
+    llama_block_spec,
+    resolved_kernels,
+    transformer_engine_available,
+)
 from engine.parallel.layout import ParallelLayout
 
 
@@ -40,11 +46,12 @@ class TrainingPrecision:
 
 def transformer_config(model: LlamaConfig, layout: ParallelLayout,
                        precision: TrainingPrecision = TrainingPrecision(),
-                       recompute: Optional[str] = None, **overrides) -> TransformerConfig:
+                       recompute: Optional[str] = None,
+                       kernels: Optional[KernelChoices] = None, **overrides) -> TransformerConfig:
     """megatron-core TransformerConfig for Llama-3 on ``layout``.
 
     ``recompute``: None, "full" (every layer's activations recomputed in backward) or "selective"
-    (only the attention core).
+    (only the attention core). ``kernels``: pass the same choices to build_model_chunks.
     """
     on_cpu = not torch.cuda.is_available()
     fields = dict(
@@ -85,6 +92,8 @@ def transformer_config(model: LlamaConfig, layout: ParallelLayout,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # megatron's MLP calls a spec-supplied activation module (our SwiGLU) only under this flag.
+        use_te_activation_func=resolved_kernels(kernels).swiglu == "ours",
         deallocate_pipeline_outputs=not on_cpu,
     )
     if layout.virtual_stages > 1:
@@ -112,26 +121,32 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
 def build_model_chunks(model: LlamaConfig, config: TransformerConfig, seed: int = 1234,
                        attention_backend: str = "auto", core_attention=None,
                        use_transformer_engine: Optional[bool] = None,
-                       cp_algorithm: str = "all-gather") -> list[LlamaGPTModel]:
+                       kernels: Optional[KernelChoices] = None) -> list[LlamaGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialized canonically.
 
     The full weights are a function of ``seed`` alone, whatever the layout, so runs under
     different layouts can be compared weight for weight. ``core_attention`` (a module or
-    ModuleSpec) replaces the document-masked attention, e.g. for context parallelism. With
-    context_parallel_size > 1 and no ``core_attention``, the context-parallel attention
-    ``cp_algorithm`` (engine.parallel.context) fills the slot.
+    ModuleSpec) replaces the document-masked attention, e.g. for context parallelism.
+    ``kernels`` picks each kernel (default all "auto"); ``attention_backend`` is the older
+    spelling of ``kernels.attention`` and is used when ``kernels`` is None.
     """
+    if kernels is None:
+        kernels = KernelChoices(attention=attention_backend)
+    elif attention_backend not in ("auto", kernels.attention):
+        raise ValueError(f"attention_backend={attention_backend!r} contradicts kernels.attention="
+                         f"{kernels.attention!r}; pass only kernels")
+    kernels = resolved_kernels(kernels)
+    if config.use_te_activation_func != (kernels.swiglu == "ours"):
+        raise ValueError(
+            f"config.use_te_activation_func={config.use_te_activation_func} but swiglu="
+            f"{kernels.swiglu!r}; build the config with transformer_config(..., kernels=...) "
+            "using the same kernels as build_model_chunks")
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available() and torch.cuda.is_available()
-    if core_attention is None and config.context_parallel_size > 1:
-        from engine.parallel.context.module import context_parallel_attention_spec
-
-        core_attention = context_parallel_attention_spec(cp_algorithm, attention_backend)
     if core_attention is None:
-        core_attention = ModuleSpec(module=DocumentMaskedAttention,
-                                    params={"backend": attention_backend})
+        core_attention = core_attention_spec(kernels.attention)
     layer_kwargs = {"use_transformer_engine": use_transformer_engine,
-                    "core_attention": core_attention}
+                    "core_attention": core_attention, "kernels": kernels}
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -150,6 +165,7 @@ def build_model_chunks(model: LlamaConfig, config: TransformerConfig, seed: int 
             position_embedding_type="rope",
             rotary_base=model.rope_base,
             vp_stage=stage,
+            cross_entropy=kernels.cross_entropy,
         )
         initialize_canonically(chunk, model, seed)
         chunks.append(chunk)

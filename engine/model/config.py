@@ -67,6 +67,12 @@ MODEL_CONFIGS: dict[str, LlamaConfig] = {
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=128, vocab_size=512, max_position_embeddings=4096,
     ),
+    # Test size for our Triton attention, which takes head dim 64 or 128 (tests run it on CPU
+    # through the Triton interpreter, so it is as small as that allows).
+    "tiny-hd64": LlamaConfig(
+        num_layers=2, hidden_size=128, num_attention_heads=2, num_query_groups=1,
+        ffn_hidden_size=128, vocab_size=256, max_position_embeddings=4096,
+    ),
     # Quickstart size for the real Llama-3 tokenizer: big enough that the loss visibly falls.
     "tiny-llama3-vocab": LlamaConfig(
         num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
