@@ -121,14 +121,17 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
 def build_model_chunks(model: LlamaConfig, config: TransformerConfig, seed: int = 1234,
                        attention_backend: str = "auto", core_attention=None,
                        use_transformer_engine: Optional[bool] = None,
-                       kernels: Optional[KernelChoices] = None) -> list[LlamaGPTModel]:
+                       kernels: Optional[KernelChoices] = None,
+                       cp_algorithm: str = "all-gather") -> list[LlamaGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialized canonically.
 
     The full weights are a function of ``seed`` alone, whatever the layout, so runs under
     different layouts can be compared weight for weight. ``core_attention`` (a module or
     ModuleSpec) replaces the document-masked attention, e.g. for context parallelism.
     ``kernels`` picks each kernel (default all "auto"); ``attention_backend`` is the older
-    spelling of ``kernels.attention`` and is used when ``kernels`` is None.
+    spelling of ``kernels.attention`` and is used when ``kernels`` is None. With
+    context_parallel_size > 1 and no ``core_attention``, the context-parallel attention
+    ``cp_algorithm`` (engine.parallel.context) fills the slot.
     """
     if kernels is None:
         kernels = KernelChoices(attention=attention_backend)
@@ -143,6 +146,10 @@ def build_model_chunks(model: LlamaConfig, config: TransformerConfig, seed: int 
             "using the same kernels as build_model_chunks")
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available() and torch.cuda.is_available()
+    if core_attention is None and config.context_parallel_size > 1:
+        from engine.parallel.context.module import context_parallel_attention_spec
+
+        core_attention = context_parallel_attention_spec(cp_algorithm, kernels.attention)
     if core_attention is None:
         core_attention = core_attention_spec(kernels.attention)
     layer_kwargs = {"use_transformer_engine": use_transformer_engine,

@@ -5,6 +5,8 @@ Run once in the single-process layout and once in the layout under test, then co
     torchrun --nproc-per-node 1 -m engine.parallel.layout_check --out /tmp/ref
     torchrun --nproc-per-node 8 -m engine.parallel.layout_check --tp 2 --pp 2 --sp \\
         --distributed-optimizer --out /tmp/tp2pp2dp2
+    torchrun --nproc-per-node 4 -m engine.parallel.layout_check --cp 4 --cp-algorithm ulysses \\
+        --seq-length 64 --out /tmp/cp4   # compare with a reference run at --seq-length 64
     python -m engine.parallel.layout_check --compare /tmp/ref /tmp/tp2pp2dp2
 
 ``--kernels`` picks the model's kernels (engine.model.kernels), e.g. ``--kernels all=ours`` against
@@ -51,32 +53,39 @@ def synthetic_global_batch(vocab_size: int, global_batch: int, seq_length: int, 
 
 
 def _run(args) -> None:
-    from megatron.core import parallel_state
-
-    from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
     from engine.model.config import get_model_config
-    from engine.model.sharding import canonical_named_parameters
     from engine.parallel.layout import ParallelLayout
-    from engine.parallel.setup import destroy_parallel, initialize_parallel
-    from engine.training.data import build_micro_batch
-    from engine.training.step import OptimizerSettings, build_optimizer, train_step
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = ParallelLayout.for_world_size(
         world_size, tensor_parallel=args.tp, pipeline_parallel=args.pp,
         virtual_stages=args.vpp, sequence_parallel=args.sp,
-        distributed_optimizer=args.distributed_optimizer)
+        distributed_optimizer=args.distributed_optimizer, context_parallel=args.cp,
+        context_parallel_algorithm=args.cp_algorithm)
     model = get_model_config(args.model)
     per_rank = args.global_batch // layout.data_parallel
     if args.global_batch % (layout.data_parallel * args.micro_batch):
         raise SystemExit(f"global batch {args.global_batch} is not divisible by DP x micro batch "
                          f"= {layout.data_parallel} x {args.micro_batch}")
     num_microbatches = per_rank // args.micro_batch
+    # The sequence split is checked here, before any process group exists.
+    layout.validate(model, world_size=world_size, num_microbatches=num_microbatches,
+                    seq_length=args.seq_length)
+    # megatron is imported only for a layout that can run (its import takes seconds per rank).
+    from megatron.core import parallel_state
+
+    from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
+    from engine.model.sharding import canonical_named_parameters
+    from engine.parallel.context.data import slice_micro_batch
+    from engine.parallel.setup import destroy_parallel, initialize_parallel
+    from engine.training.data import build_micro_batch
+    from engine.training.step import OptimizerSettings, build_optimizer, train_step
+
     initialize_parallel(layout, model, num_microbatches=num_microbatches, seed=args.seed,
                         timeout_s=args.timeout)
     config = transformer_config(model, layout, kernels=args.kernels)
-    chunks = wrap_data_parallel(build_model_chunks(model, config, seed=args.seed,
-                                                   kernels=args.kernels), config,
+    chunks = wrap_data_parallel(build_model_chunks(
+        model, config, seed=args.seed, cp_algorithm=args.cp_algorithm, kernels=args.kernels), config,
                                 layout.distributed_optimizer)
     optimizer, scheduler = build_optimizer(
         chunks, OptimizerSettings(lr=args.lr, warmup_steps=0, decay_steps=args.steps * 2),
@@ -85,12 +94,15 @@ def _run(args) -> None:
     tokens, doc_lengths, token_masks = synthetic_global_batch(
         model.vocab_size, args.global_batch, args.seq_length, args.seed)
     dp_rank = parallel_state.get_data_parallel_rank()
+    cp_rank = parallel_state.get_context_parallel_rank()
     micro_batches = []
     for start in range(dp_rank * per_rank, (dp_rank + 1) * per_rank, args.micro_batch):
         rows = range(start, start + args.micro_batch)
-        micro_batches.append(build_micro_batch(
+        full = build_micro_batch(
             [tokens[r] for r in rows], [doc_lengths[r] for r in rows],
-            [token_masks[r] for r in rows], position_mode=args.positions))
+            [token_masks[r] for r in rows], position_mode=args.positions)
+        # Each context-parallel rank keeps its load-balanced chunks (and the global positions).
+        micro_batches.append(slice_micro_batch(full, cp_rank, layout.context_parallel))
     history = []
     for step in range(args.steps):
         result = train_step(chunks, optimizer, scheduler, micro_batches, num_microbatches,
@@ -108,7 +120,7 @@ def _run(args) -> None:
     rank = torch.distributed.get_rank()
     torch.save({"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                 "tp_size": layout.tensor_parallel, "dp_rank": dp_rank,
-                "cp_rank": parallel_state.get_context_parallel_rank(), "shards": shards},
+                "cp_rank": cp_rank, "shards": shards},
                out / f"weights_rank{rank}.pt")
     if rank == 0:
         (out / "steps.json").write_text(json.dumps(
@@ -187,6 +199,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vpp", type=int, default=1, help="virtual stages per pipeline rank")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs TP > 1)")
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--cp", type=int, default=1,
+                        help="context-parallel size (seq-length must divide by 2 x cp)")
+    parser.add_argument("--cp-algorithm", choices=("all-gather", "ulysses", "transformer-engine"),
+                        default="all-gather", help="how attention crosses the CP group")
     parser.add_argument("--kernels", default="",
                         help="kernel choices, e.g. 'all=ours' or 'attention=torch,rope=ours' "
                              "(engine.model.kernels.KernelChoices.parse; default all auto)")

@@ -6,6 +6,7 @@ data-parallel ranks and divides the gradients by it in finalize_model_grads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Iterator, Optional
@@ -144,12 +145,21 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: Iterable[Micro
         forward_only=False,
     )
     lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
+    loss_sum, num_tokens = _reduce_losses(losses)
+    loss = loss_sum / max(num_tokens, 1.0)
+    if not math.isfinite(loss):
+        # The gradients hold NaN/Inf too: drop them and leave weights, optimizer and schedule
+        # untouched. Every rank sees the same reduced loss, so all skip together.
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        return StepResult(loss=loss, num_tokens=int(num_tokens), grad_norm=float("nan"),
+                          lr=lr, skipped=True)
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
-    loss_sum, num_tokens = _reduce_losses(losses)
     return StepResult(
-        loss=loss_sum / max(num_tokens, 1.0),
+        loss=loss,
         num_tokens=int(num_tokens),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         lr=lr,
