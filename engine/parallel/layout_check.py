@@ -32,12 +32,15 @@ import torch
 DEFAULT_TOLERANCE = 1e-5
 
 
-def synthetic_global_batch(vocab_size: int, global_batch: int, seq_length: int, seed: int):
+def synthetic_global_batch(vocab_size: int, global_batch: int, seq_length: int, seed: int,
+                           masked_prompt_tokens: int = 0):
     """Packed sequences: tokens [G, S], per-sequence document lengths, and token masks.
 
     Sequence i holds 1 + i % 4 documents (some of length 1) and masks the targets of its last
     i * S / (2G) tokens, so micro-batches carry different numbers of valid tokens: the
-    token-averaged loss must weight them by those counts, not equally.
+    token-averaged loss must weight them by those counts, not equally. With
+    ``masked_prompt_tokens`` N, the targets of positions 0..N-1 do not count either (an SFT
+    prompt): under context parallelism whole ranks can then hold no valid token.
     """
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (global_batch, seq_length), generator=generator).numpy()
@@ -48,6 +51,8 @@ def synthetic_global_batch(vocab_size: int, global_batch: int, seq_length: int, 
         doc_lengths.append(np.diff(bounds).astype(np.int32))
         mask = np.ones(seq_length, dtype=np.float32)
         mask[seq_length - i * (seq_length // (2 * global_batch)):] = 0
+        # token_mask[t] says whether predicting token t counts; position p predicts p + 1.
+        mask[1:masked_prompt_tokens + 1] = 0
         token_masks.append(mask)
     return tokens, doc_lengths, token_masks
 
@@ -92,7 +97,8 @@ def _run(args) -> None:
         bf16=False, distributed_optimizer=layout.distributed_optimizer)
 
     tokens, doc_lengths, token_masks = synthetic_global_batch(
-        model.vocab_size, args.global_batch, args.seq_length, args.seed)
+        model.vocab_size, args.global_batch, args.seq_length, args.seed,
+        masked_prompt_tokens=args.masked_prompt_tokens)
     dp_rank = parallel_state.get_data_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()
     micro_batches = []
@@ -210,6 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=32)
+    parser.add_argument("--masked-prompt-tokens", type=int, default=0, metavar="N",
+                        help="targets of every sequence's first N positions do not count")
     parser.add_argument("--positions", choices=("continuous", "document"), default="continuous",
                         help="RoPE positions across packed documents")
     # 1e-4 moves the smallest-init weights (std 0.02/sqrt(2 x layers)) ~1% a step. Much larger
