@@ -239,7 +239,7 @@ def train(config: TrainConfig) -> int:
             micro_batches, doc_lengths = rank_micro_batches(
                 source, config, step, layout, dp_rank, num_microbatches)
             if step in config.inject_nan_steps:
-                micro_batches[0].loss_mask = micro_batches[0].loss_mask * float("nan")
+                micro_batches[0].inject_nan = True
             result = train_step(chunks, optimizer, scheduler, micro_batches, num_microbatches,
                                 seq_length, config.data.micro_batch)
             elapsed = time.perf_counter() - started

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +18,25 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML that reads 8e6 and 1.28e8 as numbers (YAML 1.1 wants 8.0e+6: RoPE bases written
+    the natural way would otherwise arrive as strings)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[0-9][0-9_]*[eE][-+]?[0-9]+
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 @dataclass
@@ -102,7 +122,7 @@ class TrainConfig:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -129,7 +149,7 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> TrainConfig:
         if not file.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = _load_yaml(file.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(data, dict):

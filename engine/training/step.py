@@ -36,6 +36,8 @@ class MicroBatch:
     # means one document per sequence.
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: int = 0
+    # Fault injection for tests: this micro-batch's loss becomes NaN, as after a divergence.
+    inject_nan: bool = False
 
     def packed_seq_params(self) -> Optional[PackedSeqParams]:
         if self.cu_seqlens is None:
@@ -96,7 +98,7 @@ def build_optimizer(model_chunks, settings: OptimizerSettings, *, bf16: bool,
     return optimizer, scheduler
 
 
-def _token_loss(loss_mask: torch.Tensor, output):
+def _token_loss(loss_mask: torch.Tensor, inject_nan: bool, output):
     if isinstance(output, SummedTokenLoss):
         # The fused output layer + cross-entropy already summed over the loss mask.
         loss_sum, count = output.loss_sum.float(), output.num_tokens.float()
@@ -104,6 +106,8 @@ def _token_loss(loss_mask: torch.Tensor, output):
         mask = loss_mask.reshape(-1).float()
         loss_sum = (output.float().reshape(-1) * mask).sum()
         count = mask.sum()
+    if inject_nan:  # as after a divergence: loss and every gradient non-finite
+        loss_sum = loss_sum * float("nan")
     return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
 
 
@@ -112,7 +116,7 @@ def _forward_step(data_iterator: Iterator[MicroBatch], model):
     # Per-token losses [b, s], or SummedTokenLoss when kernels.cross_entropy is "fused".
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
                    loss_mask=batch.loss_mask, packed_seq_params=batch.packed_seq_params())
-    return output, partial(_token_loss, batch.loss_mask)
+    return output, partial(_token_loss, batch.loss_mask, batch.inject_nan)
 
 
 @dataclass

@@ -176,3 +176,25 @@ def test_next_stage_starts_from_checkpoint_with_new_rope_base_and_schedule(
     assert second[1]["lr"] == pytest.approx(2.5e-4)
     # Trained weights were loaded: the new run starts well below the untrained loss.
     assert second[1]["loss"] < first[1]["loss"] - 0.05
+
+
+def test_checkpoint_resumes_in_another_layout(packed_tiny_dataset, train_config, tmp_path):
+    """Saved under TP2 (with the distributed optimizer over DP1), resumed under PP2: the next
+    step's loss and grad norm match the run that stayed in TP2."""
+    import shutil
+
+    tp2 = tmp_path / "tp2"
+    torchrun("engine.train", 2, train_args(train_config, packed_tiny_dataset, tp2,
+                                           "parallel.tensor_parallel=2", "train_steps=3",
+                                           "checkpoint.save_interval=2", "checkpoint.keep_last=3"))
+    pp2 = tmp_path / "pp2"
+    pp2.mkdir()
+    shutil.copytree(tp2 / "step_00000002", pp2 / "step_00000002")
+    (pp2 / "latest").write_text("step_00000002\n")
+    result = torchrun("engine.train", 2, train_args(train_config, packed_tiny_dataset, pp2,
+                                                    "parallel.pipeline_parallel=2",
+                                                    "train_steps=3"))
+    assert "resumed from" in result.stdout
+    expected, resumed = metrics(tp2)[3], metrics(pp2)[3]
+    assert resumed["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert resumed["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)

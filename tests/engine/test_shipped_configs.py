@@ -1,0 +1,38 @@
+"""The shipped ProLong stage configs parse, fit their layouts and carry the published numbers."""
+from pathlib import Path
+
+import pytest
+
+from engine.model.config import get_model_config
+from engine.parallel.layout import ParallelLayout
+from engine.training.config import load_config
+from tests.distributed import REPO
+
+CONFIGS = REPO / "engine" / "configs"
+
+
+@pytest.mark.parametrize("name, world_size, rope_base, seq_length, tokens", [
+    ("prolong-stage1-64k", 64, 8e6, 65_536, 20e9),
+    ("prolong-stage2-512k", 128, 1.28e8, 524_288, 20e9),
+    ("prolong-sft", 64, 1.28e8, 65_536, 1e9),
+])
+def test_prolong_stage_configs(name, world_size, rope_base, seq_length, tokens):
+    config = load_config([str(CONFIGS / f"{name}.yaml")])
+    model = get_model_config(config.model.name, **config.model.overrides)
+    assert model.rope_base == rope_base
+    p = config.parallel
+    layout = ParallelLayout.for_world_size(
+        world_size, tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
+        context_parallel=p.context_parallel, sequence_parallel=p.sequence_parallel,
+        distributed_optimizer=p.distributed_optimizer)
+    layout.validate(model, world_size=world_size)
+    trained = config.train_steps * config.data.global_batch * seq_length
+    assert trained == pytest.approx(tokens, rel=0.05)
+    assert config.optimizer.weight_decay == 0.1 and config.optimizer.clip_grad == 1.0
+    assert config.recompute == "full" and config.bf16
+
+
+def test_quickstart_configs_parse():
+    for path in sorted((REPO / "examples" / "quickstart").glob("train-*.yaml")):
+        config = load_config([str(path)])
+        assert config.parallel.tensor_parallel * config.parallel.pipeline_parallel == 4
