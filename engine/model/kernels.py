@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 
 from csrc.select import ATTENTION_BACKENDS, select_attention_backend
 from csrc.triton_support import triton_importable, triton_interpreting
@@ -142,16 +143,17 @@ class SummedTokenLoss(NamedTuple):
     num_tokens: torch.Tensor
 
 
-class SwiGLU(torch.nn.Module):
+class SwiGLU(MegatronModule):
     """megatron MLP activation module: silu(gate) * up on fc1's output [gate; up] (csrc.swiglu).
 
     megatron's MLP hands a module activation the whole fc1 output only when
     ``config.use_te_activation_func`` is set (named after TE, but it is the spec slot for any
-    activation module); transformer_config sets it when swiglu is ours.
+    activation module); transformer_config sets it when swiglu is ours. A MegatronModule because
+    the MLP asks every child for its (here empty) sharded_state_dict when checkpointing.
     """
 
-    def __init__(self, config=None, impl: str = "triton"):
-        super().__init__()
+    def __init__(self, config, impl: str = "triton"):
+        super().__init__(config=config)
         self.impl = impl
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:

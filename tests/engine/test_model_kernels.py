@@ -151,6 +151,23 @@ def test_rope_in_self_attention_matches_megatrons_rope():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_swiglu_activation_module_matches_megatrons_gated_silu_and_checkpoints():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from engine.model.kernels import SwiGLU
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+    activation = SwiGLU(config, impl="reference")
+    gate_up = torch.randn(5, 2, 12, dtype=torch.float64)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(activation(gate_up), torch.nn.functional.silu(gate) * up)
+    # megatron's MLP calls every child's sharded_state_dict when checkpointing (it needs the
+    # parallel groups, so it is not called here); a MegatronModule has one, and no parameters.
+    from megatron.core.transformer.module import MegatronModule
+
+    assert isinstance(activation, MegatronModule) and not list(activation.parameters())
+
+
 def test_flash_attn_backend_wiring_with_a_stand_in(monkeypatch):
     """flash-attn needs a GPU; a stand-in with its varlen signature (computing with our
     reference) checks the layout conversion and arguments DocumentMaskedAttention passes."""
