@@ -221,6 +221,11 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     """
     path = Path(path)
     state = check_compatible(path, model_config) if model_config else read_checkpoint_state(path)
+    if optimizer is not None and state.get("weights_only"):
+        raise CheckpointError(
+            f"{path} holds weights only, no optimizer state (e.g. imported from Hugging Face): "
+            f"load it with optimizer=None (engine.train: checkpoint.init_load_optimizer: false) "
+            f"and start a fresh optimizer")
     sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
     for chunk, chunk_state in zip(model_chunks, loaded["model"].values()):

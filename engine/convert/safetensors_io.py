@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -103,7 +102,8 @@ class ShardedSafetensorsWriter:
         data = tensor.detach().to(self.dtype).contiguous()
         if tuple(data.shape) != self._shapes[name]:
             raise AssertionError(f"{name}: shape {tuple(data.shape)}, planned {self._shapes[name]}")
-        self._file.write(data.view(torch.uint8).reshape(-1).numpy().tobytes())
+        # The array's buffer is written directly: no bytes copy of a large tensor.
+        self._file.write(data.view(torch.uint8).reshape(-1).numpy())
         self._next += 1
 
     def _open(self, shard_index: int) -> None:
@@ -161,21 +161,17 @@ class HFWeightReader:
                 f"{self.folder / missing[0]}: shard named in {INDEX_FILE} is missing"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + "; download the complete model folder")
-        self._stack = ExitStack()
         self._location: dict[str, str] = {}
-        self._handles = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for name in files:
             try:
-                handle = self._stack.enter_context(
-                    safe_open(str(self.folder / name), framework="pt"))
+                with safe_open(str(self.folder / name), framework="pt") as handle:
+                    for key in handle.keys():
+                        self._location[key] = name
+                        self.shapes[key] = tuple(handle.get_slice(key).get_shape())
             except Exception as error:  # safetensors raises its own error types
                 raise ConversionError(f"{self.folder / name}: unreadable safetensors file "
                                       f"({error}); re-download it") from None
-            self._handles[name] = handle
-            for key in handle.keys():
-                self._location[key] = name
-                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
         if weight_map is not None:
             for key, name in weight_map.items():
                 if self._location.get(key) != name:
@@ -183,10 +179,15 @@ class HFWeightReader:
                                           f"but it does not; the folder is inconsistent")
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._location[name]].get_tensor(name)
+        """One tensor, copied out of its memory-mapped file; the mapping is closed again so the
+        pages it touched do not stay resident for the rest of the conversion."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self._location[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def file_of(self, name: str) -> Optional[str]:
         return self._location.get(name)
 
     def close(self) -> None:
-        self._stack.close()
+        pass  # no file stays open between reads

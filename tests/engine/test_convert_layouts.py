@@ -73,7 +73,8 @@ def _train_from_imported(args) -> None:
     """Weights only from the imported checkpoint, fresh optimizer, one step, save."""
     from megatron.core import parallel_state
 
-    from engine.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
+    from engine.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_state,
+                                   save_checkpoint)
     from engine.convert.export import model_config_from_state, resolve_checkpoint
     from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
     from engine.parallel.layout import ParallelLayout
@@ -88,6 +89,11 @@ def _train_from_imported(args) -> None:
     initialize_parallel(layout, model, num_microbatches=per_rank, seed=SEED, timeout_s=120)
     config = transformer_config(model, layout)
     chunks = build_model_chunks(model, config, seed=SEED)
+    try:  # asking for optimizer state that an import does not have fails with the fix
+        load_checkpoint(source, chunks, optimizer=object(), model_config=model)
+        raise AssertionError("loading optimizer state from an imported checkpoint succeeded")
+    except CheckpointError as error:
+        assert "optimizer=None" in str(error)
     state = load_checkpoint(source, chunks, optimizer=None, model_config=model, load_rng=False)
     assert state["step"] == 0 and state["weights_only"]
     chunks = wrap_data_parallel(chunks, config, distributed_optimizer=False)
