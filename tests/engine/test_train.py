@@ -84,7 +84,10 @@ def test_nan_steps_are_skipped_then_the_run_stops(packed_tiny_dataset, train_con
                                            "train_steps=4", "inject_nan_steps=[1]"))
     rows = metrics(ok)
     assert rows[2]["skipped"] and rows[2]["loss"] != rows[2]["loss"]  # NaN, logged
-    assert not rows[3]["skipped"] and rows[4]["loss"] < rows[1]["loss"]
+    # Training went on with finite losses and gradients: the NaN never reached the weights.
+    for step in (3, 4):
+        assert not rows[step]["skipped"]
+        assert rows[step]["loss"] == rows[step]["loss"] and rows[step]["grad_norm"] < 100
 
     # The skipped step did not advance the schedule: step 3 runs at step 2's learning rate.
     assert rows[3]["lr"] == rows[2]["lr"] < rows[1]["lr"]
