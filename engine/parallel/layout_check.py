@@ -239,8 +239,8 @@ def main(argv=None) -> int:
     from engine.model.kernels import KernelChoices, default_device
 
     try:
-        args.kernels = KernelChoices.parse(args.kernels)
-        args.kernels.resolve(default_device())
+        # Resolved here, so steps.json records the kernels that ran rather than "auto".
+        args.kernels = KernelChoices.parse(args.kernels).resolve(default_device())
     except ValueError as error:
         parser.error(str(error))
     _run(args)

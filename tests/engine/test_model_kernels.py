@@ -244,7 +244,12 @@ def test_training_with_our_kernels_matches_reference(name, reference_runs, tmp_p
     torchrun("engine.parallel.layout_check", nproc,
              ["--model", model, *RUN, *flags, "--out", str(tmp_path)], **TRITON_ENV)
     record = json.loads((tmp_path / "steps.json").read_text())
-    assert record["kernels"] == KernelChoices.parse(flags[-1]).describe()
+    # The record names the kernels that ran ("auto" resolved as in the run's environment).
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in TRITON_ENV.items():
+            env.setenv(key, value)
+        ran = KernelChoices.parse(flags[-1]).resolve("cuda" if torch.cuda.is_available() else "cpu")
+    assert record["kernels"] == ran.describe()
     errors = compare_runs(reference_runs(model), tmp_path)
     assert errors["num_tokens"] == 0
     for key in ("loss", "grad_norm", "weights"):
