@@ -80,30 +80,42 @@ class SampleSource:
 
 
 def rank_micro_batches(source: SampleSource, config: TrainConfig, step: int, layout,
-                       dp_rank: int, num_microbatches: int):
-    """This DP rank's micro-batches of global batch ``step`` and the batch's doc lengths."""
+                       dp_rank: int, cp_rank: int, num_microbatches: int):
+    """This rank's micro-batches of global batch ``step`` and the batch's doc lengths.
+
+    Under context parallelism a rank reads only its own chunks of each sequence.
+    """
+    from engine.parallel.context.data import context_parallel_micro_batch, sequence_document_lengths
     from engine.training.data import attention_cost, balance_global_batch, build_micro_batch
 
     d = config.data
-    indices = [step * d.global_batch + j for j in range(d.global_batch)]
-    samples = [source.sample(i) for i in indices]
-    if d.balance_attention:
-        slots = balance_global_batch([attention_cost(s.doc_lengths) for s in samples],
-                                     layout.data_parallel, num_microbatches, d.micro_batch)
-        mine = slots[dp_rank]
+    indices = [(step * d.global_batch + j) % source.num_samples for j in range(d.global_batch)]
+    cp = layout.context_parallel
+    if cp > 1:  # one sample = one whole packed sequence (checked in validation)
+        doc_lengths = [sequence_document_lengths(source.dataset, i) for i in indices]
     else:
-        per_rank = num_microbatches * d.micro_batch
-        base = dp_rank * per_rank
+        samples = [source.sample(i) for i in indices]
+        doc_lengths = [s.doc_lengths for s in samples]
+    if d.balance_attention:
+        mine = balance_global_batch([attention_cost(lengths) for lengths in doc_lengths],
+                                    layout.data_parallel, num_microbatches, d.micro_batch)[dp_rank]
+    else:
+        base = dp_rank * num_microbatches * d.micro_batch
         mine = [list(range(base + m * d.micro_batch, base + (m + 1) * d.micro_batch))
                 for m in range(num_microbatches)]
     micro_batches = []
     for group in mine:
+        if cp > 1:
+            micro_batches.append(context_parallel_micro_batch(
+                source.dataset, [indices[i] for i in group], cp_rank, cp,
+                position_mode=d.position_mode, mask_cross_document=d.mask_cross_document))
+            continue
         chosen = [samples[i] for i in group]
         micro_batches.append(build_micro_batch(
             [s.tokens for s in chosen], [s.doc_lengths for s in chosen],
             [None if s.loss_mask is None else s.loss_mask.astype(np.float32) for s in chosen],
             position_mode=d.position_mode, mask_cross_document=d.mask_cross_document))
-    return micro_batches, [s.doc_lengths for s in samples]
+    return micro_batches, doc_lengths
 
 
 class MetricsLogger:
@@ -174,11 +186,13 @@ def train(config: TrainConfig) -> int:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Every check that needs no process group, first.
-    model, layout, seq_length, num_microbatches = validate_config(config, world_size)
+    model, layout, seq_length, num_microbatches, kernels = validate_config(config, world_size)
     source = SampleSource(config.data.path, seq_length)
-    if layout.context_parallel > 1:
-        raise ConfigError("context_parallel > 1 is not wired into engine.train yet; use the "
-                          "layout checker (engine.parallel.layout_check) for CP runs")
+    if layout.context_parallel > 1 and source.pieces != 1:
+        raise ConfigError(
+            f"data.seq_length {seq_length} is below the packing length "
+            f"{source.dataset.seq_length} of {config.data.path}; with context_parallel > 1 train "
+            f"at the packing length (repack the data at {seq_length} tokens)")
 
     stop_requested = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.__setitem__("flag", True))
@@ -196,10 +210,10 @@ def train(config: TrainConfig) -> int:
         (log_dir / "config.yaml").write_text(resolved)
 
     tconfig = transformer_config(model, layout, TrainingPrecision(bf16=bf16),
-                                 recompute=config.recompute)
+                                 recompute=config.recompute, kernels=kernels)
     chunks = wrap_data_parallel(
-        build_model_chunks(model, tconfig, seed=config.seed,
-                           attention_backend=config.attention_backend),
+        build_model_chunks(model, tconfig, seed=config.seed, kernels=kernels,
+                           cp_algorithm=config.parallel.cp_algorithm),
         tconfig, layout.distributed_optimizer)
     o = config.optimizer
     optimizer, scheduler = build_optimizer(
@@ -230,6 +244,7 @@ def train(config: TrainConfig) -> int:
                 f"{config.checkpoint.init_load_optimizer}); new RoPE base {model.rope_base:g}")
 
     dp_rank = parallel_state.get_data_parallel_rank()
+    cp_rank = parallel_state.get_context_parallel_rank()
     logger = MetricsLogger(log_dir, config.train_steps, config.logging.tensorboard)
     consecutive_nan = 0
     step = start_step
@@ -237,7 +252,7 @@ def train(config: TrainConfig) -> int:
         while step < config.train_steps:
             started = time.perf_counter()
             micro_batches, doc_lengths = rank_micro_batches(
-                source, config, step, layout, dp_rank, num_microbatches)
+                source, config, step, layout, dp_rank, cp_rank, num_microbatches)
             if step in config.inject_nan_steps:
                 micro_batches[0].inject_nan = True
             result = train_step(chunks, optimizer, scheduler, micro_batches, num_microbatches,

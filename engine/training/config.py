@@ -110,7 +110,9 @@ class TrainConfig:
     seed: int = 1234
     bf16: Optional[bool] = None  # default: bf16 on GPU, fp32 on CPU
     recompute: Optional[str] = None  # None | "selective" | "full"
-    attention_backend: str = "auto"
+    # Kernel per model part (engine.model.kernels.KernelChoices): attention, rmsnorm, rope,
+    # swiglu, cross_entropy; "auto" = ours on GPU, the PyTorch references on CPU.
+    kernels: dict = field(default_factory=dict)
     max_consecutive_nan_steps: int = 3
     collective_timeout_s: float = 600.0
     # Test hook: poison the loss of these steps with NaN (exercises the skip logic).
@@ -214,9 +216,18 @@ def validate_config(config: TrainConfig, world_size: int):
                           f"micro_batch = {layout.data_parallel} x {d.micro_batch}")
     num_microbatches = d.global_batch // per_step
     layout.validate(model, world_size=world_size, num_microbatches=num_microbatches)
-    if seq_length % (2 * layout.context_parallel) and layout.context_parallel > 1:
-        raise ConfigError(f"data.seq_length {seq_length} is not divisible by 2 x "
-                          f"context_parallel = {2 * layout.context_parallel}")
+    from engine.model.kernels import KernelChoices, default_device
+    from engine.parallel.context.chunks import validate_context_parallel
+
+    if layout.context_parallel > 1:
+        validate_context_parallel(layout.context_parallel, p.cp_algorithm, seq_length=seq_length,
+                                  num_attention_heads=model.num_attention_heads,
+                                  num_query_groups=model.num_query_groups,
+                                  tensor_parallel=layout.tensor_parallel)
+    try:
+        kernels = KernelChoices(**config.kernels).resolve(default_device())
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"kernels: {error}") from None
     if config.recompute not in (None, "selective", "full"):
         raise ConfigError(f"recompute {config.recompute!r} must be null, 'selective' or 'full'")
     if not (0 <= config.optimizer.warmup_fraction < 1):
@@ -235,4 +246,4 @@ def validate_config(config: TrainConfig, world_size: int):
             check_compatible(resolved, model)
         except CheckpointError as error:
             raise ConfigError(f"checkpoint.init_from: {error}") from None
-    return model, layout, seq_length, num_microbatches
+    return model, layout, seq_length, num_microbatches, kernels

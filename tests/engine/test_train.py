@@ -201,3 +201,21 @@ def test_checkpoint_resumes_in_another_layout(packed_tiny_dataset, train_config,
     expected, resumed = metrics(tp2)[3], metrics(pp2)[3]
     assert resumed["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert resumed["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["all-gather", "ulysses"])
+def test_context_parallel_training_on_packed_data_matches_one_process(
+        algorithm, packed_tiny_dataset, train_config, tmp_path):
+    """CP2 reads only its chunks of each packed sequence and trains like the single process."""
+    single, cp2 = tmp_path / "single", tmp_path / "cp2"
+    torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, single,
+                                           "train_steps=2", "optimizer.lr=1e-4"))
+    torchrun("engine.train", 2, train_args(train_config, packed_tiny_dataset, cp2,
+                                           "train_steps=2", "optimizer.lr=1e-4",
+                                           "parallel.context_parallel=2",
+                                           f"parallel.cp_algorithm={algorithm}"))
+    expected, actual = metrics(single), metrics(cp2)
+    for step in (1, 2):
+        assert actual[step]["valid_tokens"] == expected[step]["valid_tokens"]
+        assert actual[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
+        assert actual[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-5)
