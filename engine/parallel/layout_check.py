@@ -88,7 +88,7 @@ def _run(args) -> None:
 
     initialize_parallel(layout, model, num_microbatches=num_microbatches, seed=args.seed,
                         timeout_s=args.timeout)
-    config = transformer_config(model, layout, kernels=args.kernels)
+    config = transformer_config(model, layout, kernels=args.kernels, recompute=args.recompute)
     chunks = wrap_data_parallel(build_model_chunks(
         model, config, seed=args.seed, cp_algorithm=args.cp_algorithm, kernels=args.kernels), config,
                                 layout.distributed_optimizer)
@@ -218,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-length", type=int, default=32)
     parser.add_argument("--masked-prompt-tokens", type=int, default=0, metavar="N",
                         help="targets of every sequence's first N positions do not count")
+    parser.add_argument("--recompute", choices=("selective", "full"), default=None,
+                        help="activation recompute (results must not change)")
     parser.add_argument("--positions", choices=("continuous", "document"), default="continuous",
                         help="RoPE positions across packed documents")
     # 1e-4 moves the smallest-init weights (std 0.02/sqrt(2 x layers)) ~1% a step. Much larger

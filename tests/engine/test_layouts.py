@@ -18,6 +18,8 @@ LAYOUTS = {
     "pp2": (2, ["--pp", "2"]),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"]),
     "dp2_distopt": (2, ["--distributed-optimizer"]),
+    "pp2_full_recompute": (2, ["--pp", "2", "--recompute", "full"]),
+    "tp2_selective_recompute": (2, ["--tp", "2", "--sp", "--recompute", "selective"]),
     "tp2_pp2_dp2": (8, ["--tp", "2", "--pp", "2", "--sp", "--distributed-optimizer"]),
 }
 

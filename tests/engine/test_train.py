@@ -219,3 +219,13 @@ def test_context_parallel_training_on_packed_data_matches_one_process(
         assert actual[step]["valid_tokens"] == expected[step]["valid_tokens"]
         assert actual[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
         assert actual[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-5)
+
+
+def test_gradients_average_over_tokens_not_micro_batches():
+    """Micro-batches with 30 and 5 valid tokens: the step's gradient is that of
+    sum(token losses) / 35, not the mean of the two micro-batch means."""
+    result = torchrun("tests.engine.token_average_worker", 1, [])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["reported_loss"] == pytest.approx(report["expected_loss"], rel=1e-6)
+    assert report["error_vs_token_average"] < 1e-6
+    assert report["error_vs_microbatch_average"] > 0.05
