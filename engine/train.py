@@ -182,7 +182,7 @@ def train(config: TrainConfig) -> int:
         wrap_data_parallel,
     )
     from engine.parallel.setup import destroy_parallel, initialize_parallel
-    from engine.training.step import OptimizerSettings, build_optimizer, train_step
+    from engine.training.step import build_optimizer, train_step
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Every check that needs no process group, first.
@@ -215,13 +215,8 @@ def train(config: TrainConfig) -> int:
         build_model_chunks(model, tconfig, seed=config.seed, kernels=kernels,
                            cp_algorithm=config.parallel.cp_algorithm),
         tconfig, layout.distributed_optimizer)
-    o = config.optimizer
     optimizer, scheduler = build_optimizer(
-        chunks,
-        OptimizerSettings(lr=o.lr, min_lr_ratio=o.min_lr_ratio,
-                          warmup_steps=int(o.warmup_fraction * config.train_steps),
-                          decay_steps=config.train_steps, weight_decay=o.weight_decay,
-                          beta1=o.beta1, beta2=o.beta2, eps=o.eps, clip_grad=o.clip_grad),
+        chunks, config.optimizer.settings(config.train_steps),
         bf16=bf16, distributed_optimizer=layout.distributed_optimizer)
 
     start_step = 0

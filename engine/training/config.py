@@ -79,6 +79,15 @@ class OptimizerSection:
     eps: float = 1e-8
     clip_grad: float = 1.0
 
+    def settings(self, train_steps: int):
+        """The step-level OptimizerSettings: warm-up as a fraction of the run, decay over it."""
+        from engine.training.step import OptimizerSettings
+
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "warmup_fraction"}
+        return OptimizerSettings(warmup_steps=int(self.warmup_fraction * train_steps),
+                                 decay_steps=train_steps, **fields)
+
 
 @dataclass
 class CheckpointSection:
