@@ -42,12 +42,27 @@ class InputError(ValueError):
 
 @dataclass
 class RawChunk:
-    """Records of one file: JSON lines as bytes, or already-decoded Parquet/text values."""
+    """Records of one file: JSON lines as bytes, or already-decoded Parquet/text values.
+
+    JSON lines travel as one `blob` of whole lines, split only in the worker: one bytes object
+    pickles as a single copy, where a list of lines costs the main process per line.
+    """
     path: str
     kind: str  # "jsonl", "rows" (Parquet: list of dicts) or "text" (one file = one document)
-    first_line: int  # 1-based line or row number of records[0]
-    records: list
+    first_line: int  # 1-based line or row number of the first record
+    records: list = field(default_factory=list)  # Parquet rows / the text file's bytes
     bad: list = field(default_factory=list)  # problems found while reading (truncated stream)
+    blob: bytes = b""  # JSON lines: whole lines joined by b"\n", no trailing newline
+    num_lines: int = 0  # JSON lines in `blob`
+
+    def raw_records(self) -> list:
+        if self.kind == "jsonl":
+            return self.blob.split(b"\n") if self.num_lines else []
+        return self.records
+
+    @property
+    def num_records(self) -> int:
+        return self.num_lines if self.kind == "jsonl" else len(self.records)
 
 
 def list_input_files(paths: Sequence[str]) -> list[str]:
@@ -134,13 +149,17 @@ def _read_jsonl(path: str, chunk_bytes: int) -> Iterator[RawChunk]:
             return
         if not block:
             break
-        lines = (pending + block).split(b"\n")
-        pending = lines.pop()
-        if lines:
-            yield RawChunk(path, "jsonl", line_no, lines)
-            line_no += len(lines)
+        data = pending + block
+        end = data.rfind(b"\n")
+        if end < 0:
+            pending = data
+            continue
+        pending = data[end + 1:]
+        lines = data.count(b"\n", 0, end) + 1
+        yield RawChunk(path, "jsonl", line_no, blob=data[:end], num_lines=lines)
+        line_no += lines
     if pending:
-        yield RawChunk(path, "jsonl", line_no, [pending])
+        yield RawChunk(path, "jsonl", line_no, blob=pending, num_lines=1)
 
 
 def _read_parquet(path: str, columns: Sequence[str], chunk_rows: int = 8192) -> Iterator[RawChunk]:
@@ -201,7 +220,7 @@ def iter_records(chunk: RawChunk):
     """(line, value, problem) per record: value is a dict (JSON/Parquet) or a str (text file)."""
     for record in chunk.bad:
         yield record.line, None, record
-    for i, raw in enumerate(chunk.records):
+    for i, raw in enumerate(chunk.raw_records()):
         line = chunk.first_line + i
         if chunk.kind == "rows":
             yield line, raw, None

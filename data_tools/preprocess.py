@@ -19,7 +19,7 @@ import numpy as np
 from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
 from data_tools.inputs import (CHUNK_BYTES, InputError, RawChunk, list_input_files, parse_chunk,
                                read_chunks)
-from data_tools.tokenizer import flatten_token_lists, load_tokenizer
+from data_tools.tokenizer import load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 100
 
@@ -60,20 +60,23 @@ class Counters:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, json_keys, group_by, dtype) -> None:
+def _init_worker(tokenizer_path: str, json_keys, group_by, dtype, bos, eos) -> None:
     # One core per worker: the Rust encoders would otherwise start a thread per core each.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # A forked worker inherits the parent's loaded tokenizer (loading Llama-3's takes ~0.5 s).
+    # A forked worker inherits the parent's loaded tokenizer (loading Llama-3's takes 0.1-0.5 s).
     if _worker.get("tokenizer_path") != tokenizer_path:
         _worker.update(tokenizer=load_tokenizer(tokenizer_path), tokenizer_path=tokenizer_path)
-    _worker.update(json_keys=json_keys, group_by=group_by, dtype=dtype)
+    _worker.update(json_keys=json_keys, group_by=group_by, dtype=dtype, bos=bos, eos=eos)
 
 
 def _tokenize_chunk(chunk: RawChunk) -> ChunkTokens:
     texts, groups, bad = parse_chunk(chunk, _worker["json_keys"], _worker["group_by"])
-    tokens, lengths = flatten_token_lists(_worker["tokenizer"].encode_batch(texts) if texts else [],
-                                          dtype=_worker["dtype"])
-    return ChunkTokens(tokens, lengths, groups, bad, len(chunk.records))
+    tokens, lengths = _worker["tokenizer"].encode_batch_flat(texts, dtype=_worker["dtype"])
+    if groups is None:
+        # Whole documents: BOS/EOS go in here, off the main process (which every worker waits on).
+        # Grouped pieces get theirs once the groups are assembled.
+        tokens, lengths = add_boundary_tokens(tokens, lengths, _worker["bos"], _worker["eos"])
+    return ChunkTokens(tokens, lengths, groups, bad, chunk.num_records)
 
 
 def add_boundary_tokens(tokens: np.ndarray, lengths: np.ndarray, bos: Optional[int],
@@ -122,12 +125,12 @@ class _Progress:
 
 
 def _tokenized_chunks(files: list[str], tokenizer_path: str, options: PreprocessOptions,
-                      dtype) -> Iterator[ChunkTokens]:
+                      dtype, bos, eos) -> Iterator[ChunkTokens]:
     columns = list(options.json_keys) + ([options.group_by] if options.group_by else [])
     # Smaller chunks with several workers, so that a few-MB input still keeps all of them busy.
     chunk_bytes = CHUNK_BYTES if options.workers <= 1 else CHUNK_BYTES // 4
     raw = (chunk for path in files for chunk in read_chunks(path, columns, chunk_bytes))
-    init_args = (tokenizer_path, tuple(options.json_keys), options.group_by, dtype)
+    init_args = (tokenizer_path, tuple(options.json_keys), options.group_by, dtype, bos, eos)
     _init_worker(*init_args)
     if options.workers <= 1:
         yield from map(_tokenize_chunk, raw)
@@ -174,7 +177,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
     group_ids: dict[str, int] = {}
     piece_groups: list[np.ndarray] = []
     try:
-        for result in _tokenized_chunks(files, tokenizer.path, options, dtype):
+        for result in _tokenized_chunks(files, tokenizer.path, options, dtype, bos, eos):
             _absorb_problems(result, options, counters)
             counters.records += result.records
             tokens, lengths = result.tokens, result.lengths
@@ -183,7 +186,6 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
                     (group_ids.setdefault(g, len(group_ids)) for g in result.groups),
                     dtype=np.int64, count=len(result.groups)))
             else:
-                tokens, lengths = add_boundary_tokens(tokens, lengths, bos, eos)
                 tokens, lengths = _keep_long_enough(tokens, lengths, options.min_tokens, counters)
                 counters.documents += len(lengths)
             writer.add_documents(tokens, lengths)

@@ -1,10 +1,12 @@
 """Tokenizer loading: tiktoken (Llama-3 tokenizer.model), Hugging Face folders, SentencePiece."""
 import json
 import os
+import random
 
+import numpy as np
 import pytest
 
-from data_tools.tokenizer import TokenizerError, load_tokenizer
+from data_tools.tokenizer import ENCODER_ENV, TokenizerError, load_tokenizer
 
 
 def test_tiktoken_llama3_matches_the_hugging_face_tokenizer(llama3_dir, llama3, doc_records,
@@ -15,6 +17,55 @@ def test_tiktoken_llama3_matches_the_hugging_face_tokenizer(llama3_dir, llama3, 
     assert llama3.encode_batch(texts) == hf.encode_batch(texts)
     assert (llama3.vocab_size, llama3.bos_id, llama3.eos_id) == (128256, 128000, 128001)
     assert (hf.bos_id, hf.eos_id) == (128000, 128001)
+
+
+def _tricky_texts(count, seed=0):
+    """Strings built from what BPE pre-tokenizers disagree on: contractions in any case, digit
+    runs, whitespace kinds, combining marks, ZWJ emoji, scripts without case, special-token text."""
+    pieces = [" ", "  ", "\n", "\r\n", "\t", "\u00a0", "\u3000", "'s", "'S", "'ll", "'LL", "123",
+              "4567890", "\u00e9", "e\u0301", "\u65e5\u672c\u8a9e", "\ud55c\uad6d\uc5b4",
+              "\U0001f642", "\U0001f469\u200d\U0001f469\u200d\U0001f467", "<|end_of_text|>",
+              "<|eot_id|>", "Hello", "world", "--", "...", "\x00", "\u200b", "\u00df", "\u0130",
+              "\ufb01", "\u03a9", "\u0663", "\r", "\x0b", "\x0c", "\u2028", "\u0085", "def f(x):"]
+    rng = random.Random(seed)
+    texts = []
+    while len(texts) < count:
+        text = "".join(rng.choice(pieces) if rng.random() < 0.8 else chr(rng.randint(32, 0x2FFFF))
+                       for _ in range(rng.randint(1, 40)))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: not text a corpus can hold
+            continue
+        texts.append(text)
+    return texts
+
+
+def test_splintr_and_tiktoken_encoders_give_the_same_ids(llama3_model, llama3, doc_records,
+                                                         code_records, monkeypatch):
+    # The preprocessing default (splintr) must be a pure speed-up: same ids as tiktoken and as
+    # the Hugging Face tokenizer (checked above) on real documents and on adversarial strings.
+    pytest.importorskip("splintr")
+    monkeypatch.setenv(ENCODER_ENV, "tiktoken")
+    slow = load_tokenizer(llama3_model)
+    monkeypatch.setenv(ENCODER_ENV, "splintr")
+    fast = load_tokenizer(llama3_model)
+    assert (slow.encoder, fast.encoder) == ("tiktoken", "splintr")
+    texts = ([r["text"] for r in doc_records] + [r["text"] for r in code_records]
+             + _tricky_texts(3000))
+    expected = slow.encode_batch(texts)
+    assert fast.encode_batch(texts) == expected
+    flat, lengths = fast.encode_batch_flat(texts)
+    assert flat.dtype == np.int32 and lengths.tolist() == [len(ids) for ids in expected]
+    assert flat.tolist() == [i for ids in expected for i in ids]
+    assert fast.encode_batch_flat([])[0].size == 0
+    assert fast.encode("a<|eot_id|>b") == slow.encode("a<|eot_id|>b")
+    assert fast.decode(fast.encode(texts[-1])) == texts[-1]
+
+
+def test_unknown_encoder_choice_is_refused(llama3_model, monkeypatch):
+    monkeypatch.setenv(ENCODER_ENV, "fastest")
+    with pytest.raises(TokenizerError, match="LCE_BPE_ENCODER='fastest'; use auto, splintr or tiktoken"):
+        load_tokenizer(llama3_model)
 
 
 def test_llama3_special_tokens_match_tokenizer_json(llama3_dir, llama3):
