@@ -4,7 +4,8 @@ A recipe (data_tools/recipes/*.yaml):
     name: prolong-stage1-64k
     seq_length: 65536          # L, tokens per sequence
     seed: 42
-    total_tokens: 20e9         # optional; default: one pass, no sequence repeated
+    total_tokens: 20e9         # optional; default: one pass, no sequence repeated;
+                               # each further pass over a source is a new permutation
     sources:
       - {name: books, path: books, weight: 0.3, long: true}       # documents >= L, cut
       - {name: fineweb, path: fineweb, weight: 0.1}                # concatenated
@@ -165,7 +166,7 @@ def recipe_hash(recipe: Recipe) -> str:
                                "bin_bytes": os.path.getsize(bin_path(prefix))}
     key = {"sources": [asdict(s) for s in recipe.sources], "inputs": inputs,
            "seq_length": recipe.seq_length, "seed": recipe.seed,
-           "total_tokens": recipe.total_tokens, "version": 1}
+           "total_tokens": recipe.total_tokens, "version": 2}  # 2: later epochs reshuffled
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -200,9 +201,31 @@ def blend(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return source_index, source_sample
 
 
-def _source_rng(seed: int, name: str) -> np.random.Generator:
+def _source_rng(seed: int, name: str, epoch: int = 0) -> np.random.Generator:
     # Keyed by name, so adding or reordering sources does not reshuffle the others.
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+    key = [seed, zlib.crc32(name.encode())] + ([epoch] if epoch else [])
+    return np.random.default_rng(key)
+
+
+def epoch_sequence_order(first_epoch: np.ndarray, draws: np.ndarray, seed: int,
+                         name: str) -> np.ndarray:
+    """The source sequence for each of a source's draws (0, 1, 2, ...).
+
+    The first pass follows `first_epoch`; every later pass over the source is a new permutation
+    (keyed by seed, source name and pass), as Megatron's GPTDataset does across epochs, so that a
+    repeated source does not show the model the same sequence order twice.
+    """
+    count = len(first_epoch)
+    if count == 0:
+        return np.zeros(len(draws), dtype=np.int64)
+    epochs, within = np.divmod(np.asarray(draws, dtype=np.int64), count)
+    result = np.empty(len(draws), dtype=np.int64)
+    for epoch in np.unique(epochs):
+        permutation = (first_epoch if epoch == 0
+                       else _source_rng(seed, name, int(epoch)).permutation(count))
+        selected = epochs == epoch
+        result[selected] = permutation[within[selected]]
+    return result
 
 
 def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
@@ -253,8 +276,8 @@ def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
     infos = []
     for k, (source, prefix, documents, packed, seq_order, filtered_docs, filtered_tokens) in enumerate(built):
         mine = source_index == k
-        # A source drawn more than once over repeats its shuffled sequences in the same order.
-        order[mine, 1] = seq_order[source_sample[mine] % max(len(seq_order), 1)]
+        order[mine, 1] = epoch_sequence_order(seq_order, source_sample[mine], recipe.seed,
+                                              source.name)
         drawn = int(mine.sum())
         infos.append({
             "name": source.name, "prefix": prefix, "weight": source.weight, "long": source.long,

@@ -108,6 +108,29 @@ def test_total_tokens_repeats_sources_in_proportion(tmp_path, sample_datasets):
     assert len(PackedDataset(str(tmp_path / "p"))) == 300
 
 
+def test_each_pass_over_a_repeated_source_is_a_new_permutation(tmp_path, sample_datasets):
+    # docs (the short source) is drawn ~3 times over: each pass holds every one of its sequences
+    # exactly once, and no two passes share an order; rebuilding gives the same order again.
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", L, _sources(), total_tokens=600 * L),
+                         data_root=sample_datasets["root"])
+    metadata = build_mixture(recipe, str(tmp_path / "p"), log=lambda *_: None)
+    docs = next(s for s in metadata["sources"] if s["name"] == "docs")
+    count = docs["sequences_available"]
+    assert docs["epochs"] > 2
+    order = np.load(str(tmp_path / "p" / "order.npy"))
+    k = [s["name"] for s in metadata["sources"]].index("docs")
+    drawn = order[order[:, 0] == k, 1]
+    passes = [drawn[i:i + count] for i in range(0, 2 * count + 1, count)][:3]
+    for one in passes[:2]:
+        assert sorted(one.tolist()) == list(range(count))
+    assert not np.array_equal(passes[0], passes[1])
+    third = passes[2]
+    assert len(set(third.tolist())) == len(third)
+    assert len(third) < 2 or not np.array_equal(third, passes[1][:len(third)])
+    build_mixture(recipe, str(tmp_path / "q"), log=lambda *_: None)
+    assert np.array_equal(np.load(str(tmp_path / "q" / "order.npy")), order)
+
+
 def test_recipe_errors_name_the_file(tmp_path, sample_datasets):
     zero = [{"path": "code", "weight": 0}, {"path": "docs", "weight": 0.0}]
     path = write_recipe(tmp_path / "zero.yaml", L, zero)
