@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="text fields; several are joined with a blank line (default: text)")
     p.add_argument("--group-by", help="concatenate records with equal values of this key into "
-                                      "one document, in input order (code repositories)")
+                                      "one document, in input order (code repositories); a "
+                                      "plain-text folder's files group by its top-level folder "
+                                      "(one per repository), whatever the key")
     p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="end each document with EOS (default: on)")
     p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=False,

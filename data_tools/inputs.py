@@ -54,6 +54,7 @@ class RawChunk:
     bad: list = field(default_factory=list)  # problems found while reading (truncated stream)
     blob: bytes = b""  # JSON lines: whole lines joined by b"\n", no trailing newline
     num_lines: int = 0  # JSON lines in `blob`
+    group: Optional[str] = None  # plain text: the repository folder the file belongs to
 
     def raw_records(self) -> list:
         if self.kind == "jsonl":
@@ -82,6 +83,23 @@ def list_input_files(paths: Sequence[str]) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no input files under {list(paths)}")
     return files
+
+
+def text_file_groups(paths: Sequence[str]) -> dict[str, str]:
+    """Each file under a folder input -> its repository: the folder's top-level entry holding it.
+
+    `--input repos/` with repos/proj_a/src/x.py groups x.py under repos/proj_a, so a checked-out
+    repository becomes one document however deep its files lie. Files directly in the input
+    folder, and files given by name, group by the folder they are in.
+    """
+    groups = {}
+    for path in paths:
+        if not os.path.isdir(path):
+            continue
+        for file in list_input_files([path]):
+            parts = os.path.relpath(file, path).split(os.sep)
+            groups[file] = os.path.join(path, parts[0]) if len(parts) > 1 else path
+    return groups
 
 
 def input_kind(path: str) -> str:
@@ -175,19 +193,23 @@ def _read_parquet(path: str, columns: Sequence[str], chunk_rows: int = 8192) -> 
         row += len(rows)
 
 
-def _read_text_file(path: str) -> Iterator[RawChunk]:
+def _read_text_file(path: str, group: Optional[str]) -> Iterator[RawChunk]:
     with open(path, "rb") as f:
-        yield RawChunk(path, "text", 1, [f.read()])
+        yield RawChunk(path, "text", 1, [f.read()], group=group)
 
 
-def read_chunks(path: str, columns: Sequence[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[RawChunk]:
-    """Raw records of one input file in chunks of about `chunk_bytes` bytes."""
+def read_chunks(path: str, columns: Sequence[str], chunk_bytes: int = CHUNK_BYTES,
+                group: Optional[str] = None) -> Iterator[RawChunk]:
+    """Raw records of one input file in chunks of about `chunk_bytes` bytes.
+
+    `group` names the repository of a plain-text file (see text_file_groups).
+    """
     kind = input_kind(path)
     if kind == "jsonl":
         return _read_jsonl(path, chunk_bytes)
     if kind == "parquet":
         return _read_parquet(path, columns)
-    return _read_text_file(path)
+    return _read_text_file(path, group)
 
 
 def _text_of(record: dict, keys: Sequence[str], path: str, line: int) -> tuple[Optional[str], Optional[BadRecord]]:
@@ -254,7 +276,7 @@ def parse_chunk(chunk: RawChunk, keys: Sequence[str], group_key: Optional[str]):
             if not record.strip():
                 problem = BadRecord(chunk.path, line, "empty text",
                                     "drop the file or pass --skip-bad")
-            text, group = record, os.path.dirname(chunk.path)
+            text, group = record, chunk.group or os.path.dirname(chunk.path)
         elif problem is None:
             text, problem = _text_of(record, keys, chunk.path, line)
             if problem is None and group_key is not None and record.get(group_key) is None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
 from data_tools.inputs import (CHUNK_BYTES, InputError, RawChunk, list_input_files, parse_chunk,
-                               read_chunks)
+                               read_chunks, text_file_groups)
 from data_tools.tokenizer import load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 100
@@ -124,12 +124,13 @@ class _Progress:
             self.bar.close()
 
 
-def _tokenized_chunks(files: list[str], tokenizer_path: str, options: PreprocessOptions,
-                      dtype, bos, eos) -> Iterator[ChunkTokens]:
+def _tokenized_chunks(files: list[str], file_groups: dict, tokenizer_path: str,
+                      options: PreprocessOptions, dtype, bos, eos) -> Iterator[ChunkTokens]:
     columns = list(options.json_keys) + ([options.group_by] if options.group_by else [])
     # Smaller chunks with several workers, so that a few-MB input still keeps all of them busy.
     chunk_bytes = CHUNK_BYTES if options.workers <= 1 else CHUNK_BYTES // 4
-    raw = (chunk for path in files for chunk in read_chunks(path, columns, chunk_bytes))
+    raw = (chunk for path in files
+           for chunk in read_chunks(path, columns, chunk_bytes, file_groups.get(path)))
     init_args = (tokenizer_path, tuple(options.json_keys), options.group_by, dtype, bos, eos)
     _init_worker(*init_args)
     if options.workers <= 1:
@@ -177,7 +178,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
     group_ids: dict[str, int] = {}
     piece_groups: list[np.ndarray] = []
     try:
-        for result in _tokenized_chunks(files, tokenizer.path, options, dtype, bos, eos):
+        file_groups = text_file_groups(inputs) if options.group_by else {}
+        for result in _tokenized_chunks(files, file_groups, tokenizer.path, options, dtype, bos,
+                                        eos):
             _absorb_problems(result, options, counters)
             counters.records += result.records
             tokens, lengths = result.tokens, result.lengths

@@ -71,6 +71,26 @@ def test_group_by_repository_concatenates_files_in_order(tmp_path, code_records,
         assert reader[i].tolist() == expected
 
 
+def test_plain_text_folders_group_by_repository_folder(tmp_path, llama3, llama3_model):
+    # A checked-out repository per top-level folder: with --group-by, each becomes one document,
+    # its files (however deep) concatenated in sorted path order; loose files group together.
+    files = {"repo_a/src/x.py": "def x():\n    return 1\n", "repo_a/a.py": "import x\n",
+             "repo_b/readme.txt": "beta", "repo_a/src/y.py": "y = 2\n", "loose.txt": "loose",
+             "other.txt": "other"}
+    for name, text in files.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_text(text, encoding="utf-8")
+    summary = preprocess([str(tmp_path / "in")], str(tmp_path / "out"), llama3_model,
+                         PreprocessOptions(group_by="repo", progress=False))
+    reader = IndexedReader(str(tmp_path / "out"))
+    # Files are read in sorted path order; groups keep the order of their first file.
+    groups = [["loose.txt", "other.txt"], ["repo_a/a.py", "repo_a/src/x.py", "repo_a/src/y.py"],
+              ["repo_b/readme.txt"]]
+    expected = [sum((llama3.encode(files[n]) for n in g), []) + [llama3.eos_id] for g in groups]
+    assert summary["groups"] == 3
+    assert [reader[i].tolist() for i in range(len(reader))] == expected
+
+
 def test_interleaved_groups_bos_eos_and_min_tokens(tmp_path, llama3, llama3_model):
     records = [{"repo": "a", "text": "alpha one"}, {"repo": "b", "text": "beta"},
                {"repo": "a", "text": " alpha two"}, {"repo": "c", "text": "x" * 5000}]
