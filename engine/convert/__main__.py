@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.convert.hf_mapping import NORM_LAYOUTS, ConversionError
+from engine.convert.hf_mapping import ConversionError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,9 +38,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="TP size training will use: checked now, vocabulary padded for it")
     imp.add_argument("--pipeline-parallel", type=int, default=1,
                      help="PP size training will use: checked now")
-    imp.add_argument("--norm-layout", default="local", choices=sorted(NORM_LAYOUTS),
-                     help="where the target layer spec keeps norm weights (transformer-engine "
-                     "fuses them into linear_qkv / linear_fc1)")
     imp.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
                      help="stored dtype (default: the safetensors dtype)")
 
@@ -69,8 +66,7 @@ def main(argv=None) -> int:
             import_checkpoint(args.hf, args.out, rope_base=args.rope_base,
                               overrides=parse_overrides(args.model_config_overrides),
                               tensor_parallel=args.tensor_parallel,
-                              pipeline_parallel=args.pipeline_parallel,
-                              norm_layout=args.norm_layout, dtype=args.dtype)
+                              pipeline_parallel=args.pipeline_parallel, dtype=args.dtype)
         else:
             from engine.convert.verify import verify_logits
 

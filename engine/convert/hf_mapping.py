@@ -8,10 +8,12 @@ layer numbers). Per layer:
     decoder.layers.{i}.self_attention.linear_proj.weight self_attn.o_proj.weight
     decoder.layers.{i}.mlp.linear_fc1.weight             mlp.{gate,up}_proj.weight ([gate; up])
     decoder.layers.{i}.mlp.linear_fc2.weight             mlp.down_proj.weight
-    input norm     (local: input_layernorm.weight,    TE: linear_qkv.layer_norm_weight)
-                                                         input_layernorm.weight
-    pre-MLP norm   (local: pre_mlp_layernorm.weight,  TE: linear_fc1.layer_norm_weight)
-                                                         post_attention_layernorm.weight
+    decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight  input_layernorm.weight
+    decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight  post_attention_layernorm.weight
+
+The norms are checkpointed under transformer-engine's names by both layer specs (the local spec
+maps its input_layernorm / pre_mlp_layernorm there); checkpoints from before that mapping, which
+used the local names, are still read.
 
 plus embedding.word_embeddings.weight <-> model.embed_tokens.weight, decoder.final_layernorm.weight
 <-> model.norm.weight and output_layer.weight <-> lm_head.weight (Llama-3 does not tie them).
@@ -35,14 +37,16 @@ class ConversionError(ValueError):
     """Input that cannot be converted; the message names the file or tensor and the fix."""
 
 
-# Where a layer spec keeps the two per-layer norm weights.
+# Where a checkpoint keeps the two per-layer norm weights.
 NORM_LAYOUTS = {
-    # megatron's local modules: separate norm modules.
+    # The local spec's own module names: checkpoints written before its keys map existed.
     "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
-    # transformer-engine fuses each norm into the linear that follows it.
+    # transformer-engine fuses each norm into the linear that follows it; every spec saves so now.
     "transformer-engine": ("self_attention.linear_qkv.layer_norm_weight",
                            "mlp.linear_fc1.layer_norm_weight"),
 }
+
+CHECKPOINT_NORM_LAYOUT = "transformer-engine"
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
 LLAMA3_BOS_ID, LLAMA3_EOS_ID = 128_000, 128_001
@@ -127,7 +131,8 @@ class TensorMapping:
         return (rows, *self.hf_shapes[0][1:])
 
 
-def weight_mappings(config: LlamaConfig, norm_layout: str = "local") -> list[TensorMapping]:
+def weight_mappings(config: LlamaConfig,
+                    norm_layout: str = CHECKPOINT_NORM_LAYOUT) -> list[TensorMapping]:
     """Every weight of ``config``'s model, in Hugging Face order (embeddings, layers, head)."""
     if norm_layout not in NORM_LAYOUTS:
         raise ConversionError(f"norm layout {norm_layout!r} must be one of {sorted(NORM_LAYOUTS)}")

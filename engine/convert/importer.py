@@ -19,7 +19,7 @@ import torch
 
 from engine.convert.dist_checkpoint import DistCheckpointWriter
 from engine.convert.hf_mapping import (
-    NORM_LAYOUTS,
+    CHECKPOINT_NORM_LAYOUT,
     ConversionError,
     checkpoint_key,
     llama_config_from_hf,
@@ -84,14 +84,14 @@ def parse_overrides(items: list[str]) -> dict:
 
 def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float] = None,
                       overrides: Optional[dict] = None, tensor_parallel: int = 1,
-                      pipeline_parallel: int = 1, norm_layout: str = "local",
-                      dtype: Optional[str] = None, log=print) -> ImportResult:
+                      pipeline_parallel: int = 1, dtype: Optional[str] = None,
+                      log=print) -> ImportResult:
     """Write an engine checkpoint root ``out`` (``out/step_00000000`` and ``out/latest``).
 
     ``tensor_parallel`` / ``pipeline_parallel``: the layout training will use; checked against
-    the model now, and the vocabulary padded for it. ``norm_layout``: "local" (CPU and megatron
-    local specs) or "transformer-engine" (the norm inside the fused linear). ``dtype``: stored
-    dtype; default the checkpoint's own (its safetensors dtype).
+    the model now, and the vocabulary padded for it. The checkpoint loads with either layer spec
+    (local or transformer-engine). ``dtype``: stored dtype; default the checkpoint's own (its
+    safetensors dtype).
     """
     hf = Path(hf)
     hf_config = read_hf_config(hf)
@@ -122,7 +122,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
     check_new_folder(out)
     weights = HFWeightReader(hf)
     try:
-        mappings = weight_mappings(config, norm_layout)
+        mappings = weight_mappings(config, CHECKPOINT_NORM_LAYOUT)
         _check_hf_tensors(weights, mappings, hf, config)
         stored_dtype = DTYPES[dtype] if dtype else weights.get(mappings[0].hf_names[0]).dtype
         writer = _plan_checkpoint(weights, mappings, config, padded_vocab, stored_dtype)
@@ -147,7 +147,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
                 "hugging_face": {"source": str(hf.resolve()), "config": hf_config,
                                  "generation_config": _read_optional_json(
                                      hf / "generation_config.json"),
-                                 "norm_layout": norm_layout},
+                                 "norm_layout": CHECKPOINT_NORM_LAYOUT},
             }
             (step_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
             (tmp / LATEST).write_text(step_dir.name + "\n")
@@ -217,4 +217,4 @@ def _plan_checkpoint(weights: HFWeightReader, mappings, config: LlamaConfig, pad
     return writer
 
 
-__all__ = ["import_checkpoint", "parse_overrides", "NORM_LAYOUTS", "ImportResult"]
+__all__ = ["import_checkpoint", "parse_overrides", "ImportResult"]

@@ -70,10 +70,16 @@ def llama_layer_spec(core_attention=None, use_transformer_engine: bool = False,
         qkv, fc1, proj, fc2 = (TELayerNormColumnParallelLinear, TELayerNormColumnParallelLinear,
                                TERowParallelLinear, TERowParallelLinear)
         input_norm = pre_mlp_norm = IdentityOp
+        checkpoint_keys_map = {}
     else:
         qkv, fc1, proj, fc2 = (ColumnParallelLinear, ColumnParallelLinear,
                                RowParallelLinear, RowParallelLinear)
         input_norm = pre_mlp_norm = norm
+        # Checkpoints store the norms under transformer-engine's names (the norm fused into the
+        # next linear), as megatron's own local spec does: a checkpoint saved by either spec
+        # loads into the other, e.g. weights imported on a CPU node into a TE run on GPUs.
+        checkpoint_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                               "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
     attention_params = {"attn_mask_type": AttnMaskType.causal}
     attention_module = SelfAttention
@@ -104,6 +110,7 @@ def llama_layer_spec(core_attention=None, use_transformer_engine: bool = False,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
                 linear_fc1=fc1, linear_fc2=fc2, activation_func=activation)),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=checkpoint_keys_map,
         ),
     )
 

@@ -186,6 +186,10 @@ def test_imported_checkpoint_holds_what_megatron_saves(runs):
     imported = model_entries(runs["root"] / "imported" / "step_00000000")
     saved = model_entries(runs["root"] / "tp2_pp2" / "step_00000001")
     assert imported == saved
+    # The local spec saves its norms under transformer-engine's keys, so a TE model loads this.
+    assert {"decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            "decoder.layers.mlp.linear_fc1.layer_norm_weight"} <= set(saved)
+    assert not any("input_layernorm" in key or "pre_mlp_layernorm" in key for key in saved)
 
 
 def _main(argv=None) -> int:

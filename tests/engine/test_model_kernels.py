@@ -107,6 +107,10 @@ def test_layer_spec_slots_follow_the_choices(monkeypatch):
 
     plain = llama_layer_spec(kernels=KernelChoices.parse("all=torch")).submodules
     assert plain.input_layernorm.params == {"impl": "reference"}
+    # Checkpoint keys as transformer-engine's fused norm-linears name them (megatron's mapping).
+    assert plain.sharded_state_dict_keys_map == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
     assert plain.self_attention.module is SelfAttention
     assert plain.mlp.submodules.activation_func is None  # megatron's own gated silu
 
