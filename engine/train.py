@@ -85,14 +85,14 @@ def rank_micro_batches(source: SampleSource, config: TrainConfig, step: int, lay
 
     Under context parallelism a rank reads only its own chunks of each sequence.
     """
-    from engine.parallel.context.data import context_parallel_micro_batch, sequence_document_lengths
+    from engine.parallel.context.data import context_parallel_micro_batch
     from engine.training.data import attention_cost, balance_global_batch, build_micro_batch
 
     d = config.data
     indices = [(step * d.global_batch + j) % source.num_samples for j in range(d.global_batch)]
     cp = layout.context_parallel
     if cp > 1:  # one sample = one whole packed sequence (checked in validation)
-        doc_lengths = [sequence_document_lengths(source.dataset, i) for i in indices]
+        doc_lengths = [source.dataset.document_lengths(i) for i in indices]
     else:
         samples = [source.sample(i) for i in indices]
         doc_lengths = [s.doc_lengths for s in samples]

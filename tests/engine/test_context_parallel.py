@@ -25,7 +25,6 @@ from engine.parallel.context.chunks import (
 from engine.parallel.context.data import (
     context_parallel_micro_batch,
     positions_of_tokens,
-    sequence_document_lengths,
     slice_micro_batch,
 )
 from engine.parallel.context.ulysses import repeated_kv_heads
@@ -122,7 +121,7 @@ def test_packed_dataset_windows_match_the_full_micro_batch(tmp_path, mode):
     assert len(indices) >= 3
     whole = [ds[i] for i in indices]
     for i, seq in zip(indices, whole):
-        np.testing.assert_array_equal(sequence_document_lengths(ds, i), seq.doc_lengths)
+        np.testing.assert_array_equal(ds.document_lengths(i), seq.doc_lengths)
     full = build_micro_batch([s.tokens for s in whole], [s.doc_lengths for s in whole],
                              [s.loss_mask.astype(np.float32) for s in whole], position_mode=mode)
     reads = []

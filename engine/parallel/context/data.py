@@ -53,25 +53,6 @@ def slice_micro_batch(batch: MicroBatch, cp_rank: int, cp_size: int) -> MicroBat
                       cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
 
 
-def sequence_document_lengths(dataset, index: int) -> np.ndarray:
-    """Document lengths (int64) of packed sequence ``index`` without reading its tokens.
-
-    Reads only the memory-mapped document offsets of data_tools.packed.PackedDataset (the
-    pieces PackedDataset.get reports, padding included), O(documents in the sequence).
-    """
-    # Mirrors PackedDataset.get's walk over the source's document offsets.
-    index %= len(dataset)
-    source_index, sequence = (int(v) for v in dataset._order[index])
-    source = dataset._sources[source_index]
-    seq_start, seq_end, _ = (int(v) for v in source.sequences[sequence])
-    first = int(np.searchsorted(source.starts, seq_start, side="right")) - 1
-    last = int(np.searchsorted(source.starts, seq_end, side="left"))
-    bounds = np.clip(np.asarray(source.starts[first:last + 1], dtype=np.int64), seq_start, seq_end)
-    lengths = np.diff(np.unique(np.concatenate([[seq_start], bounds, [seq_end]])))
-    padding = dataset.seq_length - (seq_end - seq_start)
-    return np.concatenate([lengths, [padding]]) if padding else lengths
-
-
 def context_parallel_micro_batch(dataset, indices: Sequence[int], cp_rank: int, cp_size: int,
                                  position_mode: str = "continuous",
                                  mask_cross_document: bool = True) -> MicroBatch:
@@ -88,7 +69,7 @@ def context_parallel_micro_batch(dataset, indices: Sequence[int], cp_rank: int, 
     rows = {"tokens": [], "labels": [], "loss_mask": [], "position_ids": []}
     all_lengths = []
     for i in indices:
-        doc_lengths = sequence_document_lengths(dataset, i)
+        doc_lengths = dataset.document_lengths(i)
         all_lengths.append(doc_lengths)
         pieces = {key: [] for key in rows}
         for chunk in load_balanced_chunks(cp_rank, cp_size):
