@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, "
                                                           "PREFIX.summary.json")
     p.add_argument("--tokenizer", required=True,
-                   help="folder with tokenizer.json, Llama-3 tokenizer.model (tiktoken, fastest) "
-                        "or a SentencePiece .model")
+                   help="folder with tokenizer.json, Llama-3 tokenizer.model (BPE ranks; the "
+                        "fastest: encoded by splintr, or tiktoken where splintr is missing or "
+                        "LCE_BPE_ENCODER=tiktoken; the same ids) or a SentencePiece .model")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="text fields; several are joined with a blank line (default: text)")
     p.add_argument("--group-by", help="concatenate records with equal values of this key into "
