@@ -254,6 +254,18 @@ def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
+def bpe_ranks_beside(tokenizer_json_folder: str) -> Optional[str]:
+    """Llama-3's BPE rank file (tokenizer.model, or original/tokenizer.model as Meta's Hugging
+    Face repositories ship it) next to a tokenizer.json, if there is one."""
+    folder = (tokenizer_json_folder if os.path.isdir(tokenizer_json_folder)
+              else os.path.dirname(tokenizer_json_folder))
+    for candidate in (os.path.join(folder, "tokenizer.model"),
+                      os.path.join(folder, "original", "tokenizer.model")):
+        if os.path.isfile(candidate) and _tiktoken_rank_count(candidate) is not None:
+            return candidate
+    return None
+
+
 def load_tokenizer(path: str) -> TextTokenizer:
     """Load a tokenizer from a local file or folder (see the module docstring for the rules)."""
     if not path or not os.path.exists(path):

@@ -78,6 +78,16 @@ def test_quickstart_pipeline(tmp_path, capsys, llama3_model):
     assert PackedDataset(f"{out}/sft")[0].loss_mask is not None
 
 
+def test_preprocess_with_a_hugging_face_folder_points_to_the_faster_rank_file(tmp_path, capsys,
+                                                                            llama3_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    assert main(["preprocess", "--input", str(data), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer", llama3_dir, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"--tokenizer {os.path.join(llama3_dir, 'tokenizer.model')} gives the same ids" in out
+
+
 def test_mix_with_zero_weights_fails_naming_the_recipe(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "zero.yaml", 4096, [{"path": "a", "weight": 0}])
     assert main(["mix", recipe, "--output", str(tmp_path / "o")]) == 2
