@@ -238,6 +238,27 @@ def _decode_utf8(raw: bytes, path: str, line: int):
                                "re-encode the file as UTF-8 or pass --skip-bad")
 
 
+def _lone_surrogate(value, where: str = "") -> Optional[tuple[str, int, int]]:
+    """(key path, character index, code unit) of the first unpaired UTF-16 surrogate, or None.
+
+    JSON's "\\ud800" escapes decode to such characters; no tokenizer can encode them
+    (they are not Unicode scalar values)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return where, error.start, ord(value[error.start])
+        return None
+    items = (value.items() if isinstance(value, dict)
+             else enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}[{key!r}]" if where or isinstance(key, int)
+                                else str(key))
+        if found:
+            return found
+    return None
+
+
 def iter_records(chunk: RawChunk):
     """(line, value, problem) per record: value is a dict (JSON/Parquet) or a str (text file)."""
     for record in chunk.bad:
@@ -263,6 +284,17 @@ def iter_records(chunk: RawChunk):
             yield line, None, BadRecord(chunk.path, line,
                                         f"a JSON {type(record).__name__}, not an object")
             continue
+        # Only a \u escape can put a surrogate in decoded text: valid UTF-8 never holds one,
+        # so the (C-speed) byte search keeps the walk off almost every record.
+        if b"\\ud" in raw or b"\\uD" in raw:
+            found = _lone_surrogate(record)
+            if found:
+                where, index, unit = found
+                yield line, None, BadRecord(
+                    chunk.path, line, f"key {where} holds an unpaired UTF-16 surrogate "
+                                      f"(\\u{unit:04x}) at character {index}, which is not text",
+                    "repair the record (a \\u escape lost half of its pair) or pass --skip-bad")
+                continue
         yield line, record, None
 
 

@@ -161,7 +161,17 @@ BAD_LINES = [
     (b'{"text": "fine"}\n{"body": "no text key"}\n{"text": "also fine"}\n', 2, "missing key 'text'"),
     (b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n', 2, "invalid UTF-8"),
     (b'{"text": "fine"}\n{"text": "   "}\n{"text": "also fine"}\n', 2, "empty text"),
+    (b'{"text": "fine"}\n{"text": "half \\ud83d pair", "id": 7}\n{"text": "also fine"}\n', 2,
+     "key text holds an unpaired UTF-16 surrogate (\\ud83d) at character 5"),
 ]
+
+
+def test_escaped_surrogate_pairs_are_one_character(tmp_path, llama3, llama3_model):
+    path = tmp_path / "emoji.jsonl"
+    path.write_bytes(b'{"text": "smile \\ud83d\\ude00 \\uD83D\\uDE00"}\n')
+    preprocess([str(path)], str(tmp_path / "out"), llama3_model, PreprocessOptions(progress=False))
+    assert IndexedReader(str(tmp_path / "out"))[0].tolist() == (
+        llama3.encode("smile \U0001f600 \U0001f600") + [llama3.eos_id])
 
 
 @pytest.mark.parametrize("content,line,problem", BAD_LINES)
