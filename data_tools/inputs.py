@@ -298,8 +298,12 @@ def iter_records(chunk: RawChunk):
         yield line, record, None
 
 
-def parse_chunk(chunk: RawChunk, keys: Sequence[str], group_key: Optional[str]):
-    """Texts, group keys (or None) and problems of one chunk, in input order."""
+def parse_chunk(chunk: RawChunk, keys: Sequence[str], group_key: Optional[str],
+                lines: Optional[list] = None):
+    """Texts, group keys (or None) and problems of one chunk, in input order.
+
+    `lines`, if given, receives each text's line (or row) number.
+    """
     texts: list[str] = []
     groups: Optional[list[str]] = [] if group_key else None
     bad = []
@@ -321,4 +325,6 @@ def parse_chunk(chunk: RawChunk, keys: Sequence[str], group_key: Optional[str]):
         texts.append(text)
         if groups is not None:
             groups.append(group)
+        if lines is not None:
+            lines.append(line)
     return texts, groups, bad

@@ -17,8 +17,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
-from data_tools.inputs import (CHUNK_BYTES, InputError, RawChunk, list_input_files, parse_chunk,
-                               read_chunks, text_file_groups)
+from data_tools.inputs import (CHUNK_BYTES, BadRecord, InputError, RawChunk, list_input_files,
+                               parse_chunk, read_chunks, text_file_groups)
 from data_tools.tokenizer import load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 100
@@ -70,13 +70,47 @@ def _init_worker(tokenizer_path: str, json_keys, group_by, dtype, bos, eos) -> N
 
 
 def _tokenize_chunk(chunk: RawChunk) -> ChunkTokens:
-    texts, groups, bad = parse_chunk(chunk, _worker["json_keys"], _worker["group_by"])
-    tokens, lengths = _worker["tokenizer"].encode_batch_flat(texts, dtype=_worker["dtype"])
+    lines: list[int] = []
+    texts, groups, bad = parse_chunk(chunk, _worker["json_keys"], _worker["group_by"], lines)
+    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
+    try:
+        tokens, lengths = tokenizer.encode_batch_flat(texts, dtype=dtype)
+    except BaseException as error:  # Rust encoders panic with pyo3's BaseException subclass
+        if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        texts, groups = _drop_unencodable(chunk, texts, groups, lines, bad)
+        tokens, lengths = tokenizer.encode_batch_flat(texts, dtype=dtype)
     if groups is None:
         # Whole documents: BOS/EOS go in here, off the main process (which every worker waits on).
         # Grouped pieces get theirs once the groups are assembled.
         tokens, lengths = add_boundary_tokens(tokens, lengths, _worker["bos"], _worker["eos"])
     return ChunkTokens(tokens, lengths, groups, bad, chunk.num_records)
+
+
+def _drop_unencodable(chunk: RawChunk, texts, groups, lines, bad):
+    """Encode one document at a time to find those the encoder fails on; each becomes a bad
+    record (file, line, the encoder's error), the others are kept in order."""
+    tokenizer = _worker["tokenizer"]
+    kept_texts, kept_groups = [], None if groups is None else []
+    for i, text in enumerate(texts):
+        try:
+            tokenizer.encode_batch_flat([text])
+        except BaseException as error:
+            if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            message = str(error).splitlines()[0][:200] if str(error) else ""
+            encoder = tokenizer.describe().get("encoder", tokenizer.kind)
+            bad.append(BadRecord(
+                chunk.path, lines[i], f"the {encoder} encoder failed on this document "
+                                      f"({type(error).__name__}: {message}; {len(text):,} characters)",
+                "pass --skip-bad to skip it" + (", or encode with splintr (pip install splintr-rs; "
+                                                "LCE_BPE_ENCODER unset)"
+                                                if encoder == "tiktoken" else "")))
+            continue
+        kept_texts.append(text)
+        if kept_groups is not None:
+            kept_groups.append(groups[i])
+    return kept_texts, kept_groups
 
 
 def add_boundary_tokens(tokens: np.ndarray, lengths: np.ndarray, bos: Optional[int],

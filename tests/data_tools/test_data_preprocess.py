@@ -166,6 +166,33 @@ BAD_LINES = [
 ]
 
 
+def test_a_document_the_encoder_fails_on_is_named_by_line(tmp_path, llama3, llama3_model,
+                                                          monkeypatch):
+    # tiktoken, for one, panics (a BaseException) on a million spaces in a row. Stand-in: an
+    # encoder that fails on documents containing "BOOM".
+    from data_tools.tokenizer import TiktokenTokenizer
+
+    real = TiktokenTokenizer.encode_batch_flat
+
+    def fragile(self, texts, dtype=np.int32):
+        if any("BOOM" in t for t in texts):
+            raise BaseException("encoder exploded")
+        return real(self, texts, dtype)
+
+    monkeypatch.setattr(TiktokenTokenizer, "encode_batch_flat", fragile)
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "BOOM here"}\n{"text": "also fine"}\n')
+    with pytest.raises(InputError, match=r"data.jsonl:2: the \w+ encoder failed on this document "
+                                         r"\(BaseException: encoder exploded; 9 characters\)"):
+        preprocess([str(path)], str(tmp_path / "out"), llama3_model, PreprocessOptions(progress=False))
+    summary = preprocess([str(path)], str(tmp_path / "out"), llama3_model,
+                         PreprocessOptions(skip_bad=True, progress=False))
+    assert [b["line"] for b in summary["bad_records"]] == [2]
+    reader = IndexedReader(str(tmp_path / "out"))
+    assert [reader[i].tolist() for i in range(len(reader))] == [
+        llama3.encode(t) + [llama3.eos_id] for t in ("fine", "also fine")]
+
+
 def test_escaped_surrogate_pairs_are_one_character(tmp_path, llama3, llama3_model):
     path = tmp_path / "emoji.jsonl"
     path.write_bytes(b'{"text": "smile \\ud83d\\ude00 \\uD83D\\uDE00"}\n')
