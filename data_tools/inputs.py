@@ -85,20 +85,22 @@ def list_input_files(paths: Sequence[str]) -> list[str]:
     return files
 
 
-def text_file_groups(paths: Sequence[str]) -> dict[str, str]:
-    """Each file under a folder input -> its repository: the folder's top-level entry holding it.
+def text_file_groups(paths: Sequence[str], files: Sequence[str]) -> dict[str, str]:
+    """Each of `files` (list_input_files(paths)) under a folder input -> its repository: the
+    folder's top-level entry holding it.
 
     `--input repos/` with repos/proj_a/src/x.py groups x.py under repos/proj_a, so a checked-out
     repository becomes one document however deep its files lie. Files directly in the input
     folder, and files given by name, group by the folder they are in.
     """
+    folders = [p for p in paths if os.path.isdir(p)]
     groups = {}
-    for path in paths:
-        if not os.path.isdir(path):
-            continue
-        for file in list_input_files([path]):
-            parts = os.path.relpath(file, path).split(os.sep)
-            groups[file] = os.path.join(path, parts[0]) if len(parts) > 1 else path
+    for file in files:
+        for folder in folders:
+            parts = os.path.relpath(file, folder).split(os.sep)
+            if parts[0] != os.pardir:
+                groups[file] = os.path.join(folder, parts[0]) if len(parts) > 1 else folder
+                break
     return groups
 
 

@@ -72,14 +72,12 @@ def _init_worker(tokenizer_path: str, json_keys, group_by, dtype, bos, eos) -> N
 def _tokenize_chunk(chunk: RawChunk) -> ChunkTokens:
     lines: list[int] = []
     texts, groups, bad = parse_chunk(chunk, _worker["json_keys"], _worker["group_by"], lines)
-    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
     try:
-        tokens, lengths = tokenizer.encode_batch_flat(texts, dtype=dtype)
+        tokens, lengths = _worker["tokenizer"].encode_batch_flat(texts, dtype=_worker["dtype"])
     except BaseException as error:  # Rust encoders panic with pyo3's BaseException subclass
-        if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        if not _is_encoder_failure(error):
             raise
-        texts, groups = _drop_unencodable(chunk, texts, groups, lines, bad)
-        tokens, lengths = tokenizer.encode_batch_flat(texts, dtype=dtype)
+        tokens, lengths, groups = _encode_one_by_one(chunk, texts, groups, lines, bad)
     if groups is None:
         # Whole documents: BOS/EOS go in here, off the main process (which every worker waits on).
         # Grouped pieces get theirs once the groups are assembled.
@@ -87,16 +85,21 @@ def _tokenize_chunk(chunk: RawChunk) -> ChunkTokens:
     return ChunkTokens(tokens, lengths, groups, bad, chunk.num_records)
 
 
-def _drop_unencodable(chunk: RawChunk, texts, groups, lines, bad):
-    """Encode one document at a time to find those the encoder fails on; each becomes a bad
-    record (file, line, the encoder's error), the others are kept in order."""
-    tokenizer = _worker["tokenizer"]
-    kept_texts, kept_groups = [], None if groups is None else []
+def _is_encoder_failure(error: BaseException) -> bool:
+    return not isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
+def _encode_one_by_one(chunk: RawChunk, texts, groups, lines, bad):
+    """A chunk the encoder failed on, one document at a time: each document it fails on becomes
+    a bad record (file, line, the encoder's error); the others are returned in order as
+    (tokens, lengths, groups)."""
+    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
+    parts, kept_groups = [], None if groups is None else []
     for i, text in enumerate(texts):
         try:
-            tokenizer.encode_batch_flat([text])
+            parts.append(tokenizer.encode_batch_flat([text], dtype=dtype)[0])
         except BaseException as error:
-            if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            if not _is_encoder_failure(error):
                 raise
             message = str(error).splitlines()[0][:200] if str(error) else ""
             encoder = tokenizer.describe().get("encoder", tokenizer.kind)
@@ -107,10 +110,11 @@ def _drop_unencodable(chunk: RawChunk, texts, groups, lines, bad):
                                                 "LCE_BPE_ENCODER unset)"
                                                 if encoder == "tiktoken" else "")))
             continue
-        kept_texts.append(text)
         if kept_groups is not None:
             kept_groups.append(groups[i])
-    return kept_texts, kept_groups
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    return tokens, lengths, kept_groups
 
 
 def add_boundary_tokens(tokens: np.ndarray, lengths: np.ndarray, bos: Optional[int],
@@ -212,7 +216,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
     group_ids: dict[str, int] = {}
     piece_groups: list[np.ndarray] = []
     try:
-        file_groups = text_file_groups(inputs) if options.group_by else {}
+        file_groups = text_file_groups(inputs, files) if options.group_by else {}
         for result in _tokenized_chunks(files, file_groups, tokenizer.path, options, dtype, bos,
                                         eos):
             _absorb_problems(result, options, counters)

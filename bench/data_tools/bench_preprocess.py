@@ -18,6 +18,7 @@ Also reported: each encoder's own single-core speed (fresh tokenizer, one pass) 
 (that speed x workers), the ceiling the issue names.
 """
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -117,20 +118,18 @@ def write_stdlib_corpus(path, megabytes):
     return texts
 
 
-class forced_encoder:
-    """Context manager: LCE_BPE_ENCODER set to `name` (None leaves the default)."""
-
-    def __init__(self, name):
-        self.name, self.saved = name, os.environ.get(ENCODER_ENV)
-
-    def __enter__(self):
-        if self.name:
-            os.environ[ENCODER_ENV] = self.name
-
-    def __exit__(self, *exc):
+@contextlib.contextmanager
+def forced_encoder(name):
+    """LCE_BPE_ENCODER set to `name` inside the block (None leaves the default)."""
+    saved = os.environ.get(ENCODER_ENV)
+    if name:
+        os.environ[ENCODER_ENV] = name
+    try:
+        yield
+    finally:
         os.environ.pop(ENCODER_ENV, None)
-        if self.saved is not None:
-            os.environ[ENCODER_ENV] = self.saved
+        if saved is not None:
+            os.environ[ENCODER_ENV] = saved
 
 
 def encoder_single_core(texts, model, encoder):

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from engine.model.config import LlamaConfig
-from engine.model.sharding import tensor_parallel_dim
+from engine.model.sharding import NORM_CHECKPOINT_PREFIXES, tensor_parallel_dim
 
 
 class ConversionError(ValueError):
@@ -40,10 +40,9 @@ class ConversionError(ValueError):
 # Where a checkpoint keeps the two per-layer norm weights.
 NORM_LAYOUTS = {
     # The local spec's own module names: checkpoints written before its keys map existed.
-    "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
+    "local": tuple(prefix + "weight" for prefix in NORM_CHECKPOINT_PREFIXES),
     # transformer-engine fuses each norm into the linear that follows it; every spec saves so now.
-    "transformer-engine": ("self_attention.linear_qkv.layer_norm_weight",
-                           "mlp.linear_fc1.layer_norm_weight"),
+    "transformer-engine": tuple(prefix + "weight" for prefix in NORM_CHECKPOINT_PREFIXES.values()),
 }
 
 CHECKPOINT_NORM_LAYOUT = "transformer-engine"

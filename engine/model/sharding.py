@@ -15,6 +15,11 @@ import torch
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
+# Checkpoint key prefixes of the two per-layer norms: the local spec's module -> the name
+# transformer-engine's fused norm-linear gives it, which every layer spec checkpoints under.
+NORM_CHECKPOINT_PREFIXES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
 # Split along dim 0 into contiguous blocks (column-parallel outputs, vocabulary shards).
 _ROW_SHARDED = ("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")
 # Split along dim 1 (row-parallel inputs).

@@ -29,6 +29,7 @@ from engine.model.attention import (
 )
 from engine.model.kernels import KernelChoices, SwiGLU, csrc_impl, default_device
 from engine.model.norm import RMSNorm
+from engine.model.sharding import NORM_CHECKPOINT_PREFIXES
 
 
 def transformer_engine_available() -> bool:
@@ -78,8 +79,7 @@ def llama_layer_spec(core_attention=None, use_transformer_engine: bool = False,
         # Checkpoints store the norms under transformer-engine's names (the norm fused into the
         # next linear), as megatron's own local spec does: a checkpoint saved by either spec
         # loads into the other, e.g. weights imported on a CPU node into a TE run on GPUs.
-        checkpoint_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                               "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+        checkpoint_keys_map = dict(NORM_CHECKPOINT_PREFIXES)
 
     attention_params = {"attn_mask_type": AttnMaskType.causal}
     attention_module = SelfAttention
