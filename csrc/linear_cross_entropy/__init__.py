@@ -3,7 +3,7 @@
     loss_sum, n_valid = fused_linear_cross_entropy(hidden, weight, labels, loss_mask)
     loss = loss_sum / n_valid      # token-averaged (divide after any data-parallel all-reduce)
 
-impl="reference" is plain PyTorch (reference.py, the specification), impl="triton" the chunked
+impl="torch" is plain PyTorch (reference.py, the specification), impl="ours" the chunked
 kernel (triton_kernels.py), impl="auto" Triton on CUDA and the reference elsewhere.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def fused_linear_cross_entropy(
         loss_mask: [T] 0/1 (bool or float; nonzero = counted) or None.
         tp_group: torch.distributed process group splitting the vocabulary, or None.
         chunk_size: tokens per logits chunk; None = default_chunk_size(...).
-        impl: "auto" | "triton" | "reference".
+        impl: "auto" | "ours" | "torch".
 
     Returns:
         loss_sum: fp32 scalar, differentiable, summed over counted tokens (natural log).
@@ -90,7 +90,7 @@ def fused_linear_cross_entropy(
     resolved = resolve_impl(impl, hidden, "fused_linear_cross_entropy")
     _validate(hidden, weight, labels, loss_mask, tp_group, chunk_size)
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
-    if resolved == "reference":
+    if resolved == "torch":
         return reference_linear_cross_entropy(hidden, weight, labels, loss_mask, tp_group, chunk)
     from csrc.linear_cross_entropy.triton_kernels import FusedLinearCrossEntropy
 
