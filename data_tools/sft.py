@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
