@@ -20,7 +20,8 @@ def _preprocess(args) -> None:
     options = PreprocessOptions(json_keys=args.json_keys, group_by=args.group_by,
                                 append_eos=args.append_eos, prepend_bos=args.prepend_bos,
                                 min_tokens=args.min_tokens, workers=args.workers,
-                                skip_bad=args.skip_bad, progress=not args.quiet)
+                                skip_bad=args.skip_bad, progress=not args.quiet,
+                                allow_empty=args.allow_empty)
     summary = preprocess(args.input, args.output_prefix, args.tokenizer, options)
     print(f"wrote {summary['documents']:,} documents, {summary['tokens']:,} tokens to "
           f"{args.output_prefix}.bin/.idx in {summary['seconds']:.1f} s "
@@ -87,10 +88,13 @@ def _sft(args) -> None:
     from data_tools.sft import build_sft
 
     build_sft(args.input, args.output, args.tokenizer, args.seq_length, overflow=args.overflow,
-              seed=args.seed, skip_bad=args.skip_bad, messages_key=args.messages_key)
+              seed=args.seed, skip_bad=args.skip_bad, messages_key=args.messages_key,
+              allow_empty=args.allow_empty)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data_tools.preprocess import max_workers, usable_cpu_cores
+
     parser = argparse.ArgumentParser(
         prog="lce-data", description="Corpora -> Megatron indexed datasets -> packed long-context "
                                      "training data (ProLong recipe).")
@@ -118,10 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=False,
                    help="start each document with BOS (default: off)")
     p.add_argument("--min-tokens", type=int, default=0,
-                   help="keep only documents of at least this many tokens (BOS/EOS included)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+                   help="keep only documents of at least this many tokens (BOS/EOS included; "
+                        ">= 0)")
+    p.add_argument("--workers", type=int, default=1,
+                   help=f"tokenizer processes, 1 to 2 per usable CPU core ({max_workers()} "
+                        f"here: {usable_cpu_cores()} cores); default: 1")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count bad lines instead of stopping at the first one")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a dataset without documents instead of stopping with an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_preprocess)
 
@@ -170,13 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--output", required=True, help="packed dataset folder")
     p.add_argument("--tokenizer", required=True, help="a Llama-3 tokenizer")
-    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--seq-length", type=int, required=True, help="tokens per sequence (>= 1)")
     p.add_argument("--overflow", choices=("move", "drop"), default="move",
                    help="a conversation that does not fit the open sequence: move it to the "
                         "next one (default) or drop it (ProLong's rule)")
     p.add_argument("--seed", type=int, default=0, help="conversation shuffle seed")
     p.add_argument("--messages-key", default="messages")
-    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count bad lines instead of stopping at the first one")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a dataset without sequences instead of stopping with an error")
     p.set_defaults(run=_sft)
     return parser
 
@@ -185,7 +197,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (InputError, TokenizerError, RecipeError, FileNotFoundError, ValueError) as error:
+    except (InputError, TokenizerError, RecipeError, ValueError) as error:
+        print(f"lce-data {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:
+        # A missing input, or a write the checks before it could not foresee (a full disk):
+        # the path and the reason, without a traceback. Temporary outputs are already removed.
         print(f"lce-data {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

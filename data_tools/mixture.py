@@ -32,8 +32,10 @@ from typing import Optional
 import numpy as np
 
 from data_tools.indexed import IndexedReader, bin_path, idx_path
+from data_tools.outputs import check_output_location
 from data_tools.packed import METADATA_FILE, write_packed
 from data_tools.packing import pack_concatenated, split_long
+from data_tools.summary import DatasetTokens, MixedTokenizersError, check_one_tokenizer
 
 SOURCE_KEYS = {"name", "path", "weight", "long", "min_doc_tokens"}
 RECIPE_KEYS = {"name", "seq_length", "seed", "total_tokens", "data_root", "sources",
@@ -86,6 +88,22 @@ def _number(value, what: str, path: str) -> float:
         raise RecipeError(f"{path}: {what} must be a number, not {value!r}") from None
 
 
+def _integer(value, what: str, path: str, minimum: int) -> int:
+    """A whole number >= minimum from a recipe value (YAML may give 2.0e+10 as a float or "20e9"
+    as a string: a whole value in either form is accepted)."""
+    try:
+        number = _number(value, what, path)
+    except RecipeError:
+        raise RecipeError(f"{path}: {what} must be a whole number, not {value!r}") from None
+    if not np.isfinite(number) or number != int(number):
+        raise RecipeError(f"{path}: {what} must be a whole number, not {value!r}"
+                          + (f"; use {int(number)} or {int(number) + 1}"
+                             if np.isfinite(number) else ""))
+    if number < minimum:
+        raise RecipeError(f"{path}: {what} is {int(number)}; it must be at least {minimum}")
+    return int(number)
+
+
 def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional[int] = None,
                 seed: Optional[int] = None, total_tokens: Optional[int] = None) -> Recipe:
     """Parse and check a recipe; keyword arguments override the file's values."""
@@ -115,7 +133,9 @@ def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional
             raise RecipeError(f"{path}: weight of source {i + 1} is {weight}; weights are >= 0")
         sources.append(Source(name=str(entry.get("name", entry["path"])), path=str(entry["path"]),
                               weight=weight, long=bool(entry.get("long", False)),
-                              min_doc_tokens=int(entry.get("min_doc_tokens", 0))))
+                              min_doc_tokens=_integer(entry.get("min_doc_tokens", 0),
+                                                      f"min_doc_tokens of source {i + 1}",
+                                                      path, 0)))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise RecipeError(f"{path}: source names must be unique, got {names}")
@@ -123,16 +143,23 @@ def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional
     if not weight_sum > 0:
         raise RecipeError(f"{path}: the source weights sum to {weight_sum}; they must sum to a "
                           f"positive number")
-    length = int(seq_length or _number(raw.get("seq_length", 0), "seq_length", path))
-    if length <= 0:
-        raise RecipeError(f"{path}: seq_length must be a positive number of tokens")
-    total = total_tokens if total_tokens is not None else raw.get("total_tokens")
+    if seq_length is not None:
+        length = _integer(seq_length, "--seq-length", path, 1)
+    elif "seq_length" not in raw:
+        raise RecipeError(f"{path}: seq_length (tokens per sequence) is missing; add it or pass "
+                          f"--seq-length")
+    else:
+        length = _integer(raw["seq_length"], "seq_length", path, 1)
+    seed_value = (_integer(seed, "--seed", path, 0) if seed is not None
+                  else _integer(raw.get("seed", 0), "seed", path, 0))
+    total = None
+    if total_tokens is not None:
+        total = _integer(total_tokens, "--total-tokens", path, length)
+    elif raw.get("total_tokens") is not None:
+        total = _integer(raw["total_tokens"], "total_tokens", path, length)
     root = data_root or raw.get("data_root") or "."
     return Recipe(path=os.path.abspath(path), name=str(raw.get("name", os.path.basename(path))),
-                  seq_length=length,
-                  seed=int(seed if seed is not None else raw.get("seed", 0)),
-                  sources=sources,
-                  total_tokens=int(_number(total, "total_tokens", path)) if total else None,
+                  seq_length=length, seed=seed_value, sources=sources, total_tokens=total,
                   data_root=os.path.abspath(root))
 
 
@@ -166,7 +193,8 @@ def recipe_hash(recipe: Recipe) -> str:
                                "bin_bytes": os.path.getsize(bin_path(prefix))}
     key = {"sources": [asdict(s) for s in recipe.sources], "inputs": inputs,
            "seq_length": recipe.seq_length, "seed": recipe.seed,
-           "total_tokens": recipe.total_tokens, "version": 2}  # 2: later epochs reshuffled
+           "total_tokens": recipe.total_tokens,
+           "version": 3}  # 2: later epochs reshuffled; 3: tokenizer and max_token_id recorded
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -231,9 +259,18 @@ def epoch_sequence_order(first_epoch: np.ndarray, draws: np.ndarray, seed: int,
 def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
     """Build (or reuse, when its hash matches) the packed dataset of `recipe` in `output`.
 
-    Returns the metadata, with "reused": True when the cached index was kept.
+    Returns the metadata, with "reused": True when the cached index was kept. Raises
+    RecipeError, before writing anything, for an output that cannot be written, a source that
+    is missing or yields no sequence, or sources of different tokenizers.
     """
+    check_output_location(output, "--output")
     key = recipe_hash(recipe)
+    datasets = [DatasetTokens.of(source_prefix(recipe, s), f"source {s.name!r}")
+                for s in recipe.sources]
+    try:
+        tokenizer = check_one_tokenizer(datasets, "Mix")
+    except MixedTokenizersError as error:
+        raise RecipeError(f"{recipe.path}: {error}") from None
     metadata_path = os.path.join(output, METADATA_FILE)
     if os.path.exists(metadata_path):
         with open(metadata_path) as f:
@@ -289,10 +326,16 @@ def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
             "tokens_drawn": drawn * L,
             "epochs": round(drawn / max(len(packed.sequences), 1), 4),
         })
+    # The sources' largest ids: every document of a dataset comes from its one tokenizer, so
+    # this is what the model's vocabulary must cover (mix sequences hold no padding).
+    drawn_max = [d.largest_token_id() for d, info in zip(datasets, infos)
+                 if info["sequences_drawn"]]
+    drawn_max = [m for m in drawn_max if m is not None]
     metadata = {
         "recipe": recipe.name, "recipe_path": recipe.path, "hash": key,
         "seq_length": L, "seed": recipe.seed, "num_sequences": size,
-        "total_tokens": size * L, "pad_id": 0,
+        "total_tokens": size * L, "pad_id": 0, "tokenizer": tokenizer,
+        "max_token_id": max(drawn_max) if drawn_max else None,
         "tokens_per_source": {info["name"]: info["tokens_drawn"] for info in infos},
         "build_seconds": round(time.perf_counter() - start, 3),
     }
