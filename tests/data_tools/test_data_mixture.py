@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_tools_helpers import expected_stream_tokens, write_recipe
-from data_tools.indexed import IndexedReader
+from data_tools.indexed import IndexedReader, IndexedWriter
 from data_tools.mixture import RecipeError, build_mixture, load_recipe
 from data_tools.packed import PackedDataset
 
@@ -164,3 +164,31 @@ def test_shipped_prolong_recipes():
     assert abs(sum(w2.values()) - 1.0) < 1e-9
     assert {s.name: s.min_doc_tokens for s in stage2.sources if s.min_doc_tokens} == \
         {"stack-repos-64k": 65536, "books-64k": 65536}
+
+
+def test_prepacked_source_keeps_stored_sequences(tmp_path):
+    """Each stored L-token run of documents is one sequence, with its document boundaries."""
+    L = 12
+    lengths = [5, 7, 12, 1, 4, 7, 12, 3, 9]  # three-by-three: each group sums to L
+    tokens = np.arange(sum(lengths), dtype=np.int32) % 1000
+    with IndexedWriter(str(tmp_path / "packed-src"), np.int32) as writer:
+        writer.add_documents(tokens, np.array(lengths))
+    path = write_recipe(tmp_path / "r.yaml", L, [{"name": "p", "path": "packed-src", "weight": 1,
+                                                  "prepacked": True}])
+    build_mixture(load_recipe(path, data_root=str(tmp_path)), str(tmp_path / "out"),
+                  log=lambda *_: None)
+    ds = PackedDataset(str(tmp_path / "out"))
+    stored = {tuple(tokens[i * L:(i + 1) * L]) for i in range(5)}
+    seen = {tuple(ds[i].tokens.tolist()): ds[i].doc_lengths.tolist() for i in range(len(ds))}
+    assert len(ds) == 5 and set(seen) == stored
+    assert sorted(seen.values()) == sorted([[5, 7], [12], [1, 4, 7], [12], [3, 9]])
+
+    path = write_recipe(tmp_path / "bad.yaml", 10, [{"name": "p", "path": "packed-src",
+                                                     "weight": 1, "prepacked": True}])
+    with pytest.raises(RecipeError, match=r"bad.yaml: source 'p' .*is prepacked, but its document "
+                                          r"1 \(7 tokens\) crosses token 10.*Set seq_length"):
+        build_mixture(load_recipe(path, data_root=str(tmp_path)), str(tmp_path / "o2"))
+    path = write_recipe(tmp_path / "both.yaml", L, [{"path": "packed-src", "weight": 1,
+                                                     "prepacked": True, "long": True}])
+    with pytest.raises(RecipeError, match="both.yaml: source 1 is prepacked.*'long'"):
+        load_recipe(path)
