@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from data_tools_helpers import expected_stream_tokens, write_recipe
+from data_tools_helpers import (PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS,
+                                expected_stream_tokens, write_recipe)
 from data_tools.indexed import IndexedReader, IndexedWriter
 from data_tools.mixture import RecipeError, build_mixture, load_recipe
 from data_tools.packed import PackedDataset
@@ -155,15 +156,17 @@ def test_shipped_prolong_recipes():
     assert weights == {"stack-repos": 0.3, "books": 0.3, "fineweb-edu": 0.1, "fineweb": 0.1,
                        "stackexchange": 0.04, "wikipedia": 0.04, "tulu-v2": 0.03, "arxiv": 0.03,
                        "openwebmath": 0.03, "textbooks": 0.03}
-    assert {s.name for s in stage1.sources if s.long} == {"stack-repos", "books"}
+    assert {s.name: s.path for s in stage1.sources} == PROLONG_64K_FOLDERS
     stage2 = load_recipe("prolong-stage2-512k")
     assert stage2.seq_length == 524288
     w2 = {s.name: s.weight for s in stage2.sources}
     assert (w2["stack-repos-512k"], w2["stack-repos-64k"], w2["books-512k"], w2["books-64k"]) == \
         (0.15, 0.15, 0.05, 0.25)
     assert abs(sum(w2.values()) - 1.0) < 1e-9
-    assert {s.name: s.min_doc_tokens for s in stage2.sources if s.min_doc_tokens} == \
-        {"stack-repos-64k": 65536, "books-64k": 65536}
+    assert {s.name: s.path for s in stage2.sources} == PROLONG_512K_FOLDERS
+    # ProLong's release is filtered and packed already: every source is taken as stored.
+    for source in stage1.sources + stage2.sources:
+        assert source.prepacked and not source.long and source.min_doc_tokens == 0
 
 
 def test_prepacked_source_keeps_stored_sequences(tmp_path):
