@@ -1,4 +1,4 @@
-"""`lce-data` / `python -m data_tools`: preprocess, merge, stats, inspect, mix (pack), sft."""
+"""`lce-data` / `python -m data_tools`: preprocess, import-mds, merge, stats, inspect, mix, sft."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,19 @@ def _preprocess(args) -> None:
             print(f"note: tokenizer.json is encoded by Hugging Face tokenizers; --tokenizer {ranks} "
                   f"gives the same ids several times faster (except that special-token strings "
                   f"inside raw text, such as '<|eot_id|>', stay plain text there)")
+
+
+def _import_mds(args) -> None:
+    from data_tools.mds import import_mds
+
+    summary = import_mds(args.source, args.output_prefix, tokenizer_path=args.tokenizer,
+                         progress=not args.quiet)
+    print(f"wrote {summary['documents']:,} documents, {summary['tokens']:,} tokens to "
+          f"{args.output_prefix}.bin/.idx in {summary['seconds']:.1f} s "
+          f"({summary['tokens_per_second']:,.0f} tokens/s) from {len(summary['parts'])} part(s), "
+          f"{summary['shards']} shards, {summary['samples']:,} samples; empty ranges skipped: "
+          f"{summary['empty_ranges']}; tokens outside every range: "
+          f"{summary['uncovered_tokens']:,}; summary: {args.output_prefix}.summary.json")
 
 
 def _merge(args) -> None:
@@ -133,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a dataset without documents instead of stopping with an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_preprocess)
+
+    p = commands.add_parser(
+        "import-mds", help="ProLong's released data (MDS shards) -> PREFIX.bin/.idx",
+        description="Import one source folder of ProLong's released, Llama-3-tokenized data "
+                    "(e.g. book-65536: procNN-MM/ parts of mosaicml-streaming MDS shards) into "
+                    "one indexed dataset: one document per [start, end) range of each sample's "
+                    "indices, the parts in numeric order. Needs no mosaicml-streaming.")
+    p.add_argument("source", help="a source folder holding procNN-MM/ parts, or one part "
+                                  "(a folder with index.json)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, "
+                                                          "PREFIX.summary.json")
+    p.add_argument("--tokenizer", help="the data's tokenizer (Llama-3's tokenizer.model), "
+                                       "recorded for `inspect` and bounding the ids; default: "
+                                       "ids are checked against Llama-3's 128,256")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_import_mds)
 
     p = commands.add_parser("merge", help="concatenate indexed datasets",
                             description="Concatenate indexed datasets of one tokenizer.")

@@ -174,22 +174,26 @@ def _keep_long_enough(tokens, lengths, min_tokens, counters: Counters):
     return tokens[np.repeat(keep, lengths)], lengths[keep]
 
 
-class _Progress:
-    """tqdm bar counting documents, with tokens/s beside the documents/s."""
+class ProgressBar:
+    """tqdm bar counting items (documents by default), with tokens/s beside the items/s.
 
-    def __init__(self, enabled: bool):
+    `total` (items) gives the bar an end and an ETA; None counts without one.
+    """
+
+    def __init__(self, enabled: bool, unit: str = " doc", total: Optional[int] = None):
         self.bar = None
         self.start = time.perf_counter()
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(unit=" doc", unit_scale=True, mininterval=1.0, dynamic_ncols=True)
+            self.bar = tqdm(unit=unit, unit_scale=True, total=total, mininterval=1.0,
+                            dynamic_ncols=True)
 
-    def update(self, documents: int, total_tokens: int) -> None:
+    def update(self, items: int, total_tokens: int) -> None:
         if self.bar is not None:
             rate = total_tokens / max(time.perf_counter() - self.start, 1e-9)
             self.bar.set_postfix_str(f"{total_tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
-            self.bar.update(documents)
+            self.bar.update(items)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -249,7 +253,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         raise ValueError(f"tokenizer {tokenizer_path} defines no BOS token; drop --prepend-bos")
     dtype = token_dtype(tokenizer.vocab_size)
     counters = Counters()
-    progress = _Progress(options.progress)
+    progress = ProgressBar(options.progress)
     # Grouped documents are assembled after all input is read, from pieces kept on disk.
     writer = IndexedWriter(output_prefix + (".pieces" if options.group_by else ""), dtype)
     group_ids: dict[str, int] = {}

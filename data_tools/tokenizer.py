@@ -27,6 +27,8 @@ LLAMA3_SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 LLAMA3_NUM_SPECIAL_TOKENS = 256
+# Llama-3's tokenizer.model holds 128,000 BPE ranks: ids 0-127,999, specials from 128,000.
+LLAMA3_NUM_BPE_RANKS = 128_000
 # Named special tokens by offset from the first special id; every other offset is reserved.
 _LLAMA3_NAMED_SPECIALS = {
     0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 5: "<|step_id|>",

@@ -20,11 +20,12 @@ def test_module_entry_point_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "data_tools", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for command in ("preprocess", "merge", "stats", "inspect", "mix", "pack", "sft"):
+    for command in ("preprocess", "import-mds", "merge", "stats", "inspect", "mix", "pack", "sft"):
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["preprocess", "merge", "stats", "inspect", "mix", "sft"])
+@pytest.mark.parametrize("command", ["preprocess", "import-mds", "merge", "stats", "inspect",
+                                     "mix", "sft"])
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
