@@ -5,6 +5,8 @@
 
 impl="torch" is plain PyTorch (reference.py, the specification), impl="ours" the chunked
 kernel (triton_kernels.py), impl="auto" Triton on CUDA and the reference elsewhere.
+
+    token_loss, argmax = linear_token_scores(hidden, weight, labels)   # evaluation, no grad
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import torch.distributed as dist
 from csrc.linear_cross_entropy.reference import (
     IGNORE_INDEX,
     counted_tokens,
+    linear_token_scores,
     reference_linear_cross_entropy,
     vocab_shard_start,
 )
 from csrc.triton_support import resolve_impl
 
-__all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy", "default_chunk_size", "IGNORE_INDEX"]
+__all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy", "linear_token_scores",
+           "default_chunk_size", "IGNORE_INDEX"]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -126,6 +126,7 @@ def build_model_chunks(plan: RunPlan, config: TransformerConfig) -> list[LlamaGP
             rotary_base=model.rope_base,
             vp_stage=stage,
             cross_entropy=kernels.cross_entropy,
+            scored_vocab_size=model.vocab_size,
         )
         initialize_canonically(chunk, model, plan.seed)
         chunks.append(chunk)

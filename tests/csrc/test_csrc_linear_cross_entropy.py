@@ -141,3 +141,22 @@ def _tensor_parallel_worker(rank, world_size, port, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tensor_parallel_vocab_shards_match_single_rank(dtype):
     run_ranks(_tensor_parallel_worker, 2, dtype)
+
+
+def test_token_scores_are_per_token_cross_entropy_and_the_first_argmax():
+    from csrc.linear_cross_entropy import linear_token_scores
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    weight[7] = weight[3]  # a tie: rows 3 and 7 always score the same
+    labels = torch.randint(0, 45, (37,), generator=gen)
+    # The last 5 rows are tensor-parallel padding: never predicted, not in the softmax.
+    logits = (hidden @ weight[:45].t())
+    loss, best = linear_token_scores(hidden, weight, labels, vocab_size=45, chunk_size=8)
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(best, logits.argmax(dim=1))
+    hidden[0] = weight[3] * 10  # row 0 now prefers ids 3 and 7 equally: the lowest wins
+    _, best = linear_token_scores(hidden, weight, labels, vocab_size=45)
+    assert int(best[0]) == 3
