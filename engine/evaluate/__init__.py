@@ -1,0 +1,29 @@
+"""Long-context evaluation: the recall suite and its scoring.
+
+Parts that need no engine internals (the engine-side forward in TP/PP/CP layouts feeds them):
+
+- `tasks`: `RecallSuite(tokenizer, haystack, seed, vocab_size).example(task, length, depth,
+  index) -> RecallExample`, the six tasks in `TASKS` (RULER's and HELMET's formats), exact
+  token lengths up to 512K, `depth_sweep(n)`, `check_tokenizer_vocabulary`.
+- `haystack`: `NoiseHaystack` (RULER's noise), `DocumentHaystack.from_indexed` /
+  `.from_text_files` (the user's documents), `load_haystack(source, tokenizer)`.
+- `scoring`: `score_generation(text, gold)`, `score_teacher_forced(example, predicted_ids)`,
+  `answer_token_losses`, `ExampleResult`, `recall_cells` -> `RecallCell`.
+
+Bad input raises `EvaluationError` (a ValueError) naming the value and the fix. Importing this
+package imports numpy and data_tools only.
+"""
+from engine.evaluate.errors import EvaluationError
+from engine.evaluate.haystack import DocumentHaystack, Haystack, NoiseHaystack, load_haystack
+from engine.evaluate.scoring import (ExampleResult, RecallCell, RecallScore, answer_token_losses,
+                                     answer_value_ends, recall_cells, score_generation,
+                                     score_teacher_forced)
+from engine.evaluate.tasks import (TASKS, RecallExample, RecallSuite, check_tokenizer_vocabulary,
+                                   depth_sweep)
+
+__all__ = [
+    "EvaluationError", "DocumentHaystack", "Haystack", "NoiseHaystack", "load_haystack",
+    "ExampleResult", "RecallCell", "RecallScore", "answer_token_losses", "answer_value_ends",
+    "recall_cells", "score_generation", "score_teacher_forced", "TASKS", "RecallExample",
+    "RecallSuite", "check_tokenizer_vocabulary", "depth_sweep",
+]
