@@ -9,9 +9,13 @@ Parts that need no engine internals (the engine-side forward in TP/PP/CP layouts
   `.from_text_files` (the user's documents), `load_haystack(source, tokenizer)`.
 - `scoring`: `score_generation(text, gold)`, `score_teacher_forced(example, predicted_ids)`,
   `answer_token_losses`, `ExampleResult`, `recall_cells` -> `RecallCell`.
+- `hf_model`: transformers on a Hugging Face folder: `load_hf_model`, `greedy_generate`,
+  `evaluate_generation` (real greedy decoding with a KV cache), `teacher_forced_reference` /
+  `evaluate_teacher_forced` (the reference the engine's teacher-forced scoring must match).
 
 Bad input raises `EvaluationError` (a ValueError) naming the value and the fix. Importing this
-package imports numpy and data_tools only.
+package imports numpy and data_tools only: torch and transformers are imported by the
+functions that use them.
 """
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.haystack import DocumentHaystack, Haystack, NoiseHaystack, load_haystack
