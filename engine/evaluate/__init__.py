@@ -1,4 +1,4 @@
-"""Long-context evaluation: the recall suite and its scoring.
+"""Long-context evaluation: the recall suite, its scoring, loss by position, and the report.
 
 Parts that need no engine internals (the engine-side forward in TP/PP/CP layouts feeds them):
 
@@ -12,13 +12,22 @@ Parts that need no engine internals (the engine-side forward in TP/PP/CP layouts
 - `hf_model`: transformers on a Hugging Face folder: `load_hf_model`, `greedy_generate`,
   `evaluate_generation` (real greedy decoding with a KV cache), `teacher_forced_reference` /
   `evaluate_teacher_forced` (the reference the engine's teacher-forced scoring must match).
+- `position_loss`: `PositionLossAccumulator` (log2 position buckets), `MeanLossAccumulator`
+  (short documents).
+- `report`: `EvaluationReport` / `CheckpointReport` -> `write_report(report, out_dir)`
+  (report.json, report.md, PNG plots), `read_report`.
 
 Bad input raises `EvaluationError` (a ValueError) naming the value and the fix. Importing this
-package imports numpy and data_tools only: torch and transformers are imported by the
-functions that use them.
+package imports numpy and data_tools only: torch, transformers and matplotlib are imported by
+the functions that use them.
 """
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.haystack import DocumentHaystack, Haystack, NoiseHaystack, load_haystack
+from engine.evaluate.position_loss import (MeanLossAccumulator, PositionBucket,
+                                           PositionLossAccumulator, ShortDocumentLoss,
+                                           position_bucket_edges)
+from engine.evaluate.report import (CheckpointReport, EvaluationReport, read_report,
+                                    render_markdown, report_to_dict, write_report)
 from engine.evaluate.scoring import (ExampleResult, RecallCell, RecallScore, answer_token_losses,
                                      answer_value_ends, recall_cells, score_generation,
                                      score_teacher_forced)
@@ -27,7 +36,10 @@ from engine.evaluate.tasks import (TASKS, RecallExample, RecallSuite, check_toke
 
 __all__ = [
     "EvaluationError", "DocumentHaystack", "Haystack", "NoiseHaystack", "load_haystack",
-    "ExampleResult", "RecallCell", "RecallScore", "answer_token_losses", "answer_value_ends",
-    "recall_cells", "score_generation", "score_teacher_forced", "TASKS", "RecallExample",
-    "RecallSuite", "check_tokenizer_vocabulary", "depth_sweep",
+    "MeanLossAccumulator", "PositionBucket", "PositionLossAccumulator", "ShortDocumentLoss",
+    "position_bucket_edges", "CheckpointReport", "EvaluationReport", "read_report",
+    "render_markdown", "report_to_dict", "write_report", "ExampleResult", "RecallCell",
+    "RecallScore", "answer_token_losses", "answer_value_ends", "recall_cells",
+    "score_generation", "score_teacher_forced", "TASKS", "RecallExample", "RecallSuite",
+    "check_tokenizer_vocabulary", "depth_sweep",
 ]

@@ -195,3 +195,43 @@ def test_generation_refuses_a_tokenizer_of_another_vocabulary(llama3):
     with pytest.raises(EvaluationError, match="128,256 tokens .* a 32,000-token vocabulary"):
         evaluate_generation(small, llama3, [example], progress=False)
 
+
+def test_suite_to_report_with_both_scoring_modes(model, llama3, tmp_path):
+    """What the evaluation command does on a Hugging Face model, end to end on a tiny one."""
+    import torch
+
+    from engine.evaluate import (CheckpointReport, EvaluationReport, MeanLossAccumulator,
+                                 PositionLossAccumulator, depth_sweep, write_report)
+    from engine.evaluate.hf_model import evaluate_generation, evaluate_teacher_forced
+
+    suite = RecallSuite(llama3, seed=0, vocab_size=model.config.vocab_size)
+    examples = list(suite.examples(["niah_single", "variable_tracking"], lengths=(256, 512),
+                                   depths=depth_sweep(2), per_cell=1))
+    document = torch.from_numpy(suite.example("niah_single", 512, 0.5).prompt_ids.astype(np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=document[None]).logits[0, :-1]
+    token_losses = torch.nn.functional.cross_entropy(logits, document[1:], reduction="none").numpy()
+    buckets = PositionLossAccumulator(512)
+    buckets.add(token_losses)
+    short = MeanLossAccumulator()
+    short.add(token_losses[:100])
+    checkpoints = []
+    for scoring, results in (("teacher_forced", evaluate_teacher_forced(model, examples, progress=False)),
+                             ("generation", evaluate_generation(model, llama3, examples, progress=False))):
+        assert [(r.task, r.length, r.depth) for r in results] == [
+            (e.task, e.length, e.depth) for e in examples]
+        checkpoints.append(CheckpointReport(
+            f"tiny ({scoring})", "tiny-random", scoring, llama3.describe(), suite.seed,
+            suite.haystack.describe(), recall_cells(results), buckets.buckets(), short.result()))
+    written = write_report(EvaluationReport(checkpoints), str(tmp_path))
+    assert sorted(written) == ["loss_vs_position.png", "recall_heatmap_niah_single.png",
+                               "recall_heatmap_variable_tracking.png", "recall_vs_length.png",
+                               "report.json", "report.md"]
+    data = json.loads(open(written["report.json"]).read())
+    forced, generated = data["checkpoints"]
+    assert forced["recall"]["average"] == 0.0 == generated["recall"]["average"]  # random weights
+    assert all(c["answer_loss"] > 5 for c in forced["recall"]["cells"])
+    assert forced["position_loss"][-1] == {"start": 256, "end": 512, "tokens": 255,
+                                           "loss": pytest.approx(token_losses[256:].mean())}
+    assert forced["haystack"]["kind"] == "noise" and forced["tokenizer"]["vocab_size"] == LLAMA3_VOCAB
+
