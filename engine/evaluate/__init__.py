@@ -1,6 +1,6 @@
 """Long-context evaluation: the recall suite, its scoring, loss by position, and the report.
 
-Parts that need no engine internals (the engine-side forward in TP/PP/CP layouts feeds them):
+The parts:
 
 - `tasks`: `RecallSuite(tokenizer, haystack, seed, vocab_size).example(task, length, depth,
   index) -> RecallExample`, the six tasks in `TASKS` (RULER's and HELMET's formats), exact
@@ -17,9 +17,11 @@ Parts that need no engine internals (the engine-side forward in TP/PP/CP layouts
 - `report`: `EvaluationReport` / `CheckpointReport` -> `write_report(report, out_dir)`
   (report.json, report.md, PNG plots), `read_report`.
 
-Bad input raises `EvaluationError` (a ValueError) naming the value and the fix. Importing this
-package imports numpy and data_tools only: torch, transformers and matplotlib are imported by
-the functions that use them.
+- `engine_scores`: `score_samples(chunks, plan, samples, indices)`, per-token loss and argmax
+  through the engine's model in any parallel layout (one forward pass, no KV cache).
+
+Bad input raises `EvaluationError` (a ValueError) naming the value and the fix. transformers (a
+test extra) and matplotlib are imported by the functions that use them.
 """
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.haystack import DocumentHaystack, Haystack, NoiseHaystack, load_haystack

@@ -17,7 +17,7 @@ transformers: real greedy generation, and the reference for teacher-forced scori
   one `ExampleResult` per example (engine.evaluate.scoring). Generation runs for the answer's
   length plus `margin` tokens, so an answer buried in extra words is still found.
 
-torch and transformers are imported when these functions run, not when the module is imported.
+transformers (a test extra) is imported when these functions run, not with the module.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.scoring import (ExampleResult, RecallScore, answer_token_losses,
@@ -39,7 +41,6 @@ GENERATION_MARGIN = 16
 
 
 def _torch_dtype(name: str):
-    import torch
 
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
@@ -50,7 +51,6 @@ def _torch_dtype(name: str):
 def load_hf_model(folder: str, device: Optional[str] = None, dtype: Optional[str] = None):
     """AutoModelForCausalLM from a local folder, eval mode. `dtype` (e.g. "float32") overrides
     the one config.json names; `device` defaults to "cuda" when available, else "cpu"."""
-    import torch
     import transformers
 
     config_path = os.path.join(folder, "config.json")
@@ -93,7 +93,6 @@ class TeacherForcedOutput:
 def teacher_forced_reference(model, example) -> TeacherForcedOutput:
     """One forward pass of a transformers causal LM over prompt + answer[:-1]; only the answer
     positions' logits are computed where transformers offers `logits_to_keep`."""
-    import torch
 
     answer = np.asarray(example.answer_ids, dtype=np.int64)
     tokens = np.concatenate([np.asarray(example.prompt_ids, dtype=np.int64), answer[:-1]])
@@ -113,7 +112,6 @@ def teacher_forced_reference(model, example) -> TeacherForcedOutput:
 def greedy_generate(model, prompts: Sequence[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
     """Greedy decoding with transformers' KV cache from token-id prompts of one length.
     Returns each prompt's new tokens (int64), ending before the first EOS."""
-    import torch
 
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
@@ -154,7 +152,6 @@ def evaluate_generation(model, tokenizer, examples: Sequence, margin: int = GENE
                         batch_size: int = 1, progress: bool = True) -> list[ExampleResult]:
     """Greedy generation on each example, scored by substring match (RULER's metric); the
     generated text is kept in `ExampleResult.output`."""
-    from tqdm import tqdm
 
     check_tokenizer_vocabulary(tokenizer, model.config.vocab_size, "the model")
     results = []
@@ -173,7 +170,6 @@ def evaluate_generation(model, tokenizer, examples: Sequence, margin: int = GENE
 def evaluate_teacher_forced(model, examples: Sequence, progress: bool = True) -> list[ExampleResult]:
     """Teacher-forced greedy scoring with `teacher_forced_reference`, with each example's mean
     answer-token loss (nats)."""
-    from tqdm import tqdm
 
     results = []
     for example in tqdm(examples, desc="teacher-forced", unit="example", disable=not progress):

@@ -39,6 +39,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
+
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.position_loss import PositionBucket, ShortDocumentLoss
 from engine.evaluate.scoring import RecallCell
@@ -94,8 +96,8 @@ def _mean_by(cells: list[RecallCell], key: Callable) -> list[tuple]:
 
 def recall_summary(cells: list[RecallCell]) -> dict:
     """by_task_length, by_task (example-weighted) and the average over tasks."""
-    by_task_length = [{"task": t, "length": l, "examples": n, "score": s}
-                      for (t, l), n, s in _mean_by(cells, lambda c: (c.task, c.length))]
+    by_task_length = [{"task": t, "length": length_, "examples": n, "score": s}
+                      for (t, length_), n, s in _mean_by(cells, lambda c: (c.task, c.length))]
     by_task = [{"task": t, "examples": n, "score": s} for t, n, s in _mean_by(cells, lambda c: c.task)]
     average = sum(t["score"] for t in by_task) / len(by_task) if by_task else None
     return {"cells": [asdict(c) for c in cells], "by_task_length": by_task_length,
@@ -190,8 +192,8 @@ def render_markdown(report: EvaluationReport) -> str:
                 lengths = sorted({x.length for x in cells})
                 by_cell = {(x.depth, x.length): x.score for x in cells}
                 lines += [f"{task}, {c.name} (rows: depth, columns: length)", ""]
-                lines += _table(["depth"] + [tokens_label(l) for l in lengths], [
-                    [f"{depth:.2f}"] + [_percent(by_cell.get((depth, l))) for l in lengths]
+                lines += _table(["depth"] + [tokens_label(length_) for length_ in lengths], [
+                    [f"{depth:.2f}"] + [_percent(by_cell.get((depth, length_))) for length_ in lengths]
                     for depth in sorted({x.depth for x in cells})])
                 lines.append("")
     buckets = sorted({(b.start, b.end) for c in report.checkpoints for b in c.position_loss})
@@ -244,13 +246,11 @@ def _save_png(figure, path: str) -> None:
 def _log2_length_axis(axis, lengths) -> None:
     axis.set_xscale("log", base=2)
     axis.set_xticks(lengths)
-    axis.set_xticklabels([tokens_label(l) for l in lengths], fontsize=7)
+    axis.set_xticklabels([tokens_label(length_) for length_ in lengths], fontsize=7)
     axis.minorticks_off()
 
 
 def _heatmap(report: EvaluationReport, task: str):
-    import numpy as np
-
     figure, axes = _figure(len(report.checkpoints))
     cells = [x for c in report.checkpoints for x in c.recall if x.task == task]
     lengths = sorted({x.length for x in cells})
@@ -268,7 +268,7 @@ def _heatmap(report: EvaluationReport, task: str):
                 if not np.isnan(score):
                     axis.text(column, row, f"{100 * score:.0f}", ha="center", va="center", fontsize=7)
         axis.set_xticks(range(len(lengths)))
-        axis.set_xticklabels([tokens_label(l) for l in lengths], fontsize=7)
+        axis.set_xticklabels([tokens_label(length_) for length_ in lengths], fontsize=7)
         axis.set_yticks(range(len(depths)))
         axis.set_yticklabels([f"{100 * d:.0f}%" for d in depths], fontsize=7)
         axis.set_xlabel("length (tokens)", fontsize=8)
@@ -293,7 +293,7 @@ def _recall_by_length(report: EvaluationReport, tasks: list[str]):
                 by_length = defaultdict(list)
                 for r in rows:
                     by_length[r["length"]].append(r["score"])
-                points = [(l, sum(s) / len(s)) for l, s in sorted(by_length.items())]
+                points = [(length_, sum(s) / len(s)) for length_, s in sorted(by_length.items())]
             if points:  # one color per checkpoint in every panel
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                           label=c.name, color=f"C{number}")
@@ -326,7 +326,7 @@ def _loss_by_position(report: EvaluationReport):
     axis.legend(fontsize=7)
     if shorts:
         colors = {c.name: f"C{number}" for number, c in enumerate(report.checkpoints)}
-        axes[1].bar([n for n, _ in shorts], [l for _, l in shorts],
+        axes[1].bar([n for n, _ in shorts], [length_ for _, length_ in shorts],
                     color=[colors[n] for n, _ in shorts])
         axes[1].set_title("short-document loss", fontsize=9)
         axes[1].set_ylabel("mean loss (nats)", fontsize=8)

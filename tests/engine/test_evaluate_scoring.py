@@ -7,7 +7,7 @@ import pytest
 
 from engine.evaluate import (EvaluationError, ExampleResult, RecallSuite, answer_token_losses,
                              recall_cells, score_generation, score_teacher_forced)
-from tests.engine.evaluate_helpers import LLAMA3_VOCAB, llama3, tiny_llama  # noqa: F401
+from tests.engine.evaluate_helpers import LLAMA3_VOCAB, tiny_llama
 
 
 def test_score_generation_grades_known_outputs():

@@ -12,7 +12,7 @@ from data_tools.preprocess import PreprocessOptions, preprocess
 from data_tools.tokenizer import load_tokenizer
 from engine.evaluate import (TASKS, DocumentHaystack, EvaluationError, NoiseHaystack, RecallSuite,
                              check_tokenizer_vocabulary, depth_sweep, load_haystack)
-from tests.engine.evaluate_helpers import LLAMA3_VOCAB, llama3, llama3_tokenizer_dir  # noqa: F401
+from tests.engine.evaluate_helpers import LLAMA3_VOCAB, llama3_tokenizer_dir
 
 SAMPLE_DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "data_tools", "sample",
                            "docs.jsonl.gz")
