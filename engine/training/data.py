@@ -32,6 +32,13 @@ from engine.parallel.context.chunks import chunk_length, load_balanced_chunks
 POSITION_MODES = ("continuous", "document")
 
 
+def check_position_mode(position_mode: str) -> None:
+    """ValueError unless ``position_mode`` is one of POSITION_MODES (the one check: the run plan
+    calls it on the config, micro_batch_for_rank on what it is given)."""
+    if position_mode not in POSITION_MODES:
+        raise ValueError(f"position_mode {position_mode!r} must be one of {POSITION_MODES}")
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch on this rank. Shapes [micro_batch, seq] (seq is this rank's share)."""
@@ -191,6 +198,7 @@ def micro_batch_for_rank(samples: SampleSource, indices: Sequence[int], cp_rank:
     """This rank's MicroBatch of samples ``indices``: tokens/labels/loss_mask/position_ids
     [b, S / CP] (the rank's two chunks of each sample, or all of it without CP) and cu_seqlens
     over the b x S tokens of the full samples."""
+    check_position_mode(position_mode)
     length = samples.seq_length
     windows = ([(0, length)] if cp_size == 1 else
                [(c * chunk_length(length, cp_size), (c + 1) * chunk_length(length, cp_size))
@@ -231,8 +239,6 @@ def build_micro_batch(tokens: Sequence[np.ndarray], doc_lengths: Sequence[np.nda
                       position_mode: str = "continuous",
                       mask_cross_document: bool = True) -> MicroBatch:
     """A one-rank micro-batch from ``b`` in-memory packed sequences of equal length L."""
-    if position_mode not in POSITION_MODES:
-        raise ValueError(f"position_mode {position_mode!r} must be one of {POSITION_MODES}")
     sequences = InMemorySequences(tokens, doc_lengths, token_masks)
     return micro_batch_for_rank(SampleSource(sequences, sequences.seq_length),
                                 range(len(sequences)), position_mode=position_mode,
