@@ -52,7 +52,7 @@ def _measure_engine(checkpoint: str, length: int, workload: str, repeats: int) -
     import torch
 
     from engine.checkpoint import load_checkpoint, read_checkpoint_state
-    from engine.convert.export import model_config_from_state, resolve_checkpoint
+    from engine.checkpoint import model_config_from_state, resolve_checkpoint
     from engine.evaluate.engine_scores import score_samples
     from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout

@@ -466,3 +466,36 @@ def load_newest_intact(root: str | Path, model_chunks, optimizer, scheduler,
             + " | ".join(f"{bad.name}: {error}" for bad, error in damaged)
             + f". Restore them from a copy, or move them out of {root} to start afresh")
     return None
+
+
+def resolve_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> Path:
+    """A step directory from a checkpoint root (newest, or ``step``) or a step directory."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if step is not None:
+        candidate = path / f"step_{step:08d}"
+        if not (candidate / STATE_FILE).exists():
+            steps = sorted(p.name for p in path.glob("step_*"))
+            raise CheckpointError(f"{candidate}: no complete checkpoint for step {step} "
+                                  f"(found: {', '.join(steps) or 'none'})")
+        return candidate
+    if (path / STATE_FILE).exists():
+        return path
+    try:
+        latest = latest_checkpoint(path)
+    except RuntimeError as error:
+        raise CheckpointError(str(error)) from None
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint ({STATE_FILE}) nor a checkpoint "
+                              f"root with a 'latest' pointer; pass a step_* directory or --step")
+    return latest
+
+
+def model_config_from_state(state: dict, source: Path) -> LlamaConfig:
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    saved = state.get("model_config") or {}
+    try:
+        return LlamaConfig(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as error:
+        raise CheckpointError(f"{source}: model_config is incomplete ({error})") from None

@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from engine.checkpoint import (
-    STATE_FILE,
     CheckpointError,
     good_checkpoint,
-    latest_checkpoint,
+    model_config_from_state,
     read_checkpoint_state,
+    resolve_checkpoint,
     verify_checkpoint,
 )
 from engine.convert.dist_checkpoint import DistCheckpointReader
@@ -53,39 +53,6 @@ class ExportResult:
     num_shards: int
     total_bytes: int
     peak_rss_bytes: int
-
-
-def resolve_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> Path:
-    """A step directory from a checkpoint root (newest, or ``step``) or a step directory."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise ConversionError(f"{path}: no such checkpoint directory")
-    if step is not None:
-        candidate = path / f"step_{step:08d}"
-        if not (candidate / STATE_FILE).exists():
-            steps = sorted(p.name for p in path.glob("step_*"))
-            raise ConversionError(f"{candidate}: no complete checkpoint for step {step} "
-                                  f"(found: {', '.join(steps) or 'none'})")
-        return candidate
-    if (path / STATE_FILE).exists():
-        return path
-    try:
-        latest = latest_checkpoint(path)
-    except RuntimeError as error:
-        raise ConversionError(str(error)) from None
-    if latest is None:
-        raise ConversionError(f"{path}: neither a checkpoint ({STATE_FILE}) nor a checkpoint "
-                              f"root with a 'latest' pointer; pass a step_* directory or --step")
-    return latest
-
-
-def model_config_from_state(state: dict, source: Path) -> LlamaConfig:
-    known = {f.name for f in fields(LlamaConfig)}
-    saved = state.get("model_config") or {}
-    try:
-        return LlamaConfig(**{k: v for k, v in saved.items() if k in known})
-    except TypeError as error:
-        raise ConversionError(f"{source}: model_config is incomplete ({error})") from None
 
 
 def _token_id(tokenizer_dir: Path, token) -> Optional[int]:
