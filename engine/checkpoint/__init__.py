@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from data_tools.atomic import publish_directory, write_text_atomically
 from engine.checkpoint.errors import CheckpointError, DamagedCheckpoint
 from engine.checkpoint.integrity import (
     MANIFEST_FILE,
@@ -102,9 +103,7 @@ def _listing(tensors: list[str], shown: int = 5) -> str:
 
 
 def _point_latest(root: Path, name: str) -> None:
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, root / LATEST)
+    write_text_atomically(root / LATEST, name + "\n")
 
 
 def _sharded_state(model_chunks, optimizer=None, is_loading: bool = False) -> dict:
@@ -195,9 +194,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         write_manifest(tmp, checksums)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_directory(tmp, final)
         _point_latest(root, final.name)
         if keep_last:
             _prune(root, step, keep_last)

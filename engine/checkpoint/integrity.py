@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
+from data_tools.atomic import write_text_atomically
 from engine.checkpoint.errors import DamagedCheckpoint
 
 MANIFEST_FILE = "manifest.json"
@@ -112,9 +113,7 @@ def write_manifest(directory: str | Path, entries: Optional[dict[str, dict]] = N
     listing = ",\n".join(f" {json.dumps(name)}: {json.dumps(entry)}"
                          for name, entry in files.items())
     path = directory / MANIFEST_FILE
-    partial = directory / f".{MANIFEST_FILE}.tmp"
-    partial.write_text(f'{header[:-1]}, "files": {{\n{listing}\n}}}}\n')  # a file per line
-    os.replace(partial, path)
+    write_text_atomically(path, f'{header[:-1]}, "files": {{\n{listing}\n}}}}\n')  # a file a line
     return path
 
 
