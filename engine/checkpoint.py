@@ -186,7 +186,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     The saving layout may differ from the current one. Each rank's RNG states are restored only
     when ``layout`` is given and its sizes equal the saving layout's (the same rank then holds the
     same shard; in another layout a rank's saved RNG belongs to another position). Returns the
-    saved engine state (step, train_state, ...).
+    saved engine state (step, train_state, ...) with ``rng_restored`` saying which happened.
     """
     path = Path(path)
     state = check_compatible(path, model_config) if model_config else read_checkpoint_state(path)
@@ -204,8 +204,11 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank{_rank():05d}.pt"
-    if layout is not None and same_sizes(state.get("layout", {}), layout) and rng_file.exists():
+    restore_rng = (layout is not None and same_sizes(state.get("layout", {}), layout)
+                   and rng_file.exists())
+    if restore_rng:
         set_rng_state(torch.load(rng_file, weights_only=False))
+    state["rng_restored"] = restore_rng
     return state
 
 

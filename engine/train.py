@@ -22,11 +22,17 @@ from megatron.core import parallel_state
 
 from data_tools.packed import PackedDataset
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.parallel.layout import LayoutError
+from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import TrainingState, build_training_state
 from engine.training.config import ConfigError, TrainConfig, load_config
-from engine.training.data import SampleSource, global_batch_indices, rank_micro_batches
+from engine.training.data import (
+    SampleSource,
+    attention_imbalance,
+    global_batch_indices,
+    global_batch_slots,
+    rank_micro_batches,
+)
 from engine.training.metrics import (
     MetricsLogger,
     is_logging_rank,
@@ -59,6 +65,12 @@ def _start(plan: RunPlan, state: TrainingState) -> tuple[int, int]:
         step = saved["step"]
         consumed = saved["train_state"].get("consumed_samples", step * plan.global_batch)
         print0(f"resumed from {latest} at step {step} ({consumed} samples consumed)")
+        if not saved["rng_restored"]:
+            saved_layout = ParallelLayout.from_dict(saved.get("layout", {}))
+            # Each rank's saved RNG belongs to its position in the saving layout.
+            print0(f"RNG states not restored (checkpoint layout {saved_layout.describe()}, this "
+                   f"run {plan.layout.describe()}; restored only for equal sizes): weights, "
+                   f"optimizer and data position resume exactly, random streams from the seed")
         return step, consumed
     if plan.checkpoint.init_from:
         init = latest_checkpoint(plan.checkpoint.init_from) or Path(plan.checkpoint.init_from)
@@ -128,10 +140,15 @@ def train(plan: RunPlan, config: TrainConfig) -> int:
             consumed += plan.global_batch
             if step % plan.logging.interval == 0 or result.skipped:
                 flops = sum(training_flops(plan.model, lengths) for lengths in doc_lengths)
+                slots = global_batch_slots(
+                    doc_lengths, data_parallel=plan.layout.data_parallel,
+                    num_microbatches=plan.num_microbatches, micro_batch=plan.micro_batch,
+                    balance_attention=plan.data.balance_attention)
                 logger.log({
                     "step": step, "loss": result.loss, "lr": result.lr,
                     "grad_norm": result.grad_norm, "valid_tokens": result.num_tokens,
                     "consumed_samples": consumed,
+                    "attention_imbalance": attention_imbalance(doc_lengths, slots),
                     "tokens_per_s": plan.global_batch * plan.seq_length / elapsed,
                     "tflops_per_gpu": flops / elapsed / world_size / 1e12,
                     "memory_gb": peak_memory_gb(), "step_time_s": elapsed,
