@@ -30,7 +30,6 @@ from engine.training.data import (
     SampleSource,
     attention_imbalance,
     global_batch_indices,
-    global_batch_slots,
     rank_micro_batches,
 )
 from engine.training.metrics import (
@@ -124,7 +123,7 @@ def train(plan: RunPlan, config: TrainConfig) -> int:
                 print0(f"warning: step {step + 1} starts pass {new_pass} over {plan.data.path} "
                        f"({samples.num_samples} samples of {plan.seq_length} tokens per pass): "
                        f"samples repeat from here on")
-            micro_batches, doc_lengths = rank_micro_batches(
+            micro_batches, doc_lengths, slots = rank_micro_batches(
                 samples, indices, data_parallel=plan.layout.data_parallel, dp_rank=dp_rank,
                 cp_size=plan.layout.context_parallel, cp_rank=cp_rank,
                 num_microbatches=plan.num_microbatches, micro_batch=plan.micro_batch,
@@ -140,10 +139,6 @@ def train(plan: RunPlan, config: TrainConfig) -> int:
             consumed += plan.global_batch
             if step % plan.logging.interval == 0 or result.skipped:
                 flops = sum(training_flops(plan.model, lengths) for lengths in doc_lengths)
-                slots = global_batch_slots(
-                    doc_lengths, data_parallel=plan.layout.data_parallel,
-                    num_microbatches=plan.num_microbatches, micro_batch=plan.micro_batch,
-                    balance_attention=plan.data.balance_attention)
                 logger.log({
                     "step": step, "loss": result.loss, "lr": result.lr,
                     "grad_norm": result.grad_norm, "valid_tokens": result.num_tokens,

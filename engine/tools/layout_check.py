@@ -101,7 +101,7 @@ def _run(args, plan: RunPlan) -> None:
     cp_rank = parallel_state.get_context_parallel_rank()
     # The training data path: the same global batch whatever the layout, each rank reading its
     # own share (DP slice, CP chunks).
-    micro_batches, _ = rank_micro_batches(
+    micro_batches, _, _ = rank_micro_batches(
         samples, global_batch_indices(0, plan.global_batch),
         data_parallel=plan.layout.data_parallel, dp_rank=dp_rank,
         cp_size=plan.layout.context_parallel, cp_rank=cp_rank,

@@ -249,20 +249,20 @@ def rank_micro_batches(samples: SampleSource, indices: Sequence[int], *, data_pa
                        dp_rank: int, cp_size: int, cp_rank: int, num_microbatches: int,
                        micro_batch: int, position_mode: str, mask_cross_document: bool,
                        balance_attention: bool):
-    """This rank's micro-batches of the global batch ``indices`` and every sample's document
-    lengths (for FLOP counting).
+    """(this rank's micro-batches of the global batch ``indices``, every sample's document
+    lengths (for FLOP counting), the slots of every DP rank (global_batch_slots)).
 
     With ``balance_attention`` the samples are assigned to (DP rank, micro-batch) slots by
     attention cost; otherwise DP rank r takes the r-th contiguous share in order.
     """
     doc_lengths = [samples.document_lengths(i) for i in indices]
-    mine = global_batch_slots(doc_lengths, data_parallel=data_parallel,
-                              num_microbatches=num_microbatches, micro_batch=micro_batch,
-                              balance_attention=balance_attention)[dp_rank]
+    slots = global_batch_slots(doc_lengths, data_parallel=data_parallel,
+                               num_microbatches=num_microbatches, micro_batch=micro_batch,
+                               balance_attention=balance_attention)
     micro_batches = [micro_batch_for_rank(samples, [indices[i] for i in group], cp_rank,
                                           cp_size, position_mode, mask_cross_document)
-                     for group in mine]
-    return micro_batches, doc_lengths
+                     for group in slots[dp_rank]]
+    return micro_batches, doc_lengths, slots
 
 
 def global_batch_slots(doc_lengths: Sequence[np.ndarray], *, data_parallel: int,

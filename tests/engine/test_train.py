@@ -253,6 +253,50 @@ def test_context_parallel_training_on_packed_data_matches_one_process(
         assert actual[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-5)
 
 
+def test_data_settings_train_alike_under_context_and_data_parallelism(
+        packed_tiny_dataset, train_config, tmp_path):
+    """data.mask_cross_document false, data.position_mode document and (CP2 x DP2)
+    data.balance_attention true, end to end: one process, CP2 and CP2 x DP2 train the same
+    global batches to the same losses, grad norms and valid-token counts."""
+    import numpy as np
+
+    from data_tools.packed import PackedDataset
+
+    settings = ["data.mask_cross_document=false", "data.position_mode=document",
+                "data.global_batch=8", "train_steps=2", "optimizer.lr=1e-4"]
+    runs = {"single": (1, []), "cp2": (2, ["parallel.context_parallel=2"]),
+            "cp2_dp2_balanced": (4, ["parallel.context_parallel=2",
+                                     "data.balance_attention=true"])}
+    logged = {}
+    for name, (nproc, extra) in runs.items():
+        torchrun("engine.train", nproc, train_args(train_config, packed_tiny_dataset,
+                                                   tmp_path / name, *settings, *extra))
+        logged[name] = metrics(tmp_path / name)
+
+    dataset = PackedDataset(packed_tiny_dataset)
+    in_order = {}
+    for step in (1, 2):
+        doc_lengths = [dataset.document_lengths(i) for i in range(8 * (step - 1), 8 * step)]
+        # Without the cross-document mask every target counts but each sample's last: 8 x 63,
+        # where the mask would drop one per document end inside a sample.
+        assert sum(len(lengths) - 1 for lengths in doc_lengths) > 0
+        for name in runs:
+            assert logged[name][step]["valid_tokens"] == 8 * 63, (name, step)
+        for name in ("cp2", "cp2_dp2_balanced"):
+            for key in ("loss", "grad_norm"):
+                assert logged[name][step][key] == pytest.approx(logged["single"][step][key],
+                                                                rel=1e-5), (name, step, key)
+        # Balancing changed which DP rank trains which samples (the loss over the global batch
+        # stays that of the same set): the heavier rank's attention cost (sum of squared
+        # document lengths) over the mean never exceeds the in-order split's...
+        costs = [int((np.asarray(lengths) ** 2).sum()) for lengths in doc_lengths]
+        in_order[step] = max(sum(costs[:4]), sum(costs[4:])) / (sum(costs) / 2)
+        assert logged["cp2_dp2_balanced"][step]["attention_imbalance"] <= in_order[step] + 1e-12
+        assert logged["single"][step]["attention_imbalance"] == 1.0
+    # ... and is below it at step 2, where the in-order split is uneven (1.100 vs 1.083).
+    assert logged["cp2_dp2_balanced"][2]["attention_imbalance"] < in_order[2] - 0.01
+
+
 def test_gradients_average_over_tokens_not_micro_batches():
     """Micro-batches with 30 and 5 valid tokens: the step's gradient is that of
     sum(token losses) / 35, not the mean of the two micro-batch means."""
