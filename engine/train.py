@@ -31,11 +31,16 @@ from engine.checkpoint import (
     save_checkpoint,
 )
 from engine.evaluate.validation import Validation
-from engine.parallel.layout import LayoutError
+from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import TrainingState, build_training_state
 from engine.training.config import ConfigError, TrainConfig, load_config
-from engine.training.data import SampleSource, global_batch_indices, rank_micro_batches
+from engine.training.data import (
+    SampleSource,
+    attention_imbalance,
+    global_batch_indices,
+    rank_micro_batches,
+)
 from engine.training.metrics import (
     MetricsLogger,
     is_logging_rank,
@@ -69,6 +74,12 @@ def _start(plan: RunPlan, state: TrainingState) -> tuple[int, int, int]:
         step = saved["step"]
         consumed = saved["train_state"].get("consumed_samples", step * plan.global_batch)
         print0(f"resumed from {path} at step {step} ({consumed} samples consumed)")
+        if not saved["rng_restored"]:
+            saved_layout = ParallelLayout.from_dict(saved.get("layout", {}))
+            # Each rank's saved RNG belongs to its position in the saving layout.
+            print0(f"RNG states not restored (checkpoint layout {saved_layout.describe()}, this "
+                   f"run {plan.layout.describe()}; restored only for equal sizes): weights, "
+                   f"optimizer and data position resume exactly, random streams from the seed")
         return step, consumed, saved.get("skipped_steps_total", 0)
     if plan.checkpoint.init_from:
         init = latest_checkpoint(plan.checkpoint.init_from) or Path(plan.checkpoint.init_from)
@@ -124,7 +135,7 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
                 print0(f"warning: step {step + 1} starts pass {new_pass} over {plan.data.path} "
                        f"({samples.num_samples} samples of {plan.seq_length} tokens per pass): "
                        f"samples repeat from here on")
-            micro_batches, doc_lengths = rank_micro_batches(
+            micro_batches, doc_lengths, slots = rank_micro_batches(
                 samples, indices, data_parallel=plan.layout.data_parallel, dp_rank=dp_rank,
                 cp_size=plan.layout.context_parallel, cp_rank=cp_rank,
                 num_microbatches=plan.num_microbatches, micro_batch=plan.micro_batch,
@@ -144,6 +155,7 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
                     "step": step, "loss": result.loss, "lr": result.lr,
                     "grad_norm": result.grad_norm, "valid_tokens": result.num_tokens,
                     "consumed_samples": consumed,
+                    "attention_imbalance": attention_imbalance(doc_lengths, slots),
                     "tokens_per_s": plan.global_batch * plan.seq_length / elapsed,
                     "tflops_per_gpu": flops / elapsed / world_size / 1e12,
                     "memory_gb": peak_memory_gb(), "step_time_s": elapsed,

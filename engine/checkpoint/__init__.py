@@ -380,8 +380,11 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank{_rank():05d}.pt"
-    if layout is not None and same_sizes(state.get("layout", {}), layout) and rng_file.exists():
+    restore_rng = (layout is not None and same_sizes(state.get("layout", {}), layout)
+                   and rng_file.exists())
+    if restore_rng:
         set_rng_state(torch.load(rng_file, weights_only=False))
+    state["rng_restored"] = restore_rng
     return state
 
 
