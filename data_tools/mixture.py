@@ -1,4 +1,4 @@
-"""YAML recipe of weighted sources -> packed training dataset (see data_tools/packed.py).
+"""YAML recipe of weighted sources -> packed training dataset (see data_tools/packed_dataset.py).
 
 A recipe (data_tools/recipes/*.yaml):
     name: prolong-stage1-64k
@@ -39,7 +39,7 @@ import numpy as np
 
 from data_tools.indexed import IndexedReader, bin_path, idx_path
 from data_tools.outputs import check_output_location
-from data_tools.packed import METADATA_FILE, write_packed
+from data_tools.packed_dataset import METADATA_FILE, write_packed
 from data_tools.packing import pack_concatenated, split_long
 from data_tools.summary import DatasetTokens, MixedTokenizersError, check_one_tokenizer
 

@@ -25,7 +25,7 @@ from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
 from data_tools.inputs import BadRecord, InputError, iter_records, list_input_files, read_chunks
 from data_tools.outputs import (NO_RECORDS_REASON, all_skipped_reason, check_output_location,
                                empty_output_error)
-from data_tools.packed import staging_folder, write_packed
+from data_tools.packed_dataset import staging_folder, write_packed
 from data_tools.packing import pack_whole
 from data_tools.tokenizer import TextTokenizer, load_tokenizer
 

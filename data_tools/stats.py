@@ -9,7 +9,7 @@ import numpy as np
 
 from data_tools.indexed import IndexedReader, IndexedWriter
 from data_tools.outputs import OutputError, check_output_location
-from data_tools.packed import METADATA_FILE, PackedDataset
+from data_tools.packed_dataset import METADATA_FILE, PackedDataset
 from data_tools.summary import (DatasetTokens, check_one_tokenizer, remove_stale_summary,
                                 write_summary)
 from data_tools.tokenizer import load_tokenizer

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 
-from data_tools.packed import PackedDataset
+from data_tools.packed_dataset import PackedDataset
 from engine.checkpoint import (
     CheckpointError,
     good_checkpoint_hint,

@@ -33,6 +33,10 @@ def test_env(**extra) -> dict:
     return env
 
 
+# Test modules import it by name; without this pytest would collect it as a test.
+test_env.__test__ = False
+
+
 def run_command(cmd: list[str], timeout: float, env: dict | None = None,
                 cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; kill the group and fail at ``timeout`` seconds."""

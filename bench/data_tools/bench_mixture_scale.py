@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from data_tools.indexed import write_index  # noqa: E402
 from data_tools.mixture import build_mixture, load_recipe  # noqa: E402
-from data_tools.packed import PackedDataset  # noqa: E402
+from data_tools.packed_dataset import PackedDataset  # noqa: E402
 from data_tools.summary import write_summary  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from data_tools.indexed import IndexedReader
-from data_tools.packed import METADATA_FILE, PackedDataset
+from data_tools.packed_dataset import METADATA_FILE, PackedDataset
 from data_tools.tokenizer import TokenizerError, load_tokenizer
 from engine.evaluate.engine_eval import (padded_length, position_losses, short_document_loss,
                                          teacher_forced_results, validation_loss)

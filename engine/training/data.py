@@ -14,7 +14,7 @@ document start). Positions come from the token index within the sample, so they 
 later documents and for documents spanning ranks, whatever the position mode. Without CP the
 same code reads the whole sample as one window.
 
-Sequences come from a ``SequenceSource``: data_tools.packed.PackedDataset, or InMemorySequences
+Sequences come from a ``SequenceSource``: data_tools.packed_dataset.PackedDataset, or InMemorySequences
 for sequences built in memory (tools, conversion checks, tests).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from data_tools.packed import PackedSequence
+from data_tools.packed_dataset import PackedSequence
 from engine.parallel.context.chunks import chunk_length, load_balanced_chunks
 
 POSITION_MODES = ("continuous", "document")

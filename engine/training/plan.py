@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from data_tools.packed import METADATA_FILE, PackedDataset
+from data_tools.packed_dataset import METADATA_FILE, PackedDataset
 from engine.checkpoint import CheckpointError, check_compatible, latest_checkpoint
 from engine.model.config import LlamaConfig, get_model_config
 from engine.model.kernel_choices import KernelChoices, default_device

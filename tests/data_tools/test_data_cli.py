@@ -9,7 +9,7 @@ import pytest
 
 from data_tools.cli import main
 from data_tools.indexed import IndexedReader
-from data_tools.packed import PackedDataset
+from data_tools.packed_dataset import PackedDataset
 from data_tools_helpers import write_recipe
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")

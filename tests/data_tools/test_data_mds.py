@@ -15,7 +15,7 @@ import pytest
 
 from data_tools.cli import main
 from data_tools.indexed import IndexedReader
-from data_tools.packed import PackedDataset
+from data_tools.packed_dataset import PackedDataset
 from data_tools_helpers import PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS, write_recipe
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "mds")

@@ -8,7 +8,7 @@ from data_tools_helpers import (PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS,
                                 expected_stream_tokens, write_recipe)
 from data_tools.indexed import IndexedReader, IndexedWriter
 from data_tools.mixture import RecipeError, build_mixture, load_recipe
-from data_tools.packed import PackedDataset
+from data_tools.packed_dataset import PackedDataset
 
 L = 2048
 

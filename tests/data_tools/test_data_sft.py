@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from data_tools.packed import PackedDataset
+from data_tools.packed_dataset import PackedDataset
 from data_tools.sft import ChatEncoder, build_sft
 
 SAMPLE_CHAT = os.path.join(os.path.dirname(__file__), "..", "..", "data_tools", "sample",

@@ -8,7 +8,7 @@ import pytest
 
 from data_tools.indexed import IndexedReader
 from data_tools.mixture import RecipeError, build_mixture, load_recipe
-from data_tools.packed import METADATA_FILE, PackedDataset
+from data_tools.packed_dataset import METADATA_FILE, PackedDataset
 from data_tools.preprocess import PreprocessOptions, preprocess
 from data_tools.sft import build_sft
 from data_tools.stats import merge_datasets

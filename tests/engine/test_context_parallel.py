@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_tools.indexed import IndexedWriter
-from data_tools.packed import PackedDataset, write_packed
+from data_tools.packed_dataset import PackedDataset, write_packed
 from data_tools.packing import pack_concatenated
 from engine.model.config import get_model_config
 from engine.parallel.context.chunks import (

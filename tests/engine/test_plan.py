@@ -65,7 +65,7 @@ def test_the_packed_data_records_its_largest_token_id(packed_tiny_dataset):
     """What the vocabulary check reads: the largest id mix wrote, exact."""
     import numpy as np
 
-    from data_tools.packed import PackedDataset
+    from data_tools.packed_dataset import PackedDataset
 
     dataset = PackedDataset(packed_tiny_dataset)
     largest = max(int(np.max(dataset[i].tokens)) for i in range(len(dataset)))

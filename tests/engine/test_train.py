@@ -260,7 +260,7 @@ def test_data_settings_train_alike_under_context_and_data_parallelism(
     global batches to the same losses, grad norms and valid-token counts."""
     import numpy as np
 
-    from data_tools.packed import PackedDataset
+    from data_tools.packed_dataset import PackedDataset
 
     settings = ["data.mask_cross_document=false", "data.position_mode=document",
                 "data.global_batch=8", "train_steps=2", "optimizer.lr=1e-4"]
