@@ -34,6 +34,13 @@ def step(run: Path, number: int) -> Path:
     return run / f"step_{number:08d}"
 
 
+def tensor_file(step_dir: Path, index: int) -> Path:
+    """Rank 0's index-th tensor file of a checkpoint (megatron-core 0.16 writes two per rank,
+    0.18 one: then every index names that one)."""
+    files = sorted(step_dir.glob("__0_*.distcp"))
+    return files[min(index, len(files) - 1)]
+
+
 def overwrite_middle(path: Path, size: int, offset: int | None = None) -> None:
     """``size`` bytes of 0xFF at ``offset`` (default: the middle); the file keeps its size."""
     offset = (path.stat().st_size - size) // 2 if offset is None else offset
@@ -83,9 +90,9 @@ def copy_run(trained, tmp_path) -> Path:
 def test_resume_skips_damaged_checkpoints_and_trains_as_the_uninterrupted_run(
         trained, packed_tiny_dataset, tmp_path):
     run = copy_run(trained, tmp_path)
-    shard = step(run, 4) / "__0_0.distcp"
+    shard = tensor_file(step(run, 4), 0)
     overwrite_middle(shard, 4096)  # same size: only the checksum can tell
-    cut = step(run, 3) / "__0_1.distcp"
+    cut = tensor_file(step(run, 3), 1)
     saved_size = cut.stat().st_size
     cut.write_bytes(cut.read_bytes()[:saved_size // 2])
     state_file = step(run, 2) / "engine_state.json"
@@ -126,18 +133,18 @@ def test_resume_with_no_intact_checkpoint_exits_2_naming_each(trained, packed_ti
     run = copy_run(trained, tmp_path)
     before = {}
     for n in range(1, STEPS + 1):
-        overwrite_middle(step(run, n) / "__0_1.distcp", 4096)
-        before[n] = digest(step(run, n) / "__0_1.distcp")
+        overwrite_middle(tensor_file(step(run, n), 1), 4096)
+        before[n] = digest(tensor_file(step(run, n), 1))
     result = train(run, trained[1], packed_tiny_dataset)
     assert result.returncode == 2, result.stdout[-3000:]
     (message,) = [line for line in result.stdout.splitlines()
                   if line.startswith(f"error: no intact checkpoint in {run} to resume from: ")]
     for n in range(1, STEPS + 1):
-        assert f"step_{n:08d}: {step(run, n) / '__0_1.distcp'}: its contents differ" in message
+        assert f"step_{n:08d}: {tensor_file(step(run, n), 1)}: its contents differ" in message
     assert "Restore them from a copy, or move them out of" in message
     # Nothing was trained, moved or deleted.
     assert not (run / "metrics.jsonl").exists()
-    assert {n: digest(step(run, n) / "__0_1.distcp") for n in before} == before
+    assert {n: digest(tensor_file(step(run, n), 1)) for n in before} == before
     assert (run / "latest").read_text().strip() == "step_00000004"
 
 
@@ -161,7 +168,7 @@ def test_checkpoint_saved_before_manifests_still_resumes_with_a_note(
 def test_init_from_a_cut_checkpoint_stops_before_any_process_group(trained, packed_tiny_dataset,
                                                                    tmp_path):
     source = copy_run(trained, tmp_path)
-    cut = step(source, 4) / "__0_0.distcp"
+    cut = tensor_file(step(source, 4), 0)
     cut.write_bytes(cut.read_bytes()[:1000])
     result = run_command([sys.executable, "-m", "engine.train", *train_args(
         trained[1], packed_tiny_dataset, tmp_path / "stage2", f"checkpoint.init_from={source}",
@@ -194,10 +201,11 @@ def _cut_in_half(path: Path) -> None:
 def test_verification_names_the_damaged_file(trained, tmp_path, damage, file, fragment):
     checkpoint = tmp_path / "step"
     shutil.copytree(step(trained[0], 4), checkpoint)
-    damage(checkpoint / file)
+    target = tensor_file(checkpoint, int(file[4])) if file.endswith(".distcp") else checkpoint / file
+    damage(target)
     with pytest.raises(DamagedCheckpoint) as error:
         verify_checkpoint(checkpoint)
-    assert str(checkpoint / file) in str(error.value) and fragment in str(error.value)
+    assert str(target) in str(error.value) and fragment in str(error.value)
 
 
 def test_export_checks_only_the_blocks_holding_weights(trained, tmp_path, monkeypatch):
@@ -210,18 +218,18 @@ def test_export_checks_only_the_blocks_holding_weights(trained, tmp_path, monkey
     integrity.write_manifest(checkpoint)  # the same files, checksummed in 4 KiB blocks
     stored = {index.fqn: data for index, data in
               dcp.FileSystemReader(str(checkpoint)).read_metadata().storage_data.items()
-              if data.relative_path == "__0_0.distcp"}
+              if data.relative_path == tensor_file(checkpoint, 0).name}
     moment = stored["optimizer.state.exp_avg.output_layer.weight"]
-    overwrite_middle(checkpoint / "__0_0.distcp", 8192, moment.offset + moment.length // 2)
+    overwrite_middle(tensor_file(checkpoint, 0), 8192, moment.offset + moment.length // 2)
     export_checkpoint(checkpoint, tmp_path / "hf", dtype="float32", **QUIET)
     assert (tmp_path / "hf" / "config.json").exists()
     with pytest.raises(DamagedCheckpoint, match=r"__0_0\.distcp: bytes \d+-\d+ \(block \d+ of"):
         verify_checkpoint(checkpoint)
 
     weight = stored["embedding.word_embeddings.weight"]
-    overwrite_middle(checkpoint / "__0_0.distcp", 4, weight.offset + weight.length // 2)
+    overwrite_middle(tensor_file(checkpoint, 0), 4, weight.offset + weight.length // 2)
     message = _export_rejected(checkpoint, tmp_path)
-    assert f"{checkpoint / '__0_0.distcp'}: bytes " in message and "differ from what was saved" \
+    assert f"{tensor_file(checkpoint, 0)}: bytes " in message and "differ from what was saved" \
         in message
 
 
