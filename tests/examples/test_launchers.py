@@ -1,0 +1,159 @@
+"""The launch scripts' contract, without training: every setting is listed by --help, bad or
+missing input stops with exit code 2 naming it before anything runs, the layout is the
+planner's unless TP/PP/CP are set, and shellcheck passes on every script."""
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import REPO, run_command
+from tests.examples.system import recipe_env, require
+
+PROLONG = sorted((REPO / "examples" / "prolong").glob("0*.sh"))
+LAUNCHERS = [*PROLONG, REPO / "examples" / "train_torchrun.sh"]
+SETTING = re.compile(r"^\s*([A-Z][A-Z0-9_]*)=\$\{\1:-.*\}\s+## ", re.M)
+
+
+def _script(name: str) -> str:
+    return next(str(p.relative_to(REPO)) for p in PROLONG if p.name.startswith(name))
+
+
+def _run(script: str, *args: str, **env) -> subprocess.CompletedProcess:
+    return run_command(["bash", script, *args], timeout=60, env=recipe_env(**env))
+
+
+def test_the_recipe_has_one_script_per_stage_in_order():
+    assert [p.name[:3] for p in PROLONG] == [f"{i:02d}_" for i in range(1, 9)]
+
+
+@pytest.mark.parametrize("script", LAUNCHERS, ids=lambda p: p.name)
+def test_help_lists_every_setting_of_the_script_with_its_default(script):
+    result = _run(str(script), "--help", TINY=0)
+    assert result.returncode == 0, result.stdout
+    names = SETTING.findall(script.read_text())
+    assert names, f"{script.name} declares no setting"
+    for name in [*names, "TINY", "PYTHON"]:
+        assert re.search(rf"^  {name}=", result.stdout, re.M), f"--help misses {name}"
+    if "knobs_launch" in script.read_text():
+        for name in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE",
+                     "TP", "PP", "CP", "GLOBAL_BATCH", "TRAIN_STEPS"):
+            assert re.search(rf"^  {name}=.*\n        .+ \[default: ", result.stdout, re.M), name
+
+
+@pytest.fixture
+def fake_work(tmp_path):
+    """A WORK whose stage inputs exist as far as the checks look (packed.json, latest)."""
+    for stage, length in (("stage1", 65536), ("stage2", 524288), ("sft", 65536)):
+        folder = tmp_path / "data" / "packed" / stage
+        folder.mkdir(parents=True)
+        (folder / "packed.json").write_text(json.dumps({"seq_length": length}))
+    for run in ("llama3-8b-instruct", "prolong-stage1-64k", "prolong-stage2-512k"):
+        folder = tmp_path / "checkpoints" / run
+        folder.mkdir(parents=True)
+        (folder / "latest").write_text("step_00000000\n")
+    return tmp_path
+
+
+BAD_INPUT = [
+    ("01", dict(MANIFEST="/nonexistent/sources.tsv"), "MANIFEST=/nonexistent/sources.tsv: no such file"),
+    ("01", dict(DATA_FROM="prolong"), "PROLONG_DATA_64K is not set"),
+    ("01", dict(DATA_FROM="hf"), "DATA_FROM=hf must be raw or prolong"),
+    ("02", dict(STAGE1_RECIPE="/nonexistent.yaml"), "STAGE1_RECIPE=/nonexistent.yaml: no such file"),
+    ("03", dict(TINY=0), "HF_MODEL is not set"),
+    ("03", dict(TINY=0, HF_MODEL="/nonexistent/llama"), "HF_MODEL=/nonexistent/llama: no such folder"),
+    ("04", dict(NNODES=2, NODE_RANK=2), "NODE_RANK=2 must be below NNODES=2"),
+    ("04", dict(GPUS_PER_NODE="eight"), "GPUS_PER_NODE=eight must be an integer"),
+    ("04", dict(TINY=0, TP=3), "TP x PP x CP = 3 x 1 x 1 does not divide NNODES x GPUS_PER_NODE = 8"),
+    ("04", dict(TINY=0, GPUS_PER_NODE=6), "the planner found no layout"),
+    ("05", dict(STAGE1_CKPT="/nonexistent/run"), "no checkpoint at /nonexistent/run"),
+    ("06", dict(TINY=0, HF_MODEL="/m"), "SFT_DATA is not set"),
+    ("06", dict(SFT_DATA="/nonexistent/*.jsonl"), "SFT_DATA: '/nonexistent/*.jsonl' matches no file"),
+    ("07", dict(), "EXPORT_FROM="),
+    ("08", dict(EVAL_MODEL="/nonexistent/hf"), "EVAL_MODEL=/nonexistent/hf: no such file or folder"),
+    ("04", dict(TINY=2), "TINY=2 must be 0 or 1"),
+]
+
+
+@pytest.mark.parametrize("stage,env,message", BAD_INPUT,
+                         ids=[f"{s}-{next(iter(e), 'none')}" for s, e, _ in BAD_INPUT])
+def test_bad_input_stops_with_exit_2_naming_it_before_anything_runs(fake_work, stage, env,
+                                                                    message):
+    before = sorted(p.relative_to(fake_work) for p in fake_work.rglob("*"))
+    started = time.monotonic()
+    result = _run(_script(stage), **{"WORK": fake_work, **env})
+    assert result.returncode == 2, result.stdout
+    assert message in result.stdout and "error: examples/prolong/" in result.stdout
+    assert "torch.distributed.run" not in result.stdout  # no launch was even printed
+    assert sorted(p.relative_to(fake_work) for p in fake_work.rglob("*")) == before
+    assert time.monotonic() - started < 30
+
+
+def test_a_bad_manifest_line_is_named_with_its_number(tmp_path):
+    manifest = tmp_path / "sources.tsv"
+    manifest.write_text("# source inputs key group min\n"
+                        "docs docs.jsonl.gz text - -\n"
+                        "code code.jsonl.zst text repo\n")
+    result = _run(_script("01"), WORK=tmp_path / "work", MANIFEST=manifest)
+    assert result.returncode == 2
+    assert f"MANIFEST={manifest}:3: expected 5 columns" in result.stdout
+    assert not (tmp_path / "work").exists()  # line 2 was not tokenized before line 3 failed
+
+
+def _planner_layout(*args) -> dict:
+    out = subprocess.run(["python3", "-m", "engine.planner", *args], cwd=REPO,
+                         capture_output=True, text=True, check=True,
+                         env=recipe_env()).stdout
+    tp, pp, cp, algorithm, recompute = re.search(
+        r"recommended: TP(\d+) PP(\d+) CP(\d+)(?:\(([a-z-]+)\))? DP\d+ recompute=(\w+)",
+        out).groups()
+    return dict(tp=tp, pp=pp, cp=cp, algorithm=algorithm, recompute=recompute)
+
+
+@pytest.mark.parametrize("stage,seq_length,batch,nodes", [
+    ("04", 65536, 64, 8), ("05", 524288, 16, 8), ("05", 524288, 16, 16)])
+def test_the_layout_is_the_planners_for_the_cluster(fake_work, stage, seq_length, batch, nodes):
+    expected = _planner_layout("--model", "llama3-8b", "--seq-length", str(seq_length),
+                               "--gpus", str(nodes * 8), "--gpu-memory-gb", "80",
+                               "--global-batch", str(batch), "--micro-batch", "1")
+    result = _run(_script(stage), "--check", TINY=0, WORK=fake_work, NNODES=nodes,
+                  NODE_RANK=3, MASTER_ADDR="node0", MASTER_PORT=29400)
+    assert result.returncode == 0, result.stdout
+    command = result.stdout
+    assert (f"parallel.tensor_parallel={expected['tp']} parallel.pipeline_parallel="
+            f"{expected['pp']} parallel.context_parallel={expected['cp']}") in command
+    if expected["algorithm"]:
+        assert f"parallel.cp_algorithm={expected['algorithm']}" in command
+    recompute = "null" if expected["recompute"] == "none" else expected["recompute"]
+    assert f"recompute={recompute}" in command
+    assert (f"--nnodes {nodes} --node-rank 3 --nproc-per-node 8 --rdzv-backend c10d "
+            f"--rdzv-endpoint node0:29400") in command
+    assert "is_host=false" in command  # node 3 joins the rendezvous node 0 hosts
+
+
+def test_tp_pp_cp_when_set_replace_the_planner(fake_work):
+    result = _run(_script("05"), "--check", "optimizer.lr=3e-6", TINY=0, WORK=fake_work,
+                  TP=8, CP=8, CP_ALGORITHM="ulysses", GLOBAL_BATCH=32, TRAIN_STEPS=100)
+    assert result.returncode == 0, result.stdout
+    assert "layout as set (TP=8 PP=1 CP=8)" in result.stdout
+    assert ("parallel.tensor_parallel=8 parallel.pipeline_parallel=1 "
+            "parallel.context_parallel=8 parallel.cp_algorithm=ulysses "
+            "data.global_batch=32 train_steps=100") in result.stdout
+    assert "parallel.sequence_parallel=false" not in result.stdout
+    # Overrides come last, so they win over the settings.
+    assert result.stdout.rstrip().endswith(
+        f"checkpoint.init_from={fake_work}/checkpoints/prolong-stage1-64k optimizer.lr=3e-6")
+
+
+def test_shellcheck_passes_on_every_script():
+    require(shutil.which("shellcheck") is not None, "shellcheck is not installed")
+    scripts = sorted(str(p) for p in (REPO / "examples").rglob("*")
+                     if p.suffix in (".sh", ".sbatch"))
+    scripts += [str(REPO / "tests" / "run.sh"), str(REPO / ".ci" / "run")]
+    result = subprocess.run(["shellcheck", "--shell=bash", *scripts], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert len(scripts) >= 14
