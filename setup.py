@@ -39,7 +39,8 @@ setup(
     extras_require={
         # GPU extras: used when present, never required.
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "triton"],
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.44", "triton>=3.1"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.44", "triton>=3.1",
+                 "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [

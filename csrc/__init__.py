@@ -2,7 +2,7 @@
 
     csrc.attention             varlen_attention, merge_attention_outputs
     csrc.linear_cross_entropy  fused_linear_cross_entropy
-    csrc.rmsnorm               rms_norm, RMSNorm
+    csrc.rmsnorm               rms_norm
     csrc.rope                  apply_rope, apply_rope_cos_sin, rope_cos_sin
     csrc.swiglu                swiglu
     csrc.select                select_attention_backend, varlen_attention_function

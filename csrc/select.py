@@ -1,8 +1,11 @@
-"""Choose the attention backend from the config; the model's layer spec calls this.
+"""Attention backends: which can run where, and the one varlen function signature they share.
 
-    backend = select_attention_backend(config.attention_backend, device)   # "auto" -> "ours" / "torch"
-    attend = varlen_attention_function(backend)                            # same signature for all
+    backend = select_attention_backend("auto", device)   # "ours" on CUDA, "torch" elsewhere
+    attend = varlen_attention_function(backend)          # same signature for all
     out, lse = attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+The engine resolves its choice once per run (engine.model.kernel_choices.KernelChoices.resolve,
+which calls select_attention_backend) and hands the modules a concrete backend.
 
 Availability is checked with importlib.util.find_spec: flash-attn and transformer-engine are
 imported only when their backend is actually used (both are slow to import, and TE pulls in CUDA
@@ -15,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from csrc.triton_support import triton_importable, triton_interpreting
+from csrc.triton_support import ours_by_default, triton_importable, triton_runs_on
 
 ATTENTION_BACKENDS = ("auto", "ours", "flash-attn", "transformer-engine", "torch")
 
@@ -36,7 +39,7 @@ def attention_backend_available(backend: str, device: torch.device | str) -> tup
     if backend == "ours":
         if not triton_importable():
             return False, "triton is not installed (pip install triton)"
-        if not on_cuda and not triton_interpreting():
+        if not triton_runs_on(device):
             return False, "our Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for tests)"
         return True, ""
     if backend == "flash-attn":
@@ -61,7 +64,7 @@ def select_attention_backend(requested: str, device: torch.device | str) -> str:
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={requested!r} is not one of {ATTENTION_BACKENDS}")
     if requested == "auto":
-        return "ours" if torch.device(device).type == "cuda" and triton_importable() else "torch"
+        return "ours" if ours_by_default(device) else "torch"
     usable, reason = attention_backend_available(requested, device)
     if not usable:
         raise ValueError(f"attention_backend={requested!r} cannot run on {device}: {reason}; or set attention_backend='auto'")
@@ -90,9 +93,9 @@ def varlen_attention_function(backend: str) -> Callable:
     from csrc.attention import varlen_attention
 
     if backend == "ours":
-        return lambda *args, **kwargs: varlen_attention(*args, **kwargs, impl="triton")
+        return lambda *args, **kwargs: varlen_attention(*args, **kwargs, impl="ours")
     if backend == "torch":
-        return lambda *args, **kwargs: varlen_attention(*args, **kwargs, impl="reference")
+        return lambda *args, **kwargs: varlen_attention(*args, **kwargs, impl="torch")
     if backend == "flash-attn":
         return _flash_attn_varlen
     if backend == "transformer-engine":

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-IMPL_CHOICES = ("auto", "triton", "reference")
+IMPL_CHOICES = ("auto", "ours", "torch")
 
 
 def triton_importable() -> bool:
@@ -24,29 +24,38 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_can_run_on(tensor: torch.Tensor) -> bool:
-    """Whether a Triton kernel can run on this tensor's device in this process."""
+def triton_runs_on(device: torch.device | str) -> bool:
+    """Whether a Triton kernel can run on ``device`` in this process (CUDA, or the CPU under
+    TRITON_INTERPRET=1)."""
     if not triton_importable():
         return False
-    return tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreting())
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+
+
+def ours_by_default(device: torch.device | str) -> bool:
+    """What "auto" means for every kernel choice, here and in the engine's KernelChoices: our
+    Triton kernels on CUDA, the plain-PyTorch references elsewhere (on CPU the interpreter is
+    far too slow for real use)."""
+    return torch.device(device).type == "cuda" and triton_importable()
 
 
 def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
-    """Turn impl="auto" | "triton" | "reference" into "triton" or "reference" for this tensor.
+    """Turn impl="auto" | "ours" | "torch" into "ours" (Triton) or "torch" (the reference) for
+    this tensor's device.
 
-    auto picks Triton for CUDA tensors when triton is installed and the plain-PyTorch reference
-    otherwise (CPU, where the interpreter is far too slow for real use). Asking for "triton" where it
-    cannot run is an error, not a silent fallback, so benchmarks and tests measure what they name.
+    Asking for "ours" where it cannot run is an error, not a silent fallback, so benchmarks and
+    tests measure what they name.
     """
     if impl not in IMPL_CHOICES:
         raise ValueError(f"{op}: impl={impl!r} is not one of {IMPL_CHOICES}")
     if impl == "auto":
-        return "triton" if tensor.is_cuda and triton_importable() else "reference"
-    if impl == "triton" and not triton_can_run_on(tensor):
+        return "ours" if ours_by_default(tensor.device) else "torch"
+    if impl == "ours" and not triton_runs_on(tensor.device):
         raise ValueError(
-            f"{op}: impl='triton' cannot run on a {tensor.device.type} tensor here "
+            f"{op}: impl='ours' cannot run on a {tensor.device.type} tensor here "
             f"(triton installed: {triton_importable()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}); "
-            "move the tensors to CUDA, set TRITON_INTERPRET=1 before importing triton, or use impl='reference'"
+            "move the tensors to CUDA, set TRITON_INTERPRET=1 before importing triton, or use impl='torch'"
         )
     return impl
 

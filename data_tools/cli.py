@@ -1,4 +1,4 @@
-"""`lce-data` / `python -m data_tools`: preprocess, merge, stats, inspect, mix (pack), sft."""
+"""`lce-data` / `python -m data_tools`: preprocess, import-mds, merge, stats, inspect, mix, sft."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,8 @@ def _preprocess(args) -> None:
     options = PreprocessOptions(json_keys=args.json_keys, group_by=args.group_by,
                                 append_eos=args.append_eos, prepend_bos=args.prepend_bos,
                                 min_tokens=args.min_tokens, workers=args.workers,
-                                skip_bad=args.skip_bad, progress=not args.quiet)
+                                skip_bad=args.skip_bad, progress=not args.quiet,
+                                allow_empty=args.allow_empty)
     summary = preprocess(args.input, args.output_prefix, args.tokenizer, options)
     print(f"wrote {summary['documents']:,} documents, {summary['tokens']:,} tokens to "
           f"{args.output_prefix}.bin/.idx in {summary['seconds']:.1f} s "
@@ -37,6 +38,19 @@ def _preprocess(args) -> None:
             print(f"note: tokenizer.json is encoded by Hugging Face tokenizers; --tokenizer {ranks} "
                   f"gives the same ids several times faster (except that special-token strings "
                   f"inside raw text, such as '<|eot_id|>', stay plain text there)")
+
+
+def _import_mds(args) -> None:
+    from data_tools.mds import import_mds
+
+    summary = import_mds(args.source, args.output_prefix, tokenizer_path=args.tokenizer,
+                         progress=not args.quiet)
+    print(f"wrote {summary['documents']:,} documents, {summary['tokens']:,} tokens to "
+          f"{args.output_prefix}.bin/.idx in {summary['seconds']:.1f} s "
+          f"({summary['tokens_per_second']:,.0f} tokens/s) from {len(summary['parts'])} part(s), "
+          f"{summary['shards']} shards, {summary['samples']:,} samples; empty ranges skipped: "
+          f"{summary['empty_ranges']}; tokens outside every range: "
+          f"{summary['uncovered_tokens']:,}; summary: {args.output_prefix}.summary.json")
 
 
 def _merge(args) -> None:
@@ -87,10 +101,13 @@ def _sft(args) -> None:
     from data_tools.sft import build_sft
 
     build_sft(args.input, args.output, args.tokenizer, args.seq_length, overflow=args.overflow,
-              seed=args.seed, skip_bad=args.skip_bad, messages_key=args.messages_key)
+              seed=args.seed, skip_bad=args.skip_bad, messages_key=args.messages_key,
+              allow_empty=args.allow_empty)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data_tools.preprocess import max_workers, usable_cpu_cores
+
     parser = argparse.ArgumentParser(
         prog="lce-data", description="Corpora -> Megatron indexed datasets -> packed long-context "
                                      "training data (ProLong recipe).")
@@ -118,12 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=False,
                    help="start each document with BOS (default: off)")
     p.add_argument("--min-tokens", type=int, default=0,
-                   help="keep only documents of at least this many tokens (BOS/EOS included)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+                   help="keep only documents of at least this many tokens (BOS/EOS included; "
+                        ">= 0)")
+    p.add_argument("--workers", type=int, default=1,
+                   help=f"tokenizer processes, 1 to 2 per usable CPU core ({max_workers()} "
+                        f"here: {usable_cpu_cores()} cores); default: 1")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip and count bad lines instead of stopping at the first one")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a dataset without documents instead of stopping with an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_preprocess)
+
+    p = commands.add_parser(
+        "import-mds", help="ProLong's released data (MDS shards) -> PREFIX.bin/.idx",
+        description="Import one source folder of ProLong's released, Llama-3-tokenized data "
+                    "(e.g. book-65536: procNN-MM/ parts of mosaicml-streaming MDS shards) into "
+                    "one indexed dataset: one document per [start, end) range of each sample's "
+                    "indices, the parts in numeric order. Needs no mosaicml-streaming.")
+    p.add_argument("source", help="a source folder holding procNN-MM/ parts, or one part "
+                                  "(a folder with index.json)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, "
+                                                          "PREFIX.summary.json")
+    p.add_argument("--tokenizer", help="the data's tokenizer (Llama-3's tokenizer.model), "
+                                       "recorded for `inspect` and bounding the ids; default: "
+                                       "ids are checked against Llama-3's 128,256")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_import_mds)
 
     p = commands.add_parser("merge", help="concatenate indexed datasets",
                             description="Concatenate indexed datasets of one tokenizer.")
@@ -170,13 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--output", required=True, help="packed dataset folder")
     p.add_argument("--tokenizer", required=True, help="a Llama-3 tokenizer")
-    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--seq-length", type=int, required=True, help="tokens per sequence (>= 1)")
     p.add_argument("--overflow", choices=("move", "drop"), default="move",
                    help="a conversation that does not fit the open sequence: move it to the "
                         "next one (default) or drop it (ProLong's rule)")
     p.add_argument("--seed", type=int, default=0, help="conversation shuffle seed")
     p.add_argument("--messages-key", default="messages")
-    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count bad lines instead of stopping at the first one")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a dataset without sequences instead of stopping with an error")
     p.set_defaults(run=_sft)
     return parser
 
@@ -185,7 +226,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (InputError, TokenizerError, RecipeError, FileNotFoundError, ValueError) as error:
+    except (InputError, TokenizerError, RecipeError, ValueError) as error:
+        print(f"lce-data {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:
+        # A missing input, or a write the checks before it could not foresee (a full disk):
+        # the path and the reason, without a traceback. Temporary outputs are already removed.
         print(f"lce-data {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

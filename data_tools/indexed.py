@@ -65,6 +65,7 @@ class IndexedWriter:
         self._length_chunks: list[np.ndarray] = []
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token_id: Optional[int] = None  # largest id written so far
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents: `tokens` is every document's ids back to back, `lengths` in tokens."""
@@ -73,7 +74,9 @@ class IndexedWriter:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens given")
         if len(lengths) and int(lengths.max()) > np.iinfo(np.int32).max:
             raise ValueError("a document longer than 2**31-1 tokens does not fit the .idx format")
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        self._bin.write(tokens.tobytes())
+        self._note_max(tokens)
         self._length_chunks.append(lengths.astype(np.int32))
         self.num_documents += len(lengths)
         self.num_tokens += len(tokens)
@@ -85,10 +88,18 @@ class IndexedWriter:
                 f"{reader.prefix} stores {np.dtype(reader.dtype).name}, this output "
                 f"{np.dtype(self.dtype).name}: merge only datasets of one tokenizer")
         for start in range(0, len(reader.tokens), chunk_tokens):
-            self._bin.write(reader.tokens[start:start + chunk_tokens].tobytes())
+            chunk = reader.tokens[start:start + chunk_tokens]
+            self._bin.write(chunk.tobytes())
+            self._note_max(chunk)
         self._length_chunks.append(reader.lengths.astype(np.int32))
         self.num_documents += len(reader)
         self.num_tokens += int(reader.lengths.sum(dtype=np.int64))
+
+    def _note_max(self, tokens: np.ndarray) -> None:
+        if len(tokens):
+            largest = int(tokens.max())
+            self.max_token_id = largest if self.max_token_id is None else max(self.max_token_id,
+                                                                              largest)
 
     def finalize(self) -> None:
         """Write the index and move both files to their final names (the .idx last)."""
@@ -186,6 +197,20 @@ class IndexedReader:
     @property
     def num_tokens(self) -> int:
         return int(self.lengths.sum(dtype=np.int64))
+
+    def largest_token_id(self, chunk_tokens: int = 1 << 24) -> Optional[int]:
+        """The largest token id in the .bin (None if it holds no token). Reads the whole .bin
+        (about a second per GB), in chunks through read() rather than the memory map, so that
+        the pages read do not stay in this process's memory; datasets written by `lce-data`
+        record it in PREFIX.summary.json instead."""
+        largest = None
+        with open(bin_path(self.prefix), "rb") as f:
+            while True:
+                chunk = np.fromfile(f, dtype=self.dtype, count=chunk_tokens)
+                if not len(chunk):
+                    return largest
+                value = int(chunk.max())
+                largest = value if largest is None else max(largest, value)
 
     def token_offset(self, i: int) -> int:
         """Position of document i's first token in the .bin, in tokens."""

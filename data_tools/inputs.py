@@ -6,7 +6,6 @@ the line (or row) number, what is wrong and how to fix it.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import dataclass, field
@@ -113,45 +112,138 @@ def input_kind(path: str) -> str:
     return "text"
 
 
+# Compressed input is fed to the decompressor in pieces of this size, so that a failure costs at
+# most one piece's output and its position is known to within a piece.
+COMPRESSED_PIECE_BYTES = 1 << 16
+
+
+class StreamCut(Exception):
+    """A compressed stream that ends before its end marker (`truncated`) or holds corrupt data.
+
+    Every byte decompressed before it has already been handed out. `offset`: compressed bytes
+    consumed when it was found; `file_bytes`: the file's size."""
+
+    def __init__(self, reason: str, offset: int, file_bytes: int, truncated: bool, tool: str):
+        super().__init__(reason)
+        self.reason, self.offset, self.file_bytes = reason, offset, file_bytes
+        self.truncated, self.tool = truncated, tool
+
+
 def _decompressed_blocks(path: str, block_bytes: int) -> Iterator[bytes]:
-    """The file's bytes, decompressed for .gz/.zst; EOFError if a compressed stream is cut."""
-    if path.endswith(".zst"):
-        yield from _zstd_blocks(path, block_bytes)
-        return
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:  # gzip raises EOFError itself on a cut stream
-        while True:
-            block = f.read(block_bytes)
-            if not block:
-                return
-            yield block
+    """The file's bytes in blocks of about `block_bytes`, decompressed for .gz/.zst.
+
+    A cut or corrupt compressed stream yields everything decompressed before the damage, then
+    raises StreamCut: gzip.open and zstandard's stream_reader instead lose the whole block being
+    read (gzip) or report a cut frame as a clean end (zstd).
+    """
+    lower = path.lower()
+    if lower.endswith(".gz"):
+        import zlib
+
+        # wbits 31: a gzip member, its CRC-32 and length checked at its end.
+        yield from _stream_blocks(path, block_bytes, lambda: zlib.decompressobj(wbits=31),
+                                  zlib.error, "gzip", padding=b"\x00")
+    elif lower.endswith(".zst"):
+        import zstandard
+
+        yield from _stream_blocks(path, block_bytes,
+                                  lambda: zstandard.ZstdDecompressor().decompressobj(),
+                                  zstandard.ZstdError, "zstd")
+    else:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(block_bytes)
+                if not block:
+                    return
+                yield block
 
 
-def _zstd_blocks(path: str, block_bytes: int) -> Iterator[bytes]:
-    # zstandard's stream_reader reports a truncated frame as a clean end of file, so frames
-    # are followed by hand: a frame still open when the bytes run out is an error.
-    import zstandard
-
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    frame_open = False
+def _stream_blocks(path: str, block_bytes: int, new_decompressor, errors, tool: str,
+                   padding: bytes = b"") -> Iterator[bytes]:
+    # Members (gzip) or frames (zstd) are followed by hand: several may follow each other, and
+    # one still open when the bytes run out is a cut stream. gzip allows zero bytes of padding
+    # after a member.
+    file_bytes = os.path.getsize(path)
+    decompressor = new_decompressor()
+    fed = False  # the current member/frame has received bytes
+    offset = 0
+    out: list[bytes] = []
+    buffered = 0
     with open(path, "rb") as f:
         while True:
-            compressed = f.read(block_bytes)
-            if not compressed:
+            piece = f.read(COMPRESSED_PIECE_BYTES)
+            if not piece:
                 break
-            while compressed:
-                try:
-                    block = decompressor.decompress(compressed)
-                except zstandard.ZstdError as error:
-                    raise EOFError(f"corrupt zstd data ({error})") from None
-                frame_open = not decompressor.eof
-                if block:
-                    yield block
-                compressed = decompressor.unused_data if decompressor.eof else b""
+            while piece:
                 if decompressor.eof:
-                    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    if frame_open:
-        raise EOFError("the last zstd frame has no end")
+                    stripped = piece.lstrip(padding) if padding else piece
+                    offset += len(piece) - len(stripped)
+                    piece = stripped
+                    if not piece:
+                        break
+                    decompressor, fed = new_decompressor(), False
+                saved = decompressor.copy() if hasattr(decompressor, "copy") else None
+                try:
+                    block = decompressor.decompress(piece)
+                except errors as error:
+                    if saved is not None:  # zlib: recover the output up to the damaged byte
+                        good, used = _decompress_until_error(saved, piece, errors)
+                        out.append(good)
+                    else:  # zstd objects cannot be copied: this piece's output is lost
+                        used = 0
+                    if any(out):
+                        yield b"".join(out)
+                    raise StreamCut(f"corrupt {tool} data at compressed byte {offset + used:,} "
+                                    f"({error})", offset + used, file_bytes, False,
+                                    tool) from None
+                fed = True
+                rest = decompressor.unused_data if decompressor.eof else b""
+                offset += len(piece) - len(rest)
+                piece = rest
+                if block:
+                    out.append(block)
+                    buffered += len(block)
+                    if buffered >= block_bytes:
+                        yield b"".join(out)
+                        out, buffered = [], 0
+    if out:
+        yield b"".join(out)
+    if fed and not decompressor.eof:
+        raise StreamCut(f"the file ends at byte {file_bytes:,} inside a {tool} "
+                        f"{'member' if tool == 'gzip' else 'frame'}, before its end marker",
+                        offset, file_bytes, True, tool)
+
+
+def _decompress_until_error(decompressor, piece: bytes, errors) -> tuple[bytes, int]:
+    """(output, bytes of `piece` consumed) feeding `piece` a byte at a time until it fails."""
+    output = []
+    for used in range(len(piece)):
+        try:
+            output.append(decompressor.decompress(piece[used:used + 1]))
+        except errors:
+            return b"".join(output), used
+    return b"".join(output), len(piece)
+
+
+def _cut_stream_record(path: str, first_lost_line: int, partial_bytes: int,
+                       cut: StreamCut) -> BadRecord:
+    """The bad record of a cut/corrupt stream: names the last complete line and the cut."""
+    last_good = first_lost_line - 1
+    kept = f"after line {last_good:,}, the last complete one" if last_good else \
+        "before the first complete line"
+    partial = (f"; line {first_lost_line:,} is incomplete ({partial_bytes:,} bytes)"
+               if partial_bytes else "")
+    if cut.truncated:
+        problem = f"the {cut.tool} stream is cut off {kept}: {cut.reason}{partial}"
+        fix = (f"pass --skip-bad to keep lines 1-{last_good:,}, or re-create the file from its "
+               f"source (`{cut.tool} -t FILE` tests a file)") if last_good else \
+            f"re-create the file from its source (`{cut.tool} -t FILE` tests a file)"
+    else:
+        problem = f"{cut.reason}, {kept}{partial}"
+        fix = "re-create the file from its source" + (
+            f": corrupt {cut.tool} data can garble the lines before it unnoticed, so "
+            f"--skip-bad (which keeps lines 1-{last_good:,}) is a last resort" if last_good else "")
+    return BadRecord(path, first_lost_line, problem, fix)
 
 
 def _read_jsonl(path: str, chunk_bytes: int) -> Iterator[RawChunk]:
@@ -161,11 +253,16 @@ def _read_jsonl(path: str, chunk_bytes: int) -> Iterator[RawChunk]:
     while True:
         try:
             block = next(blocks, b"")
-        except (EOFError, OSError) as error:
-            # The partial line in `pending` is lost with the stream: report it there.
+        except StreamCut as cut:
+            # The lines before `pending` have all been handed out; `pending` (a line without
+            # its newline) is lost with the rest of the stream.
+            yield RawChunk(path, "jsonl", line_no, [], [
+                _cut_stream_record(path, line_no, len(pending), cut)])
+            return
+        except OSError as error:
             yield RawChunk(path, "jsonl", line_no, [], [BadRecord(
-                path, line_no, f"compressed stream is truncated or corrupt ({error})",
-                "re-create the file; --skip-bad keeps the lines before this one")])
+                path, line_no, f"reading the file failed after line {line_no - 1:,} ({error})",
+                "check the file and its disk; --skip-bad keeps the lines before this one")])
             return
         if not block:
             break

@@ -10,11 +10,17 @@ A recipe (data_tools/recipes/*.yaml):
       - {name: books, path: books, weight: 0.3, long: true}       # documents >= L, cut
       - {name: fineweb, path: fineweb, weight: 0.1}                # concatenated
       - {name: books-64k, path: books, weight: 0.25, min_doc_tokens: 65536}
+      - {name: prolong-books, path: book-65536, weight: 0.3, prepacked: true}  # see below
 `path` is a Megatron dataset prefix, relative to --data-root (or the recipe's data_root).
 
 Each source's documents are shuffled (seed), packed (long: split_long, else
 pack_concatenated), and its sequences shuffled; megatron-core's build_blending_indices then
 interleaves sources so that every prefix of the training order follows the weights.
+A `prepacked` source is stored already packed into seq_length-token sequences (ProLong's
+released data, imported with `lce-data import-mds`): its documents keep their stored order
+and every seq_length tokens are one sequence, so each of its packed samples is one training
+sequence with its own document boundaries; only the sequences are shuffled. No document may
+cross a sequence boundary (checked: the data was packed at another length otherwise).
 """
 from __future__ import annotations
 
@@ -32,10 +38,12 @@ from typing import Optional
 import numpy as np
 
 from data_tools.indexed import IndexedReader, bin_path, idx_path
+from data_tools.outputs import check_output_location
 from data_tools.packed import METADATA_FILE, write_packed
 from data_tools.packing import pack_concatenated, split_long
+from data_tools.summary import DatasetTokens, MixedTokenizersError, check_one_tokenizer
 
-SOURCE_KEYS = {"name", "path", "weight", "long", "min_doc_tokens"}
+SOURCE_KEYS = {"name", "path", "weight", "long", "min_doc_tokens", "prepacked"}
 RECIPE_KEYS = {"name", "seq_length", "seed", "total_tokens", "data_root", "sources",
                "description"}
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
@@ -52,6 +60,7 @@ class Source:
     weight: float
     long: bool = False
     min_doc_tokens: int = 0
+    prepacked: bool = False
 
 
 @dataclass
@@ -86,6 +95,22 @@ def _number(value, what: str, path: str) -> float:
         raise RecipeError(f"{path}: {what} must be a number, not {value!r}") from None
 
 
+def _integer(value, what: str, path: str, minimum: int) -> int:
+    """A whole number >= minimum from a recipe value (YAML may give 2.0e+10 as a float or "20e9"
+    as a string: a whole value in either form is accepted)."""
+    try:
+        number = _number(value, what, path)
+    except RecipeError:
+        raise RecipeError(f"{path}: {what} must be a whole number, not {value!r}") from None
+    if not np.isfinite(number) or number != int(number):
+        raise RecipeError(f"{path}: {what} must be a whole number, not {value!r}"
+                          + (f"; use {int(number)} or {int(number) + 1}"
+                             if np.isfinite(number) else ""))
+    if number < minimum:
+        raise RecipeError(f"{path}: {what} is {int(number)}; it must be at least {minimum}")
+    return int(number)
+
+
 def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional[int] = None,
                 seed: Optional[int] = None, total_tokens: Optional[int] = None) -> Recipe:
     """Parse and check a recipe; keyword arguments override the file's values."""
@@ -113,9 +138,16 @@ def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional
         weight = _number(entry["weight"], f"weight of source {i + 1}", path)
         if weight < 0 or not np.isfinite(weight):
             raise RecipeError(f"{path}: weight of source {i + 1} is {weight}; weights are >= 0")
-        sources.append(Source(name=str(entry.get("name", entry["path"])), path=str(entry["path"]),
-                              weight=weight, long=bool(entry.get("long", False)),
-                              min_doc_tokens=int(entry.get("min_doc_tokens", 0))))
+        source = Source(name=str(entry.get("name", entry["path"])), path=str(entry["path"]),
+                        weight=weight, long=bool(entry.get("long", False)),
+                        min_doc_tokens=_integer(entry.get("min_doc_tokens", 0),
+                                                f"min_doc_tokens of source {i + 1}", path, 0),
+                        prepacked=bool(entry.get("prepacked", False)))
+        if source.prepacked and (source.long or source.min_doc_tokens):
+            raise RecipeError(f"{path}: source {i + 1} is prepacked: its sequences are stored "
+                              f"as they are, so 'long' and 'min_doc_tokens' do not apply; drop "
+                              f"them or 'prepacked'")
+        sources.append(source)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise RecipeError(f"{path}: source names must be unique, got {names}")
@@ -123,16 +155,23 @@ def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional
     if not weight_sum > 0:
         raise RecipeError(f"{path}: the source weights sum to {weight_sum}; they must sum to a "
                           f"positive number")
-    length = int(seq_length or _number(raw.get("seq_length", 0), "seq_length", path))
-    if length <= 0:
-        raise RecipeError(f"{path}: seq_length must be a positive number of tokens")
-    total = total_tokens if total_tokens is not None else raw.get("total_tokens")
+    if seq_length is not None:
+        length = _integer(seq_length, "--seq-length", path, 1)
+    elif "seq_length" not in raw:
+        raise RecipeError(f"{path}: seq_length (tokens per sequence) is missing; add it or pass "
+                          f"--seq-length")
+    else:
+        length = _integer(raw["seq_length"], "seq_length", path, 1)
+    seed_value = (_integer(seed, "--seed", path, 0) if seed is not None
+                  else _integer(raw.get("seed", 0), "seed", path, 0))
+    total = None
+    if total_tokens is not None:
+        total = _integer(total_tokens, "--total-tokens", path, length)
+    elif raw.get("total_tokens") is not None:
+        total = _integer(raw["total_tokens"], "total_tokens", path, length)
     root = data_root or raw.get("data_root") or "."
     return Recipe(path=os.path.abspath(path), name=str(raw.get("name", os.path.basename(path))),
-                  seq_length=length,
-                  seed=int(seed if seed is not None else raw.get("seed", 0)),
-                  sources=sources,
-                  total_tokens=int(_number(total, "total_tokens", path)) if total else None,
+                  seq_length=length, seed=seed_value, sources=sources, total_tokens=total,
                   data_root=os.path.abspath(root))
 
 
@@ -166,7 +205,9 @@ def recipe_hash(recipe: Recipe) -> str:
                                "bin_bytes": os.path.getsize(bin_path(prefix))}
     key = {"sources": [asdict(s) for s in recipe.sources], "inputs": inputs,
            "seq_length": recipe.seq_length, "seed": recipe.seed,
-           "total_tokens": recipe.total_tokens, "version": 2}  # 2: later epochs reshuffled
+           "total_tokens": recipe.total_tokens,
+           # 2: later epochs reshuffled; 3: tokenizer, max_token_id and prepacked sources
+           "version": 3}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -228,12 +269,38 @@ def epoch_sequence_order(first_epoch: np.ndarray, draws: np.ndarray, seed: int,
     return result
 
 
+def _check_prepacked(recipe: Recipe, source: Source, prefix: str, lengths: np.ndarray,
+                     packed) -> None:
+    """Every sequence boundary of a prepacked source falls between two documents."""
+    boundaries = packed.sequences[:, 0]
+    at = np.searchsorted(packed.starts, boundaries)
+    crossing = np.flatnonzero(packed.starts[np.minimum(at, len(packed.starts) - 1)] != boundaries)
+    if len(crossing):
+        position = int(boundaries[crossing[0]])
+        document = int(np.searchsorted(packed.starts, position, side="right")) - 1
+        raise RecipeError(
+            f"{recipe.path}: source {source.name!r} ({prefix}) is prepacked, but its document "
+            f"{document} ({int(lengths[document]):,} tokens) crosses token {position:,}, a "
+            f"boundary of {recipe.seq_length:,}-token sequences: it was packed at another "
+            f"length (ProLong's data: 65,536 or 524,288). Set seq_length to that length, or "
+            f"drop 'prepacked'")
+
+
 def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
     """Build (or reuse, when its hash matches) the packed dataset of `recipe` in `output`.
 
-    Returns the metadata, with "reused": True when the cached index was kept.
+    Returns the metadata, with "reused": True when the cached index was kept. Raises
+    RecipeError, before writing anything, for an output that cannot be written, a source that
+    is missing or yields no sequence, or sources of different tokenizers.
     """
+    check_output_location(output, "--output")
     key = recipe_hash(recipe)
+    datasets = [DatasetTokens.of(source_prefix(recipe, s), f"source {s.name!r}")
+                for s in recipe.sources]
+    try:
+        tokenizer = check_one_tokenizer(datasets, "Mix")
+    except MixedTokenizersError as error:
+        raise RecipeError(f"{recipe.path}: {error}") from None
     metadata_path = os.path.join(output, METADATA_FILE)
     if os.path.exists(metadata_path):
         with open(metadata_path) as f:
@@ -249,12 +316,17 @@ def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
         reader = IndexedReader(prefix)
         lengths = np.asarray(reader.lengths, dtype=np.int64)
         rng = _source_rng(recipe.seed, source.name)
-        if source.long:
-            candidates = np.flatnonzero(lengths >= L)
+        if source.prepacked:
+            candidates = documents = np.arange(len(lengths))
+            packed = pack_concatenated(lengths, L)
+            _check_prepacked(recipe, source, prefix, lengths, packed)
         else:
-            candidates = np.flatnonzero(lengths >= max(source.min_doc_tokens, 1))
-        documents = rng.permutation(candidates)
-        packed = (split_long if source.long else pack_concatenated)(lengths[documents], L)
+            if source.long:
+                candidates = np.flatnonzero(lengths >= L)
+            else:
+                candidates = np.flatnonzero(lengths >= max(source.min_doc_tokens, 1))
+            documents = rng.permutation(candidates)
+            packed = (split_long if source.long else pack_concatenated)(lengths[documents], L)
         order = rng.permutation(len(packed.sequences))
         built.append((source, prefix, documents, packed, order, len(lengths) - len(candidates),
                       int(lengths.sum() - lengths[candidates].sum())))
@@ -281,7 +353,7 @@ def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
         drawn = int(mine.sum())
         infos.append({
             "name": source.name, "prefix": prefix, "weight": source.weight, "long": source.long,
-            "min_doc_tokens": source.min_doc_tokens, "documents_in_input": int(len(IndexedReader(prefix))),
+            "min_doc_tokens": source.min_doc_tokens, "prepacked": source.prepacked, "documents_in_input": int(len(IndexedReader(prefix))),
             "documents_packed": int(len(packed.kept) - packed.dropped_documents),
             "documents_filtered": filtered_docs, "tokens_filtered": filtered_tokens,
             "tokens_dropped_by_packing": packed.dropped_tokens,
@@ -289,10 +361,16 @@ def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
             "tokens_drawn": drawn * L,
             "epochs": round(drawn / max(len(packed.sequences), 1), 4),
         })
+    # The sources' largest ids: every document of a dataset comes from its one tokenizer, so
+    # this is what the model's vocabulary must cover (mix sequences hold no padding).
+    drawn_max = [d.largest_token_id() for d, info in zip(datasets, infos)
+                 if info["sequences_drawn"]]
+    drawn_max = [m for m in drawn_max if m is not None]
     metadata = {
         "recipe": recipe.name, "recipe_path": recipe.path, "hash": key,
         "seq_length": L, "seed": recipe.seed, "num_sequences": size,
-        "total_tokens": size * L, "pad_id": 0,
+        "total_tokens": size * L, "pad_id": 0, "tokenizer": tokenizer,
+        "max_token_id": max(drawn_max) if drawn_max else None,
         "tokens_per_source": {info["name"]: info["tokens_drawn"] for info in infos},
         "build_seconds": round(time.perf_counter() - start, 3),
     }

@@ -1,7 +1,8 @@
 """The packed training dataset: sequences of exactly L tokens with their document boundaries.
 
 A packed dataset is a folder written by `lce-data mix` or `lce-data sft`:
-  packed.json                 metadata (recipe, sources, per-source token counts, seed, L)
+  packed.json                 metadata (recipe, sources, per-source token counts, seed, L,
+                              tokenizer, max_token_id)
   order.npy                   int64 [N, 2]: (source, source sequence) of each training sequence
   source{k}.documents.npy     int64: document ids of source k in stream order
   source{k}.starts.npy        int64: stream offset of each of those documents (+ the total)
@@ -71,6 +72,10 @@ class PackedDataset:
         self.path = folder
         self.seq_length: int = int(self.metadata["seq_length"])
         self.pad_id: int = int(self.metadata.get("pad_id", 0))
+        # The largest token id any sequence can hold (padding included), to check against the
+        # model's vocabulary before training; None for datasets packed before it was recorded.
+        recorded = self.metadata.get("max_token_id")
+        self.max_token_id: Optional[int] = None if recorded is None else int(recorded)
         self._sources = [_Source(folder, k, info)
                          for k, info in enumerate(self.metadata["sources"])]
         self._order = np.load(os.path.join(folder, "order.npy"), mmap_mode="r")

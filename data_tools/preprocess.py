@@ -7,7 +7,6 @@ only the JSON parse, which is why this beats one-pool-task-per-line preprocessin
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import time
@@ -19,6 +18,9 @@ import numpy as np
 from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
 from data_tools.inputs import (CHUNK_BYTES, BadRecord, InputError, RawChunk, list_input_files,
                                parse_chunk, read_chunks, text_file_groups)
+from data_tools.outputs import (NO_RECORDS_REASON, all_skipped_reason, check_output_location,
+                               empty_output_error)
+from data_tools.summary import remove_stale_summary, write_summary
 from data_tools.tokenizer import load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 100
@@ -34,6 +36,38 @@ class PreprocessOptions:
     workers: int = 1
     skip_bad: bool = False
     progress: bool = True
+    allow_empty: bool = False
+
+
+def usable_cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def max_workers() -> int:
+    """The most tokenizer processes preprocess accepts: 2 per usable core. Tokenizing is
+    CPU-bound, so more only cost memory (each worker holds a tokenizer and chunks of text)."""
+    return 2 * usable_cpu_cores()
+
+
+def check_options(options: PreprocessOptions) -> None:
+    """Raise ValueError naming the option, its value and the fix for an option out of range."""
+    for name, value in (("--workers", options.workers), ("--min-tokens", options.min_tokens)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} {value!r}: give a whole number")
+    if options.workers < 1:
+        raise ValueError(f"--workers {options.workers}: give at least 1 (the number of "
+                         f"tokenizer processes)")
+    if options.workers > max_workers():
+        raise ValueError(f"--workers {options.workers} is far above the "
+                         f"{usable_cpu_cores()} CPU cores this process may use; tokenizing is "
+                         f"CPU-bound, so give at most {max_workers()} (2 per core), e.g. "
+                         f"--workers {usable_cpu_cores()} (one per core)")
+    if options.min_tokens < 0:
+        raise ValueError(f"--min-tokens {options.min_tokens}: a document length cannot be "
+                         f"negative; give 0 (keep every document) or more")
 
 
 @dataclass
@@ -102,7 +136,7 @@ def _encode_one_by_one(chunk: RawChunk, texts, groups, lines, bad):
             if not _is_encoder_failure(error):
                 raise
             message = str(error).splitlines()[0][:200] if str(error) else ""
-            encoder = tokenizer.describe().get("encoder", tokenizer.kind)
+            encoder = getattr(tokenizer, "encoder", tokenizer.kind)
             bad.append(BadRecord(
                 chunk.path, lines[i], f"the {encoder} encoder failed on this document "
                                       f"({type(error).__name__}: {message}; {len(text):,} characters)",
@@ -140,22 +174,26 @@ def _keep_long_enough(tokens, lengths, min_tokens, counters: Counters):
     return tokens[np.repeat(keep, lengths)], lengths[keep]
 
 
-class _Progress:
-    """tqdm bar counting documents, with tokens/s beside the documents/s."""
+class ProgressBar:
+    """tqdm bar counting items (documents by default), with tokens/s beside the items/s.
 
-    def __init__(self, enabled: bool):
+    `total` (items) gives the bar an end and an ETA; None counts without one.
+    """
+
+    def __init__(self, enabled: bool, unit: str = " doc", total: Optional[int] = None):
         self.bar = None
         self.start = time.perf_counter()
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(unit=" doc", unit_scale=True, mininterval=1.0, dynamic_ncols=True)
+            self.bar = tqdm(unit=unit, unit_scale=True, total=total, mininterval=1.0,
+                            dynamic_ncols=True)
 
-    def update(self, documents: int, total_tokens: int) -> None:
+    def update(self, items: int, total_tokens: int) -> None:
         if self.bar is not None:
             rate = total_tokens / max(time.perf_counter() - self.start, 1e-9)
             self.bar.set_postfix_str(f"{total_tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
-            self.bar.update(documents)
+            self.bar.update(items)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -194,14 +232,19 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
                options: Optional[PreprocessOptions] = None) -> dict:
     """Tokenize `inputs` (files or folders) into OUTPUT_PREFIX.bin/.idx; returns the summary.
 
-    The summary (documents, tokens, skipped lines, seconds, ...) is also written to
-    OUTPUT_PREFIX.summary.json. Raises InputError on the first bad record unless skip_bad.
+    The summary (documents, tokens, the largest token id, the tokenizer, skipped lines,
+    seconds, ...) is also written to OUTPUT_PREFIX.summary.json. Raises, before writing
+    anything: ValueError for an option out of range, OutputError for an output prefix that
+    cannot be written, InputError on the first bad record unless skip_bad, EmptyOutputError
+    when no document is left unless allow_empty.
     """
     options = options or PreprocessOptions()
+    check_options(options)
+    check_output_location(output_prefix, "--output-prefix", (".bin", ".idx", ".summary.json"))
     start = time.perf_counter()
+    files = list_input_files(inputs)
     tokenizer = load_tokenizer(tokenizer_path)
     _worker.update(tokenizer=tokenizer, tokenizer_path=tokenizer.path)
-    files = list_input_files(inputs)
     bos = tokenizer.bos_id if options.prepend_bos else None
     eos = tokenizer.eos_id if options.append_eos else None
     if options.append_eos and eos is None:
@@ -210,7 +253,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         raise ValueError(f"tokenizer {tokenizer_path} defines no BOS token; drop --prepend-bos")
     dtype = token_dtype(tokenizer.vocab_size)
     counters = Counters()
-    progress = _Progress(options.progress)
+    progress = ProgressBar(options.progress)
     # Grouped documents are assembled after all input is read, from pieces kept on disk.
     writer = IndexedWriter(output_prefix + (".pieces" if options.group_by else ""), dtype)
     group_ids: dict[str, int] = {}
@@ -232,15 +275,21 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
             writer.add_documents(tokens, lengths)
             counters.tokens += len(tokens)
             progress.update(len(result.lengths), counters.tokens)
+        if writer.num_documents == 0:
+            _refuse_empty(files, counters, options)
+        if not options.group_by:
+            remove_stale_summary(output_prefix)
         writer.finalize()
     except BaseException:
         writer.abort()
         raise
     finally:
         progress.close()
+    max_token_id = writer.max_token_id
     if options.group_by:
         gids = np.concatenate(piece_groups) if piece_groups else np.zeros(0, np.int64)
-        _assemble_groups(output_prefix, gids, bos, eos, options.min_tokens, dtype, counters)
+        max_token_id = _assemble_groups(output_prefix, gids, bos, eos, dtype, counters, options,
+                                        files)
     seconds = time.perf_counter() - start
     summary = {
         "output": os.path.abspath(output_prefix),
@@ -249,6 +298,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         "dtype": np.dtype(dtype).name,
         "documents": counters.documents,
         "tokens": counters.tokens,
+        "max_token_id": max_token_id,
         "input_records": counters.records,
         "skipped_lines": counters.skipped_lines,
         "bad_records": counters.bad_records,
@@ -264,14 +314,30 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(counters.tokens / max(seconds, 1e-9), 1),
     }
-    with open(output_prefix + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(output_prefix, summary)
     return summary
 
 
-def _assemble_groups(output_prefix: str, piece_groups: np.ndarray, bos, eos, min_tokens: int,
-                     dtype, counters: Counters, flush_tokens: int = 1 << 24) -> None:
-    """Concatenate the pieces of each group, in input order, into one document per group."""
+def _refuse_empty(files: Sequence[str], counters: Counters, options: PreprocessOptions) -> None:
+    """Raise EmptyOutputError saying why no document is left, unless --allow-empty."""
+    if options.allow_empty:
+        return
+    if counters.filtered_documents:
+        why = (f"all documents ({counters.filtered_documents:,}) are shorter than --min-tokens "
+               f"{options.min_tokens}; lower --min-tokens")
+    elif counters.skipped_lines:
+        why = all_skipped_reason(counters.skipped_lines, counters.bad_records[0])
+    else:
+        why = NO_RECORDS_REASON
+    raise empty_output_error("document", files, why)
+
+
+def _assemble_groups(output_prefix: str, piece_groups: np.ndarray, bos, eos, dtype,
+                     counters: Counters, options: PreprocessOptions, files: Sequence[str],
+                     flush_tokens: int = 1 << 24) -> Optional[int]:
+    """Concatenate the pieces of each group, in input order, into one document per group;
+    returns the largest token id written (None if none)."""
+    min_tokens = options.min_tokens
     pieces = IndexedReader(output_prefix + ".pieces")
     order = np.argsort(piece_groups, kind="stable")
     group_sizes = np.bincount(piece_groups, weights=pieces.lengths, minlength=0).astype(np.int64)
@@ -301,6 +367,9 @@ def _assemble_groups(output_prefix: str, piece_groups: np.ndarray, bos, eos, min
             writer.add_documents(np.concatenate(parts), np.array(lengths))
         counters.documents = writer.num_documents
         counters.tokens = writer.num_tokens
+        if writer.num_documents == 0:
+            _refuse_empty(files, counters, options)
+        remove_stale_summary(output_prefix)
         writer.finalize()
     except BaseException:
         writer.abort()
@@ -309,3 +378,4 @@ def _assemble_groups(output_prefix: str, piece_groups: np.ndarray, bos, eos, min
         del pieces
         for suffix in (".bin", ".idx"):
             os.remove(output_prefix + ".pieces" + suffix)
+    return writer.max_token_id

@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from data_tools.indexed import IndexedReader, IndexedWriter, token_dtype
 from data_tools.inputs import BadRecord, InputError, iter_records, list_input_files, read_chunks
+from data_tools.outputs import (NO_RECORDS_REASON, all_skipped_reason, check_output_location,
+                               empty_output_error)
 from data_tools.packed import staging_folder, write_packed
 from data_tools.packing import pack_whole
 from data_tools.tokenizer import TextTokenizer, load_tokenizer
@@ -81,13 +83,24 @@ class ChatEncoder:
 
 def build_sft(inputs: Sequence[str], output: str, tokenizer_path: str, seq_length: int,
               overflow: str = "move", seed: int = 0, skip_bad: bool = False,
-              messages_key: str = "messages", log=print) -> dict:
+              messages_key: str = "messages", log=print, allow_empty: bool = False) -> dict:
     """Tokenize chat records and pack them into the packed dataset folder `output`.
 
     Returns the metadata (conversations kept, dropped as too long / overflowing, tokens,
-    loss tokens, padding tokens, skipped lines).
+    loss tokens, padding tokens, skipped lines, the largest token id). Raises ValueError for a
+    seq_length or seed out of range, OutputError for an output that cannot be written,
+    InputError on the first bad record unless skip_bad, and EmptyOutputError when no sequence
+    would be written unless allow_empty; nothing is written then.
     """
+    if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)) \
+            or seq_length < 1:
+        raise ValueError(f"--seq-length {seq_length!r}: give a positive number of tokens per "
+                         f"sequence, e.g. --seq-length 65536")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"--seed {seed!r}: give a whole number >= 0")
+    check_output_location(output, "--output")
     start = time.perf_counter()
+    files = list_input_files(inputs)
     tokenizer = load_tokenizer(tokenizer_path)
     encoder = ChatEncoder(tokenizer)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
@@ -98,7 +111,7 @@ def build_sft(inputs: Sequence[str], output: str, tokenizer_path: str, seq_lengt
     tokens = IndexedWriter(os.path.join(staging, "conversations"), token_dtype(tokenizer.vocab_size))
     masks = IndexedWriter(os.path.join(staging, "conversations.mask"), np.uint8)
     try:
-        for path in list_input_files(inputs):
+        for path in files:
             for chunk in read_chunks(path, [messages_key]):
                 for line, record, problem in iter_records(chunk):
                     if problem is None:
@@ -126,6 +139,8 @@ def build_sft(inputs: Sequence[str], output: str, tokenizer_path: str, seq_lengt
         loss_tokens = int(IndexedReader(os.path.join(staging, "conversations.mask"))
                           .tokens.sum(dtype=np.int64))
         kept_tokens = int(packed.starts[-1])
+        if len(packed.sequences) == 0 and not allow_empty:
+            _refuse_empty(files, lengths, skipped, bad_records, seq_length)
         info = {"name": "sft", "prefix": "conversations", "mask_prefix": "conversations.mask",
                 "weight": 1.0, "conversations": int(len(lengths)),
                 "conversations_packed": int(len(packed.kept)),
@@ -133,11 +148,16 @@ def build_sft(inputs: Sequence[str], output: str, tokenizer_path: str, seq_lengt
                 "dropped_overflow": packed.dropped_documents - too_long,
                 "tokens_dropped": packed.dropped_tokens}
         num_sequences = len(packed.sequences)
+        padding = num_sequences * seq_length - kept_tokens
+        # Conversations dropped as too long count too: one tokenizer wrote them all.
+        largest = tokens.max_token_id
+        if padding and (largest is None or pad_id > largest):
+            largest = int(pad_id)
         metadata = {
             "recipe": "sft", "seq_length": seq_length, "seed": seed, "overflow": overflow,
             "num_sequences": num_sequences, "total_tokens": num_sequences * seq_length,
             "pad_id": int(pad_id), "tokens_per_source": {"sft": kept_tokens},
-            "padding_tokens": num_sequences * seq_length - kept_tokens,
+            "padding_tokens": padding, "max_token_id": largest,
             "loss_tokens_in_input": loss_tokens, "skipped_lines": skipped,
             "bad_records": bad_records[:100], "tokenizer": tokenizer.describe(),
             "inputs": [os.path.abspath(p) for p in inputs],
@@ -155,3 +175,16 @@ def build_sft(inputs: Sequence[str], output: str, tokenizer_path: str, seq_lengt
         f"(dropped: {too_long} too long, {info['dropped_overflow']} overflowing; "
         f"{skipped} bad lines skipped)")
     return {**metadata, "sources": [info]}
+
+
+def _refuse_empty(files: Sequence[str], lengths: np.ndarray, skipped: int, bad_records: list,
+                  seq_length: int) -> None:
+    if len(lengths):
+        why = (f"all conversations ({len(lengths):,}) are longer than --seq-length "
+               f"{seq_length:,} tokens (the shortest has {int(lengths.min()):,}); raise "
+               f"--seq-length")
+    elif skipped:
+        why = all_skipped_reason(skipped, bad_records[0])
+    else:
+        why = NO_RECORDS_REASON
+    raise empty_output_error("sequence", files, why)

@@ -8,23 +8,49 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data_tools.indexed import IndexedReader, IndexedWriter
+from data_tools.outputs import OutputError, check_output_location
 from data_tools.packed import METADATA_FILE, PackedDataset
+from data_tools.summary import (DatasetTokens, check_one_tokenizer, remove_stale_summary,
+                                write_summary)
 from data_tools.tokenizer import load_tokenizer
 
 
 def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
-    """Concatenate indexed datasets (same dtype), in the order given, into OUTPUT_PREFIX."""
+    """Concatenate indexed datasets of one tokenizer, in the order given, into OUTPUT_PREFIX;
+    returns the summary also written to OUTPUT_PREFIX.summary.json.
+
+    Raises, before writing anything: OutputError when the output is one of the inputs or
+    cannot be written, MixedTokenizersError for inputs of different token dtypes or (where
+    their summaries record it) tokenizers.
+    """
+    suffixes = (".bin", ".idx", ".summary.json")
+    check_output_location(output_prefix, "--output-prefix", suffixes)
+    output_files = {os.path.realpath(output_prefix + s) for s in (".bin", ".idx")}
+    for prefix in inputs:
+        if output_files & {os.path.realpath(prefix + s) for s in (".bin", ".idx")}:
+            raise OutputError(f"--output-prefix {output_prefix} is the input {prefix}: merging "
+                              f"a dataset into itself would replace it while it is read; "
+                              f"choose a new --output-prefix")
     readers = [IndexedReader(p) for p in inputs]
+    datasets = [DatasetTokens.of(p, f"input {n}", r)
+                for n, (p, r) in enumerate(zip(inputs, readers), start=1)]
+    tokenizer = check_one_tokenizer(datasets, "Merge")
     writer = IndexedWriter(output_prefix, readers[0].dtype)
     try:
         for reader in readers:
             writer.copy_from(reader)
+        remove_stale_summary(output_prefix)
         writer.finalize()
     except BaseException:
         writer.abort()
         raise
-    return {"output": os.path.abspath(output_prefix), "inputs": list(inputs),
-            "documents": writer.num_documents, "tokens": writer.num_tokens}
+    summary = {"output": os.path.abspath(output_prefix),
+               "inputs": [os.path.abspath(p) for p in inputs],
+               "tokenizer": tokenizer, "dtype": np.dtype(readers[0].dtype).name,
+               "documents": writer.num_documents, "tokens": writer.num_tokens,
+               "max_token_id": writer.max_token_id}
+    write_summary(output_prefix, summary)
+    return summary
 
 
 def length_histogram(lengths: np.ndarray) -> list[dict]:
@@ -101,7 +127,7 @@ def tokenizer_of(path: str) -> Optional[str]:
         if os.path.exists(candidate):
             with open(candidate) as f:
                 data = json.load(f)
-            if "tokenizer" in data:
+            if data.get("tokenizer"):
                 return data["tokenizer"]["path"]
             for source in data.get("sources", []):
                 found = tokenizer_of(source["prefix"])

@@ -12,9 +12,11 @@ A directory holding only tokenizer.model is read as that file. Nothing is ever d
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import os
+import struct
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,6 +27,8 @@ LLAMA3_SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 LLAMA3_NUM_SPECIAL_TOKENS = 256
+# Llama-3's tokenizer.model holds 128,000 BPE ranks: ids 0-127,999, specials from 128,000.
+LLAMA3_NUM_BPE_RANKS = 128_000
 # Named special tokens by offset from the first special id; every other offset is reserved.
 _LLAMA3_NAMED_SPECIALS = {
     0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 5: "<|step_id|>",
@@ -57,6 +61,7 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         self.path = path
+        self.vocabulary_file = path  # the file that defines the ids (tokenizer.json in a folder)
         self.vocab_size = 0
         self.bos_id: Optional[int] = None
         self.eos_id: Optional[int] = None
@@ -79,9 +84,52 @@ class TextTokenizer:
         """Id of a special token such as "<|eot_id|>"; KeyError if this vocabulary lacks it."""
         raise NotImplementedError
 
+    def token_bytes(self) -> list[Optional[bytes]]:
+        """The bytes of every id, 0 .. vocab_size - 1 (a special token: its name in UTF-8; an
+        id without a token: None). What `vocabulary_fingerprint` hashes."""
+        raise NotImplementedError
+
+    def vocabulary_fingerprint(self) -> str:
+        """"sha256:" + 16 hex digits of the id -> token-bytes table: equal for two tokenizer
+        files that assign every id the same token (Llama-3's tokenizer.json and its
+        tokenizer.model when both have the same special tokens), different otherwise.
+
+        Cached per file (size and mtime), as reading a vocabulary takes 0.1-0.5 s.
+        """
+        stat = os.stat(self.vocabulary_file)
+        key = (os.path.abspath(self.vocabulary_file), stat.st_size, stat.st_mtime_ns, self.kind)
+        if key not in _FINGERPRINTS:
+            digest = hashlib.sha256()
+            for token in self.token_bytes():
+                digest.update(struct.pack("<I", 0xFFFFFFFF) if token is None
+                              else struct.pack("<I", len(token)) + token)
+            _FINGERPRINTS[key] = "sha256:" + digest.hexdigest()[:16]
+        return _FINGERPRINTS[key]
+
     def describe(self) -> dict:
+        """What a dataset records of its tokenizer (see data_tools.summary.tokenizer_difference)."""
         return {"kind": self.kind, "path": os.path.abspath(self.path),
-                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
+                "file": os.path.basename(self.vocabulary_file),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "vocabulary_fingerprint": self.vocabulary_fingerprint()}
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (used by Llama-3's tokenizer.json): the character that
+    stands for each byte 0-255 -> that byte. Printable Latin-1 bytes stand for themselves; the
+    others are numbered from U+0100 in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    alphabet, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(0x100 + shifted)] = byte
+            shifted += 1
+    return alphabet
 
 
 ENCODER_ENV = "LCE_BPE_ENCODER"
@@ -153,6 +201,14 @@ class TiktokenTokenizer(TextTokenizer):
     def token_id(self, token):
         return self.specials[token]
 
+    def token_bytes(self):
+        table: list[Optional[bytes]] = [None] * self.vocab_size
+        for token, rank in _read_tiktoken_ranks(self.path).items():
+            table[rank] = token
+        for name, token_id in self.specials.items():
+            table[token_id] = name.encode("utf-8")
+        return table
+
     def describe(self):
         return {**super().describe(), "encoder": self.encoder}
 
@@ -164,6 +220,7 @@ class HFTokenizer(TextTokenizer):
         from tokenizers import Tokenizer
 
         super().__init__(path)
+        self.vocabulary_file = tokenizer_json
         self._tok = Tokenizer.from_file(tokenizer_json)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
@@ -192,6 +249,21 @@ class HFTokenizer(TextTokenizer):
             raise KeyError(token)
         return token_id
 
+    def token_bytes(self):
+        vocabulary = self._tok.get_vocab(with_added_tokens=True)
+        table: list[Optional[bytes]] = [None] * max(self.vocab_size, max(vocabulary.values()) + 1)
+        added = set(self._tok.get_added_tokens_decoder())
+        decoder = self._tok.decoder
+        # A byte-level vocabulary spells bytes with stand-in characters; added tokens are plain.
+        byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+        alphabet = _byte_level_alphabet() if byte_level else {}
+        for token, token_id in vocabulary.items():
+            if byte_level and token_id not in added and all(c in alphabet for c in token):
+                table[token_id] = bytes(alphabet[c] for c in token)
+            else:
+                table[token_id] = token.encode("utf-8")
+        return table
+
 
 class SentencePieceTokenizer(TextTokenizer):
     kind = "sentencepiece"
@@ -218,6 +290,9 @@ class SentencePieceTokenizer(TextTokenizer):
 
     def decode(self, ids):
         return self._sp.decode([int(i) for i in ids])
+
+    def token_bytes(self):
+        return [self._sp.id_to_piece(i).encode("utf-8") for i in range(self.vocab_size)]
 
     def token_id(self, token):
         token_id = self._sp.piece_to_id(token)

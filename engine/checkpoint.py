@@ -25,9 +25,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 
+from engine.megatron_compat import (
+    allocate_distributed_optimizer_state,
+    patch_reshardable_optimizer_load,
+)
 from engine.model.config import LlamaConfig
+from engine.parallel.layout import ParallelLayout
 
 LATEST = "latest"
 STATE_FILE = "engine_state.json"
@@ -61,8 +66,8 @@ def _sharded_state(model_chunks, optimizer=None, is_loading: bool = False) -> di
     state = {"model": model}
     if optimizer is not None:
         if is_loading:
-            _patch_reshardable_step_copy()
-            _allocate_distributed_optimizer_state(optimizer)
+            patch_reshardable_optimizer_load()
+            allocate_distributed_optimizer_state(optimizer)
         # Nested per chunk: virtual stages on one rank share keys (at different offsets).
         # "fully_reshardable": the distributed optimizer stores per-parameter state (not its
         # flat buffers), so the checkpoint loads into any TP/PP/DP layout, optimizer included.
@@ -75,41 +80,6 @@ def _sharded_state(model_chunks, optimizer=None, is_loading: bool = False) -> di
 def _unwrap(chunk):
     """The GPTModel inside a DDP wrapper (its state-dict keys carry no "module." prefix)."""
     return getattr(chunk, "module", chunk)
-
-
-def _patch_reshardable_step_copy() -> None:
-    """megatron-core 0.16.1 bug: loading the "fully_reshardable" distributed-optimizer format
-    leaves torch Adam's per-parameter "step" out of the source tensors but copies every
-    destination key, so the load dies with KeyError 'step'. The step is restored separately
-    from the param groups, so copying only the keys present is the intended behaviour."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-    if getattr(original, "_skips_missing_keys", False):
-        return
-
-    def set_present_states(self, model_param, tensors):
-        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return original(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        destination = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, value in tensors.items():
-            destination[key].copy_(value)
-
-    set_present_states._skips_missing_keys = True
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_present_states
-
-
-def _allocate_distributed_optimizer_state(optimizer) -> None:
-    # megatron's distributed optimizer can describe its state for loading only once Adam's
-    # state exists; megatron allocates it with one zero-gradient step, which the load then
-    # overwrites in place.
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
-            sub._init_optimizer_states_with_dummy_values()
 
 
 def rng_state() -> dict:
@@ -132,9 +102,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, scheduler,
-                    model_config: LlamaConfig, train_state: dict[str, Any],
-                    keep_last: Optional[int] = None) -> Path:
-    """Save model, optimizer, scheduler, RNG and ``train_state`` (data position etc.).
+                    model_config: LlamaConfig, layout: ParallelLayout,
+                    train_state: dict[str, Any], keep_last: Optional[int] = None) -> Path:
+    """Save model, optimizer, scheduler, RNG and ``train_state`` (data position etc.) of a run
+    in ``layout``.
 
     Collective: every rank calls it. Returns the published directory.
     """
@@ -156,13 +127,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
             "train_state": train_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "model_config": dataclasses.asdict(model_config),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "layout": {
-                "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-                "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-                "context_parallel": parallel_state.get_context_parallel_world_size(),
-                "data_parallel": parallel_state.get_data_parallel_world_size(),
-            },
+            "world_size": layout.world_size,
+            "layout": layout.to_dict(),
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():
@@ -213,11 +179,14 @@ def check_compatible(path: str | Path, model_config: LlamaConfig) -> dict:
 
 
 def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=None,
-                    model_config: Optional[LlamaConfig] = None, load_rng: bool = True) -> dict:
-    """Load a checkpoint into this rank's model (and optimizer, scheduler, RNG if given).
+                    model_config: Optional[LlamaConfig] = None,
+                    layout: Optional[ParallelLayout] = None) -> dict:
+    """Load a checkpoint into this rank's model (and optimizer and scheduler if given).
 
-    The saving layout may differ from the current one; RNG states are restored only when the
-    world size is the same. Returns the saved engine state (step, train_state, ...).
+    The saving layout may differ from the current one. Each rank's RNG states are restored only
+    when ``layout`` is given and its sizes equal the saving layout's (the same rank then holds the
+    same shard; in another layout a rank's saved RNG belongs to another position). Returns the
+    saved engine state (step, train_state, ...).
     """
     path = Path(path)
     state = check_compatible(path, model_config) if model_config else read_checkpoint_state(path)
@@ -235,7 +204,16 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank{_rank():05d}.pt"
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if load_rng and state["world_size"] == world and rng_file.exists():
+    if layout is not None and same_sizes(state.get("layout", {}), layout) and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+_SIZES = ("tensor_parallel", "pipeline_parallel", "context_parallel", "data_parallel",
+          "virtual_stages")
+
+
+def same_sizes(saved_layout: dict, layout: ParallelLayout) -> bool:
+    """Whether a checkpoint's saved layout has ``layout``'s parallel sizes (same rank placement)."""
+    current = layout.to_dict()
+    return all(saved_layout.get(name, 1) == current[name] for name in _SIZES)

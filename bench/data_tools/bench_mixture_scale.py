@@ -21,12 +21,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from data_tools.indexed import write_index  # noqa: E402
 from data_tools.mixture import build_mixture, load_recipe  # noqa: E402
 from data_tools.packed import PackedDataset  # noqa: E402
+from data_tools.summary import write_summary  # noqa: E402
 
 
 def synthetic_source(prefix, lengths):
     write_index(prefix + ".idx", np.int32, lengths)
     with open(prefix + ".bin", "wb") as f:
         f.truncate(int(lengths.sum()) * 4)  # sparse: takes no disk and no time
+    # The largest id (all tokens are 0), as `lce-data preprocess` records it: without it, mix
+    # would read the whole .bin to find it, which is not what this measures.
+    write_summary(prefix, {"tokenizer": None, "max_token_id": 0})
 
 
 def lengths_summing_to(rng, total, draw):

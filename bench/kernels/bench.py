@@ -171,10 +171,10 @@ def bench_attention(args, device, dtype):
     flops = attention_flops(lengths, heads_q, head_dim)
 
     def ours():
-        return varlen_attention(q, k, v, cu, cu, longest, longest, impl="triton")
+        return varlen_attention(q, k, v, cu, cu, longest, longest, impl="ours")
 
     def reference():
-        return varlen_attention(q, k, v, cu, cu, longest, longest, impl="reference")
+        return varlen_attention(q, k, v, cu, cu, longest, longest, impl="torch")
 
     def sdpa_per_document():  # plain PyTorch a user would write: one SDPA call per document
         outs = []
@@ -247,10 +247,10 @@ def bench_linear_ce(args, device, dtype):
         return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
 
     def ours():
-        return fused_linear_cross_entropy(hidden, weight, labels, impl="triton")[0]
+        return fused_linear_cross_entropy(hidden, weight, labels, impl="ours")[0]
 
     def reference():
-        return fused_linear_cross_entropy(hidden, weight, labels, impl="reference")[0]
+        return fused_linear_cross_entropy(hidden, weight, labels, impl="torch")[0]
 
     candidates = []
     if args.smoke:
@@ -301,7 +301,7 @@ def bench_rmsnorm(args, device, dtype):
     w = torch.ones(args.hidden, device=device, dtype=dtype, requires_grad=True)
     liger, reason = _liger()
     candidates = elementwise_candidates(
-        lambda: rms_norm(x, w, 1e-5, impl="triton"), lambda: rms_norm(x, w, 1e-5, impl="reference"),
+        lambda: rms_norm(x, w, 1e-5, impl="ours"), lambda: rms_norm(x, w, 1e-5, impl="torch"),
         lambda: F.rms_norm(x, (args.hidden,), w, 1e-5),
         (lambda: liger.liger_rms_norm(x, w, 1e-5, in_place=False)) if liger else None, reason, (x, w), args)
     size = x.numel() * x.element_size()
@@ -332,8 +332,8 @@ def bench_rope(args, device, dtype):
         return liger.liger_rope(q4, q4, full_cos[:, 0][None], full_sin[:, 0][None])[0]
 
     candidates = elementwise_candidates(
-        lambda: apply_rope(q, positions, 500000.0, impl="triton"),
-        lambda: apply_rope_cos_sin(q, cos, sin, impl="reference"),
+        lambda: apply_rope(q, positions, 500000.0, impl="ours"),
+        lambda: apply_rope_cos_sin(q, cos, sin, impl="torch"),
         hf_eager, liger_fn if liger else None, reason, (q,), args)
     size = q.numel() * q.element_size()
     rows = run_candidates("rope", candidates, device, args, moved_bytes={"fwd": 2 * size, "fwd+bwd": 4 * size})
@@ -348,7 +348,7 @@ def bench_swiglu(args, device, dtype):
         return F.silu(gate) * up
 
     candidates = elementwise_candidates(
-        lambda: swiglu(gate_up, impl="triton"), lambda: swiglu(gate_up, impl="reference"), torch_eager,
+        lambda: swiglu(gate_up, impl="ours"), lambda: swiglu(gate_up, impl="torch"), torch_eager,
         (lambda: liger.liger_swiglu(*gate_up.chunk(2, -1))) if liger else None, reason, (gate_up,), args)
     out_size = gate_up.numel() * gate_up.element_size() // 2
     # forward reads [T, 2F], writes [T, F]; backward reads [T, 2F] and dO [T, F], writes [T, 2F]

@@ -2,8 +2,8 @@
 
     out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
-impl="reference" is plain PyTorch (csrc/attention/reference.py, the specification and the CPU
-path), impl="triton" the fused kernels (csrc/attention/triton_kernels.py), impl="auto" Triton on
+impl="torch" is plain PyTorch (csrc/attention/reference.py, the specification and the CPU
+path), impl="ours" the fused kernels (csrc/attention/triton_kernels.py), impl="auto" Triton on
 CUDA and the reference elsewhere.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _check_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int, ma
 
 
 def validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, impl: str) -> None:
-    """Raise ValueError naming the bad value and the fix; impl is the resolved "triton" | "reference"."""
+    """Raise ValueError naming the bad value and the fix; impl is the resolved "ours" | "torch"."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be [tokens, heads, head_dim] (THD), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; "
@@ -87,14 +87,14 @@ def validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
     if not (q.device == k.device == v.device == cu_seqlens_q.device == cu_seqlens_k.device):
         raise ValueError("q, k, v, cu_seqlens_q, cu_seqlens_k must be on one device; move cu_seqlens with .to(q.device)")
-    allowed = TRITON_DTYPES if impl == "triton" else REFERENCE_DTYPES
+    allowed = TRITON_DTYPES if impl == "ours" else REFERENCE_DTYPES
     if q.dtype not in allowed:
         raise ValueError(f"dtype {q.dtype} is not supported by impl={impl!r}; use one of {allowed}")
-    if impl == "triton":
+    if impl == "ours":
         if q.shape[2] not in TRITON_HEAD_DIMS:
             raise ValueError(
                 f"head_dim {q.shape[2]} is not supported by the Triton kernel (supported: {TRITON_HEAD_DIMS}); "
-                "use impl='reference' or a model with head_dim 64 or 128"
+                "use impl='torch' or a model with head_dim 64 or 128"
             )
         # In-document offsets are multiplied by row strides in int32 inside the kernel.
         for name, t, max_len in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
@@ -136,7 +136,7 @@ def varlen_attention(
         causal: bottom-right aligned when a document has fewer queries lq than keys lk: query i
             sees keys j <= i + lk - lq (what context parallelism with all-gathered K/V needs).
             Queries that see no key (lq > lk) return out = 0 and lse = -inf, with zero gradients.
-        impl: "auto" | "triton" | "reference".
+        impl: "auto" | "ours" | "torch".
 
     Returns:
         out [Tq, Hq, D] in q's dtype; lse [Hq, Tq] fp32 natural-log log-sum-exp of the scaled
@@ -145,7 +145,7 @@ def varlen_attention(
     resolved = resolve_impl(impl, q, "varlen_attention")
     validate_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, resolved)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if resolved == "reference":
+    if resolved == "torch":
         return reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
     from csrc.attention.triton_kernels import triton_varlen_attention
 

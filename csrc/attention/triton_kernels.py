@@ -17,7 +17,6 @@ Scores are kept in base 2 (scale * log2(e) folded into the scores) so the inner 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -3,8 +3,10 @@
     loss_sum, n_valid = fused_linear_cross_entropy(hidden, weight, labels, loss_mask)
     loss = loss_sum / n_valid      # token-averaged (divide after any data-parallel all-reduce)
 
-impl="reference" is plain PyTorch (reference.py, the specification), impl="triton" the chunked
+impl="torch" is plain PyTorch (reference.py, the specification), impl="ours" the chunked
 kernel (triton_kernels.py), impl="auto" Triton on CUDA and the reference elsewhere.
+
+    token_loss, argmax = linear_token_scores(hidden, weight, labels)   # evaluation, no grad
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ import torch.distributed as dist
 from csrc.linear_cross_entropy.reference import (
     IGNORE_INDEX,
     counted_tokens,
+    linear_token_scores,
     reference_linear_cross_entropy,
     vocab_shard_start,
 )
 from csrc.triton_support import resolve_impl
 
-__all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy", "default_chunk_size", "IGNORE_INDEX"]
+__all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy", "linear_token_scores",
+           "default_chunk_size", "IGNORE_INDEX"]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -78,7 +82,7 @@ def fused_linear_cross_entropy(
         loss_mask: [T] 0/1 (bool or float; nonzero = counted) or None.
         tp_group: torch.distributed process group splitting the vocabulary, or None.
         chunk_size: tokens per logits chunk; None = default_chunk_size(...).
-        impl: "auto" | "triton" | "reference".
+        impl: "auto" | "ours" | "torch".
 
     Returns:
         loss_sum: fp32 scalar, differentiable, summed over counted tokens (natural log).
@@ -90,7 +94,7 @@ def fused_linear_cross_entropy(
     resolved = resolve_impl(impl, hidden, "fused_linear_cross_entropy")
     _validate(hidden, weight, labels, loss_mask, tp_group, chunk_size)
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
-    if resolved == "reference":
+    if resolved == "torch":
         return reference_linear_cross_entropy(hidden, weight, labels, loss_mask, tp_group, chunk)
     from csrc.linear_cross_entropy.triton_kernels import FusedLinearCrossEntropy
 

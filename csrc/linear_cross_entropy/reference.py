@@ -81,3 +81,51 @@ def reference_linear_cross_entropy(
         token_loss = torch.log(sum_exp) + row_max - target
         loss_sum = loss_sum + torch.where(chunk_valid, token_loss, torch.zeros_like(token_loss)).sum()
     return loss_sum, valid.sum()
+
+
+@torch.no_grad()
+def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        tp_group=None, vocab_size: int | None = None,
+                        chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy and argmax of logits = hidden @ weight.T, chunk by chunk, for
+    evaluation (no gradient; never more than one [chunk, V_local] block of logits).
+
+    Args:
+        hidden: [T, H]; weight: [V_local, H] (this rank's vocabulary rows); labels: int64 [T]
+            (any id for positions whose loss is not wanted: their loss is still computed).
+        tp_group: group over which the vocabulary is split, or None.
+        vocab_size: ids at or beyond it (tensor-parallel padding rows) are never predicted and do
+            not enter the softmax; default every row.
+
+    Returns:
+        token_loss fp32 [T] (natural log), argmax int64 [T]: the most likely id over the whole
+        vocabulary, the lowest such id on ties (as torch.argmax and greedy decoding pick),
+        identical on every rank of ``tp_group``.
+    """
+    vocab_local = weight.shape[0]
+    vocab_start = vocab_shard_start(weight, tp_group)
+    usable = vocab_local if vocab_size is None else max(0, min(vocab_local, vocab_size - vocab_start))
+    losses, best = [], []
+    for c0 in range(0, hidden.shape[0], chunk_size):
+        logits = (hidden[c0:c0 + chunk_size] @ weight.t()).float()  # [C, V_local]
+        if usable < vocab_local:
+            logits[:, usable:] = float("-inf")
+        local_label = labels[c0:c0 + chunk_size] - vocab_start
+        in_shard = (local_label >= 0) & (local_label < usable)
+        target = logits.gather(1, local_label.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
+        target = torch.where(in_shard, target, torch.zeros_like(target))
+        local_max, local_arg = logits.max(dim=1)
+        row_max = local_max.clone()
+        if tp_group is not None:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+        sum_exp = torch.exp(logits - row_max.unsqueeze(1)).sum(dim=1)
+        # The lowest global id among the ranks holding the maximum.
+        candidate = torch.where(local_max == row_max, local_arg + vocab_start,
+                                torch.full_like(local_arg, torch.iinfo(torch.int64).max))
+        if tp_group is not None:
+            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=tp_group)
+            dist.all_reduce(target, op=dist.ReduceOp.SUM, group=tp_group)
+            dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=tp_group)
+        losses.append(torch.log(sum_exp) + row_max - target)
+        best.append(candidate)
+    return torch.cat(losses), torch.cat(best)

@@ -3,7 +3,7 @@
     q = apply_rope(q, positions, base=500000.0)              # angles computed from positions
     q = apply_rope_cos_sin(q, *rope_cos_sin(positions, 128, 500000.0))   # precomputed tables
 
-impl="reference" is plain PyTorch (reference.py, the specification), impl="triton" the kernel,
+impl="torch" is plain PyTorch (reference.py, the specification), impl="ours" the kernel,
 impl="auto" Triton on CUDA and the reference elsewhere. Gradients flow to x only (cos/sin tables
 are treated as constants by the Triton path).
 """
@@ -22,8 +22,8 @@ def _check_x(x: torch.Tensor, rotary_dim: int, impl: str) -> None:
         raise ValueError(f"RoPE: x must be [T, H, D], got {tuple(x.shape)}; apply it per q and k in THD layout")
     if rotary_dim % 2 or not 0 < rotary_dim <= x.shape[-1]:
         raise ValueError(f"RoPE: rotary_dim {rotary_dim} must be even and in (0, head_dim={x.shape[-1]}]")
-    if impl == "triton" and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"RoPE: the Triton kernel takes bf16/fp16/fp32, got {x.dtype}; use impl='reference'")
+    if impl == "ours" and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"RoPE: the Triton kernel takes bf16/fp16/fp32, got {x.dtype}; use impl='torch'")
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float, rotary_dim: int | None = None,
@@ -40,7 +40,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float, rotary_dim
     _check_x(x, rotary_dim, resolved)
     if positions.shape != (x.shape[0],) or positions.is_floating_point():
         raise ValueError(f"RoPE: positions must be an integer tensor [{x.shape[0]}], got {positions.dtype} {tuple(positions.shape)}")
-    if resolved == "reference":
+    if resolved == "torch":
         return reference_apply_rope(x, positions, base, rotary_dim)
     from csrc.rope.triton_kernels import TritonRope
 
@@ -58,7 +58,7 @@ def apply_rope_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, im
             "Hugging Face's [T, rotary_dim] tables hold each value twice: pass cos[:, : rotary_dim // 2]"
         )
     _check_x(x, 2 * cos.shape[1], resolved)
-    if resolved == "reference":
+    if resolved == "torch":
         return reference_apply_rope_cos_sin(x, cos, sin)
     from csrc.rope.triton_kernels import TritonRope
 

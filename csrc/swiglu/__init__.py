@@ -1,6 +1,6 @@
 """SwiGLU activation on megatron's fused fc1 output [gate; up].
 
-impl="reference" is plain PyTorch (reference.py, the specification), impl="triton" the kernel,
+impl="torch" is plain PyTorch (reference.py, the specification), impl="ours" the kernel,
 impl="auto" Triton on CUDA and the reference elsewhere. csrc/swiglu/swiglu.cu is the same
 forward in CUDA C++, compile-checked with nvcc by the tests (not dispatched: Triton is as fast for
 an element-wise op).
@@ -20,10 +20,10 @@ def swiglu(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     resolved = resolve_impl(impl, gate_up, "swiglu")
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu: last dim of gate_up {tuple(gate_up.shape)} must be even (concat of gate and up)")
-    if resolved == "reference":
+    if resolved == "torch":
         return reference_swiglu(gate_up)
     if gate_up.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"swiglu: the Triton kernel takes bf16/fp16/fp32, got {gate_up.dtype}; use impl='reference'")
+        raise ValueError(f"swiglu: the Triton kernel takes bf16/fp16/fp32, got {gate_up.dtype}; use impl='torch'")
     from csrc.swiglu.triton_kernels import TritonSwiGLU
 
     rows = gate_up.reshape(-1, gate_up.shape[-1])

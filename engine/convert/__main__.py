@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine.convert.export import export_checkpoint
 from engine.convert.hf_mapping import ConversionError
+from engine.convert.importer import import_checkpoint, parse_overrides
+from engine.convert.verify import verify_logits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,20 +59,14 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "export":
-            from engine.convert.export import export_checkpoint
-
             export_checkpoint(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
                               dtype=args.dtype, max_shard_size=args.max_shard_size)
         elif args.command == "import":
-            from engine.convert.importer import import_checkpoint, parse_overrides
-
             import_checkpoint(args.hf, args.out, rope_base=args.rope_base,
                               overrides=parse_overrides(args.model_config_overrides),
                               tensor_parallel=args.tensor_parallel,
                               pipeline_parallel=args.pipeline_parallel, dtype=args.dtype)
         else:
-            from engine.convert.verify import verify_logits
-
             result = verify_logits(args.checkpoint, args.hf, seq_length=args.seq_length,
                                    batch=args.batch, seed=args.seed)
             for case in ("unpacked", "packed_document_positions", "packed_continuous_positions"):

@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-import torch
 
+from engine.checkpoint import STATE_FILE, latest_checkpoint, read_checkpoint_state
 from engine.convert.dist_checkpoint import DistCheckpointReader
 from engine.convert.hf_mapping import (
     LLAMA3_BOS_ID,
@@ -45,8 +45,6 @@ class ExportResult:
 
 def resolve_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> Path:
     """A step directory from a checkpoint root (newest, or ``step``) or a step directory."""
-    from engine.checkpoint import STATE_FILE, latest_checkpoint
-
     path = Path(checkpoint)
     if not path.is_dir():
         raise ConversionError(f"{path}: no such checkpoint directory")
@@ -137,8 +135,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
                       tokenizer: Optional[str | Path] = None, dtype: str = "bfloat16",
                       max_shard_size: str = "5GB", log=print) -> ExportResult:
     """Write the Hugging Face folder ``out`` from an engine checkpoint. See module docstring."""
-    from engine.checkpoint import read_checkpoint_state
-
     source = resolve_checkpoint(checkpoint, step)
     state = read_checkpoint_state(source)
     config = model_config_from_state(state, source)

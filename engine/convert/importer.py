@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from engine.checkpoint import LATEST, STATE_FILE
 from engine.convert.dist_checkpoint import DistCheckpointWriter
 from engine.convert.hf_mapping import (
     CHECKPOINT_NORM_LAYOUT,
@@ -59,6 +60,19 @@ def read_hf_config(folder: Path) -> dict:
         return json.loads(path.read_text())
     except ValueError as error:
         raise ConversionError(f"{path}: not valid JSON ({error})") from None
+
+
+def check_hf_folder(hf: Path) -> LlamaConfig:
+    """The LlamaConfig of Hugging Face folder ``hf`` after the checks import makes (config.json,
+    every shard the index names, every tensor's presence and shape); ConversionError naming the
+    file or tensor and the fix otherwise."""
+    config = llama_config_from_hf(read_hf_config(hf), str(hf / "config.json"))
+    weights = HFWeightReader(hf)
+    try:
+        _check_hf_tensors(weights, weight_mappings(config, CHECKPOINT_NORM_LAYOUT), hf, config)
+    finally:
+        weights.close()
+    return config
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -113,7 +127,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
         layout.validate(config)
     except LayoutError as error:
         raise ConversionError(f"target layout {layout.describe()} does not fit {hf}: {error}") from None
-    padded_vocab = -(-config.vocab_size // tensor_parallel) * tensor_parallel
+    padded_vocab = config.padded_vocab_size(tensor_parallel)
     if padded_vocab != config.vocab_size:
         log(f"note: vocabulary {config.vocab_size} padded to {padded_vocab} for TP"
             f"{tensor_parallel}; load the checkpoint with that tensor-parallel size")
@@ -127,9 +141,6 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
         stored_dtype = DTYPES[dtype] if dtype else weights.get(mappings[0].hf_names[0]).dtype
         writer = _plan_checkpoint(weights, mappings, config, padded_vocab, stored_dtype)
 
-        # Imported only now: megatron's import costs seconds, bad input should fail at once.
-        from engine.checkpoint import LATEST, STATE_FILE
-
         with staged_folder(out, "import") as tmp:
             step_dir = tmp / "step_00000000"
             writer.write(step_dir)
@@ -138,10 +149,8 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
                 "train_state": {},
                 "scheduler": None,
                 "model_config": dataclasses.asdict(config),
-                "world_size": 1,
-                "layout": {"tensor_parallel": tensor_parallel,
-                           "pipeline_parallel": pipeline_parallel,
-                           "context_parallel": 1, "data_parallel": 1},
+                "world_size": layout.world_size,
+                "layout": layout.to_dict(),
                 # No optimizer state: load with optimizer=None and start a fresh optimizer.
                 "weights_only": True,
                 "hugging_face": {"source": str(hf.resolve()), "config": hf_config,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 
 from engine.convert.hf_mapping import ConversionError
 
@@ -137,8 +138,6 @@ class HFWeightReader:
     """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index_path, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if index_path.exists():
@@ -181,8 +180,6 @@ class HFWeightReader:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of its memory-mapped file; the mapping is closed again so the
         pages it touched do not stay resident for the rest of the conversion."""
-        from safetensors import safe_open
-
         with safe_open(str(self.folder / self._location[name]), framework="pt") as handle:
             return handle.get_tensor(name)
 

@@ -13,13 +13,22 @@ Meant for small models and CI: an 8B check holds both models in fp32 (~70 GB of 
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine.checkpoint import load_checkpoint, read_checkpoint_state
+from engine.convert.export import model_config_from_state, resolve_checkpoint
+from engine.convert.importer import check_hf_folder
+from engine.model.kernel_choices import KernelChoices
+from engine.parallel.layout import ParallelLayout
+from engine.parallel.setup import destroy_parallel, initialize_parallel
+from engine.training.build import build_model
+from engine.training.data import build_micro_batch
+from engine.training.plan import RunPlan
 
 
 def _free_port() -> int:
@@ -43,16 +52,10 @@ def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int
     Returns {'unpacked': float, 'packed_document_positions': float,
     'packed_continuous_positions': float, 'max_abs_diff': float, 'tokens': int}.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # a test extra, not an engine dependency
 
-    from engine.checkpoint import load_checkpoint, read_checkpoint_state
-    from engine.convert.export import model_config_from_state, resolve_checkpoint
-    from engine.model.build import build_model_chunks, transformer_config
-    from engine.parallel.layout import ParallelLayout
-    from engine.parallel.setup import destroy_parallel, initialize_parallel
-    from engine.training.data import build_micro_batch
-
-    vocab = json.loads((Path(hf_folder) / "config.json").read_text())["vocab_size"]
+    # The folder import would refuse is refused here too, before either model is loaded.
+    vocab = check_hf_folder(Path(hf_folder)).vocab_size
     generator = torch.Generator().manual_seed(seed)
     unpacked = torch.randint(0, vocab, (batch, seq_length), generator=generator)
     packed_tokens = torch.randint(0, vocab, (seq_length,), generator=generator).numpy()
@@ -79,11 +82,13 @@ def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int
     model = model_config_from_state(read_checkpoint_state(path), path)
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    layout = ParallelLayout()
-    initialize_parallel(layout, model)
+    plan = RunPlan.create(model, ParallelLayout(), seq_length=seq_length, global_batch=1,
+                          kernels=KernelChoices.parse("all=torch"), bf16=False,
+                          device=torch.device("cpu"))
+    initialize_parallel(plan.layout, seed=plan.seed)
     try:
-        (chunk,) = build_model_chunks(model, transformer_config(model, layout))
-        load_checkpoint(path, [chunk], model_config=model, load_rng=False)
+        (chunk,) = build_model(plan)
+        load_checkpoint(path, [chunk], model_config=model)
         chunk.eval()
         with torch.no_grad():
             ours = {"unpacked": chunk(unpacked, torch.arange(seq_length).expand_as(unpacked),

@@ -32,13 +32,24 @@ class LlamaConfig:
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
 
+    def linear_parameters_per_layer(self) -> int:
+        """Weights of one decoder layer's matmuls: QKV, attention output, SwiGLU (3 matrices)."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        kv = self.num_query_groups * self.head_dim
+        return h * (h + 2 * kv) + h * h + 3 * h * f
+
+    def parameters_per_layer(self) -> int:
+        """Every parameter of one decoder layer: its matmuls and its two norms."""
+        return self.linear_parameters_per_layer() + 2 * self.hidden_size
+
+    def padded_vocab_size(self, tensor_parallel: int) -> int:
+        """The vocabulary rounded up so every tensor-parallel rank holds an equal shard."""
+        return -(-self.vocab_size // tensor_parallel) * tensor_parallel
+
     def num_parameters(self) -> int:
         """Parameter count of the unpadded model."""
-        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
-        kv = self.num_query_groups * self.head_dim
-        per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
-        embeddings = v * h * (2 if self.untie_embeddings else 1)
-        return self.num_layers * per_layer + embeddings + h
+        embeddings = self.vocab_size * self.hidden_size * (2 if self.untie_embeddings else 1)
+        return self.num_layers * self.parameters_per_layer() + embeddings + self.hidden_size
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:

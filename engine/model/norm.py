@@ -15,10 +15,10 @@ from csrc.rmsnorm import rms_norm
 class RMSNorm(torch.nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension, accumulated in fp32."""
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, impl: str = "auto"):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, impl: str = "torch"):
         super().__init__()
         self.eps = eps
-        # csrc.rmsnorm impl: "triton" (ours), "reference" (plain PyTorch) or "auto" (by device).
+        # csrc.rmsnorm impl: "ours" (Triton) or "torch" (the plain-PyTorch reference).
         self.impl = impl
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=config.params_dtype, device="cpu"

@@ -3,14 +3,14 @@
 Slots (norms, core attention, linears) are swapped here rather than by forking megatron's modules:
 our RMSNorm (sequence-parallel aware) everywhere a norm goes, and the core attention chosen by
 the caller. Transformer-engine's fused modules are used when it is installed and asked for.
-Resolved KernelChoices (engine.model.kernels) pick the kernel behind each slot: the norms' impl,
-RoPE (megatron's SelfAttention or RotaryKernelSelfAttention), the MLP activation (megatron's
-gated silu or our SwiGLU module) and the core attention backend.
+Resolved KernelChoices (engine.model.kernel_choices) pick the kernel behind each slot: the norms'
+impl, RoPE (megatron's SelfAttention or RotaryKernelSelfAttention), the MLP activation
+(megatron's gated silu or our SwiGLU module) and the core attention backend. The core attention
+spec may also come from above (context parallelism fills the same slot).
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -27,40 +27,34 @@ from engine.model.attention import (
     RotaryKernelSelfAttention,
     TransformerEngineDocumentAttention,
 )
-from engine.model.kernels import KernelChoices, SwiGLU, csrc_impl, default_device
+from engine.model.kernel_choices import KernelChoices
 from engine.model.norm import RMSNorm
 from engine.model.sharding import NORM_CHECKPOINT_PREFIXES
+from engine.model.swiglu import SwiGLU
 
 
 def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolved_kernels(kernels: Optional[KernelChoices]) -> KernelChoices:
-    """``kernels`` (default all-auto) resolved for the device this process trains on."""
-    return (kernels or KernelChoices()).resolve(default_device())
-
-
 def core_attention_spec(backend: str) -> ModuleSpec:
-    """The core-attention slot for a backend of KernelChoices.attention ("auto" allowed)."""
+    """The core-attention slot for a resolved KernelChoices.attention, one CP rank."""
     if backend == "transformer-engine":
         return ModuleSpec(module=TransformerEngineDocumentAttention)
     return ModuleSpec(module=DocumentMaskedAttention, params={"backend": backend})
 
 
-def llama_layer_spec(core_attention=None, use_transformer_engine: bool = False,
-                     kernels: Optional[KernelChoices] = None) -> ModuleSpec:
+def llama_layer_spec(kernels: KernelChoices, core_attention: ModuleSpec,
+                     use_transformer_engine: bool = False) -> ModuleSpec:
     """The spec of one Llama-3 decoder layer.
 
-    ``core_attention`` (module or ModuleSpec) computes softmax(QK^T)V given projected, rotated
-    Q/K/V; None builds the one ``kernels.attention`` names. The projections and output
-    projection stay megatron's; ``kernels`` (resolved here if not yet) picks norm, RoPE and
-    activation kernels.
+    ``kernels`` (resolved) picks norm, RoPE and activation kernels; ``core_attention`` computes
+    softmax(QK^T)V given projected, rotated Q/K/V (core_attention_spec, or context parallelism's).
+    The projections and output projection stay megatron's.
     """
-    kernels = resolved_kernels(kernels)
-    if core_attention is None:
-        core_attention = core_attention_spec(kernels.attention)
-    norm = ModuleSpec(module=RMSNorm, params={"impl": csrc_impl(kernels.rmsnorm)})
+    if not kernels.resolved:
+        raise ValueError(f"llama_layer_spec needs resolved kernels, got {kernels.describe()}")
+    norm = ModuleSpec(module=RMSNorm, params={"impl": kernels.rmsnorm})
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import (
             TELayerNormColumnParallelLinear,
@@ -85,10 +79,10 @@ def llama_layer_spec(core_attention=None, use_transformer_engine: bool = False,
     attention_module = SelfAttention
     if kernels.rope == "ours":
         attention_module = RotaryKernelSelfAttention
-        attention_params["rope_impl"] = csrc_impl(kernels.rope)
-    # Read by megatron's MLP only when config.use_te_activation_func (transformer_config sets it
-    # exactly when swiglu is ours); otherwise it applies silu to the gate half itself.
-    activation = (ModuleSpec(module=SwiGLU, params={"impl": csrc_impl(kernels.swiglu)})
+        attention_params["rope_impl"] = kernels.rope
+    # Read by megatron's MLP only when config.use_te_activation_func (the engine's
+    # TransformerConfig sets it exactly when swiglu is ours); otherwise it applies silu itself.
+    activation = (ModuleSpec(module=SwiGLU, params={"impl": kernels.swiglu})
                   if kernels.swiglu == "ours" else None)
     return ModuleSpec(
         module=TransformerLayer,
@@ -115,16 +109,17 @@ def llama_layer_spec(core_attention=None, use_transformer_engine: bool = False,
     )
 
 
-def llama_block_spec(num_layers_on_stage: int, **layer_kwargs) -> TransformerBlockSubmodules:
+def llama_block_spec(num_layers_on_stage: int, kernels: KernelChoices,
+                     core_attention: ModuleSpec,
+                     use_transformer_engine: bool = False) -> TransformerBlockSubmodules:
     """Block spec for the layers one pipeline stage (or virtual stage) builds.
 
     Passing the block explicitly keeps megatron from choosing its own final norm, which under
     sequence parallelism would be the torch norm that refuses it.
     """
-    kernels = resolved_kernels(layer_kwargs.pop("kernels", None))
-    layer = llama_layer_spec(kernels=kernels, **layer_kwargs)
-    final_norm = ModuleSpec(module=RMSNorm, params={"impl": csrc_impl(kernels.rmsnorm)})
-    if layer_kwargs.get("use_transformer_engine"):
+    layer = llama_layer_spec(kernels, core_attention, use_transformer_engine)
+    final_norm = ModuleSpec(module=RMSNorm, params={"impl": kernels.rmsnorm})
+    if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm

@@ -1,18 +1,39 @@
-"""The parallel layout (TP, PP with virtual stages, CP, DP) and its validation.
+"""The parallel layout (TP, PP with virtual stages, CP with its algorithm, DP, SP, recompute) and
+its validation: the one description of how a model is spread over GPUs.
 
-Everything here is checked before any process group exists, so a layout that cannot work fails
-in a second with a message naming the values and the fix, not after a cluster allocation.
+The training config, megatron's process groups and TransformerConfig, the memory planner,
+checkpoints and the Hugging Face importer all take this object. Everything here is checked before
+any process group exists, so a layout that cannot work fails in a second with a message naming
+the values and the fix, not after a cluster allocation.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 from engine.model.config import LlamaConfig
 
+# How attention crosses the CP group (engine.parallel.context): all-gather of K/V (Llama 3) or
+# the Ulysses all-to-all over heads (ProLong).
+CP_ALGORITHMS = ("all-gather", "ulysses")
+# Activation recompute: none, only the attention core ("selective"), or every layer ("full").
+RECOMPUTE_MODES = ("none", "selective", "full")
+
 
 class LayoutError(ValueError):
     """A parallel layout that cannot work with the model, data or world size."""
+
+
+def check_sequence_split(seq_length: int, context_parallel: int) -> int:
+    """Tokens per load-balance chunk (seq_length / (2 x CP)); LayoutError if it does not divide."""
+    chunks = 2 * context_parallel
+    if seq_length % chunks:
+        raise LayoutError(
+            f"seq_length {seq_length} is not divisible by 2 x context_parallel_size = {chunks}: "
+            f"use a seq_length that is a multiple of {chunks} (e.g. "
+            f"{-(-seq_length // chunks) * chunks}) or a smaller context_parallel_size")
+    return seq_length // chunks
 
 
 @dataclass(frozen=True)
@@ -24,93 +45,125 @@ class ParallelLayout:
     # Interleaved 1F1B: model chunks per pipeline rank (1 = plain 1F1B).
     virtual_stages: int = 1
     sequence_parallel: bool = False
+    # Optimizer state sharded over the data x context parallel ranks.
     distributed_optimizer: bool = False
-    # How attention crosses the CP group: "all-gather" (K/V), "ulysses" (all-to-all over heads)
-    # or "transformer-engine" (engine.parallel.context).
-    context_parallel_algorithm: str = "all-gather"
+    cp_algorithm: str = "all-gather"
+    recompute: str = "none"
 
     @property
     def world_size(self) -> int:
         return (self.tensor_parallel * self.pipeline_parallel * self.context_parallel
                 * self.data_parallel)
 
-    def describe(self) -> str:
-        parts = [f"TP{self.tensor_parallel}", f"PP{self.pipeline_parallel}",
-                 f"CP{self.context_parallel}", f"DP{self.data_parallel}"]
-        if self.virtual_stages > 1:
-            parts.append(f"VPP{self.virtual_stages}")
-        if self.sequence_parallel:
-            parts.append("SP")
-        if self.distributed_optimizer:
-            parts.append("DistOpt")
-        if self.context_parallel > 1:
-            parts.append(self.context_parallel_algorithm)
-        return " x ".join(parts[:4]) + "".join(f" +{p}" for p in parts[4:])
-
     @classmethod
-    def for_world_size(cls, world_size: int, **sizes) -> "ParallelLayout":
-        """Derive data_parallel from the world size and the other sizes."""
-        model_parallel = (sizes.get("tensor_parallel", 1) * sizes.get("pipeline_parallel", 1)
-                          * sizes.get("context_parallel", 1))
-        if world_size % model_parallel:
+    def for_world_size(cls, world_size: int, **settings) -> "ParallelLayout":
+        """The layout with data_parallel derived from the world size and the other sizes."""
+        model_parallel = (settings.get("tensor_parallel", 1) * settings.get("pipeline_parallel", 1)
+                          * settings.get("context_parallel", 1))
+        if model_parallel < 1 or world_size % model_parallel:
             raise LayoutError(
                 f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}: "
                 f"launch a multiple of {model_parallel} processes or shrink the model-parallel sizes"
             )
-        return cls(data_parallel=world_size // model_parallel, **sizes)
+        return cls(data_parallel=world_size // model_parallel, **settings)
 
-    def validate(self, model: LlamaConfig, world_size: Optional[int] = None,
-                 num_microbatches: Optional[int] = None, seq_length: Optional[int] = None) -> None:
-        """Raise LayoutError naming the values and the fix if this layout cannot run.
+    def describe(self) -> str:
+        """E.g. "TP2 x PP2 x CP2 x DP1 +SP +ulysses +recompute=full"."""
+        sizes = (f"TP{self.tensor_parallel} x PP{self.pipeline_parallel} x "
+                 f"CP{self.context_parallel} x DP{self.data_parallel}")
+        extras = []
+        if self.virtual_stages > 1:
+            extras.append(f"VPP{self.virtual_stages}")
+        if self.sequence_parallel:
+            extras.append("SP")
+        if self.distributed_optimizer:
+            extras.append("DistOpt")
+        if self.context_parallel > 1:
+            extras.append(self.cp_algorithm)
+        if self.recompute != "none":
+            extras.append(f"recompute={self.recompute}")
+        return sizes + "".join(f" +{extra}" for extra in extras)
 
-        ``seq_length`` (tokens), when given, is checked against the context-parallel split.
+    def megatron_sizes(self) -> dict:
+        """The sizes as megatron names them, for both initialize_model_parallel and
+        TransformerConfig (the one mapping of this layout onto megatron)."""
+        return {
+            "tensor_model_parallel_size": self.tensor_parallel,
+            "pipeline_model_parallel_size": self.pipeline_parallel,
+            "virtual_pipeline_model_parallel_size": (
+                self.virtual_stages if self.virtual_stages > 1 else None),
+            "context_parallel_size": self.context_parallel,
+        }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ParallelLayout":
+        """From to_dict(); unknown keys are ignored, missing ones take their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def validate(self, model: LlamaConfig, *, world_size: Optional[int] = None,
+                 num_microbatches: Optional[int] = None,
+                 seq_length: Optional[int] = None) -> None:
+        """Raise LayoutError naming the values and the fix if this layout cannot run ``model``.
+
+        ``seq_length`` (tokens), when given, is checked against the context-parallel split;
+        ``num_microbatches`` against the interleaved pipeline.
         """
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel",
                      "data_parallel", "virtual_stages"):
-            if getattr(self, name) < 1:
-                raise LayoutError(f"{name} = {getattr(self, name)} must be >= 1")
-        tp, pp, vpp = self.tensor_parallel, self.pipeline_parallel, self.virtual_stages
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LayoutError(f"{name} = {value!r} must be an integer >= 1")
+        if self.cp_algorithm not in CP_ALGORITHMS:
+            raise LayoutError(f"cp_algorithm {self.cp_algorithm!r} is not one of {CP_ALGORITHMS}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise LayoutError(f"recompute {self.recompute!r} is not one of {RECOMPUTE_MODES}")
+        tp, pp, vpp, cp = (self.tensor_parallel, self.pipeline_parallel, self.virtual_stages,
+                           self.context_parallel)
         if world_size is not None and world_size != self.world_size:
             raise LayoutError(
                 f"world size {world_size} does not match TP x PP x CP x DP = {tp} x {pp} x "
-                f"{self.context_parallel} x {self.data_parallel} = {self.world_size}: launch "
-                f"{self.world_size} processes or change the layout"
-            )
+                f"{cp} x {self.data_parallel} = {self.world_size}: launch "
+                f"{self.world_size} processes or change the layout")
         if model.num_attention_heads % tp:
             raise LayoutError(
                 f"num_attention_heads {model.num_attention_heads} is not divisible by "
-                f"tensor_parallel {tp}: choose a tensor_parallel that divides it"
-            )
+                f"tensor_parallel {tp}: choose a tensor_parallel that divides it")
         if model.num_query_groups % tp:
             raise LayoutError(
                 f"num_query_groups (KV heads) {model.num_query_groups} is not divisible by "
-                f"tensor_parallel {tp}: use tensor_parallel <= {model.num_query_groups} dividing it"
-            )
+                f"tensor_parallel {tp}: use tensor_parallel <= {model.num_query_groups} dividing it")
         if model.ffn_hidden_size % tp:
             raise LayoutError(
-                f"ffn_hidden_size {model.ffn_hidden_size} is not divisible by tensor_parallel {tp}"
-            )
+                f"ffn_hidden_size {model.ffn_hidden_size} is not divisible by tensor_parallel {tp}")
         if model.num_layers % (pp * vpp):
             raise LayoutError(
                 f"num_layers {model.num_layers} is not divisible by pipeline_parallel x "
                 f"virtual_stages = {pp} x {vpp} = {pp * vpp}: choose sizes whose product divides "
-                f"the layer count"
-            )
+                f"the layer count")
         if vpp > 1 and pp == 1:
             raise LayoutError(
                 f"virtual_stages {vpp} needs pipeline_parallel > 1 (interleaving splits a "
-                f"pipeline); set virtual_stages = 1 or pipeline_parallel >= 2"
-            )
+                f"pipeline); set virtual_stages = 1 or pipeline_parallel >= 2")
         if vpp > 1 and num_microbatches is not None and num_microbatches % pp:
             raise LayoutError(
                 f"interleaved pipeline needs num_microbatches ({num_microbatches}) divisible by "
-                f"pipeline_parallel {pp}: change the global or micro batch size"
-            )
+                f"pipeline_parallel {pp}: change the global or micro batch size")
         if self.sequence_parallel and tp == 1:
             raise LayoutError("sequence_parallel needs tensor_parallel > 1; turn one of them off")
-        from engine.parallel.context.chunks import validate_context_parallel
-
-        validate_context_parallel(self.context_parallel, self.context_parallel_algorithm,
-                                  seq_length=seq_length,
-                                  num_attention_heads=model.num_attention_heads,
-                                  num_query_groups=model.num_query_groups, tensor_parallel=tp)
+        if cp > 1 and seq_length is not None:
+            check_sequence_split(seq_length, cp)
+        if cp > 1 and self.cp_algorithm == "ulysses":
+            local_heads = model.num_attention_heads // tp
+            if local_heads % cp:
+                allowed = [c for c in range(1, local_heads + 1) if local_heads % c == 0]
+                raise LayoutError(
+                    f"Ulysses context parallelism splits attention heads: the {local_heads} "
+                    f"query heads per tensor-parallel rank (num_attention_heads "
+                    f"{model.num_attention_heads} / tensor_parallel {tp}) are not divisible by "
+                    f"context_parallel_size {cp}; use context_parallel_size in {allowed} or "
+                    f"cp_algorithm all-gather")
+            # KV heads fewer than CP are repeated (ProLong repeats 8 -> 32): they do not bound CP.

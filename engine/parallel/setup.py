@@ -3,30 +3,29 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from engine.model.config import LlamaConfig
-from engine.parallel.cpu_support import enable_cpu_support
-from engine.parallel.layout import ParallelLayout
+from engine.megatron_compat import enable_cpu_support
+from engine.parallel.layout import LayoutError, ParallelLayout
 
 
-def initialize_parallel(layout: ParallelLayout, model: LlamaConfig, *,
-                        num_microbatches: Optional[int] = None, seed: int = 1234,
+def initialize_parallel(layout: ParallelLayout, *, seed: int = 1234,
                         timeout_s: float = 600.0) -> None:
-    """Validate ``layout`` against the model and world size, then build every process group.
+    """Build every process group of ``layout`` (already validated against the model: the run
+    plan did that) and seed megatron's model-parallel RNG.
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT as torchrun sets them. Uses NCCL on GPU,
-    and gloo plus megatron-core CPU support (engine.parallel.cpu_support) without one.
+    and gloo plus megatron-core CPU support (engine.megatron_compat) without one.
     ``timeout_s`` bounds every collective, so a dead rank fails its peers instead of hanging them.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Checked before any process group exists.
-    layout.validate(model, world_size=world_size, num_microbatches=num_microbatches)
-
+    if world_size != layout.world_size:  # the one check that needs the launcher's environment
+        raise LayoutError(
+            f"{world_size} processes were launched for the layout {layout.describe()}, which "
+            f"needs {layout.world_size}: launch {layout.world_size} or change the layout")
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         enable_cpu_support()
@@ -42,11 +41,7 @@ def initialize_parallel(layout: ParallelLayout, model: LlamaConfig, *,
             timeout=timedelta(seconds=timeout_s),
         )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor_parallel,
-        pipeline_model_parallel_size=layout.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=(
-            layout.virtual_stages if layout.virtual_stages > 1 else None),
-        context_parallel_size=layout.context_parallel,
+        **layout.megatron_sizes(),
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -7,7 +7,6 @@ engine.planner.memory holds the model of memory; engine.planner.measure checks i
 measured memory of small CPU runs (bench/planner/RESULTS.md).
 """
 from engine.planner.memory import (
-    Layout,
     MemoryBreakdown,
     Workload,
     candidate_layouts,
@@ -15,5 +14,5 @@ from engine.planner.memory import (
 )
 from engine.planner.plan import Plan, plan_layouts
 
-__all__ = ["Layout", "MemoryBreakdown", "Plan", "Workload", "candidate_layouts",
+__all__ = ["MemoryBreakdown", "Plan", "Workload", "candidate_layouts",
            "estimate_memory", "plan_layouts"]

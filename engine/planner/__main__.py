@@ -13,7 +13,7 @@ COLUMNS = ("weights", "gradients", "optimizer", "activations", "logits", "commun
 
 def _row(plan) -> str:
     gib = plan.memory.as_gib()
-    return (f"{plan.layout.describe():<44}" + "".join(f"{gib[c]:>9.1f}" for c in COLUMNS)
+    return (f"{plan.layout.describe():<64}" + "".join(f"{gib[c]:>9.1f}" for c in COLUMNS)
             + f"{plan.cost:>7.2f}")
 
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
           f"{args.seq_length}, micro-batch {args.micro_batch}, global batch {args.global_batch}, "
           f"{args.gpus} x {args.gpu_memory_gb:g} GB (budget {budget:.1f} GiB per GPU = "
           f"{USABLE_FRACTION:.0%}), bf16, distributed optimizer, {args.loss} loss")
-    header = f"{'layout':<44}" + "".join(f"{c[:8]:>9}" for c in COLUMNS) + f"{'cost':>7}"
+    header = f"{'layout':<64}" + "".join(f"{c[:8]:>9}" for c in COLUMNS) + f"{'cost':>7}"
     print("GiB per GPU (heaviest pipeline stage):")
     print(header)
     if not fitting:

@@ -20,6 +20,18 @@ import resource
 import socket
 import sys
 
+import numpy as np
+import torch
+
+from engine.model.config import get_model_config
+from engine.model.kernel_choices import KernelChoices
+from engine.parallel.layout import ParallelLayout
+from engine.parallel.setup import destroy_parallel, initialize_parallel
+from engine.planner.memory import Workload, activation_elements, estimate_memory
+from engine.training.build import build_training_state
+from engine.training.data import build_micro_batch
+from engine.training.plan import RunPlan
+
 MEASURE_MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
                      ffn_hidden_size=768, vocab_size=512)
 
@@ -32,8 +44,6 @@ def _free_port() -> int:
 
 def _saved_bytes_in(module, run):
     """Bytes of distinct storages autograd saves while ``module`` runs forward inside ``run``."""
-    import torch
-
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}
     active = [False]
@@ -63,30 +73,16 @@ def _saved_bytes_in(module, run):
 
 def measure(seq_lengths, recompute_modes=("none", "full")) -> list[dict]:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import numpy as np
-    import torch
-    from megatron.core.utils import get_model_config as megatron_config
-
-    from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
-    from engine.model.config import get_model_config
-    from engine.parallel.layout import ParallelLayout
-    from engine.parallel.setup import destroy_parallel, initialize_parallel
-    from engine.planner.memory import Layout, Workload, activation_elements, estimate_memory
-    from engine.training.data import build_micro_batch
-    from engine.training.step import OptimizerSettings, build_optimizer
-
-    model = get_model_config("tiny", max_position_embeddings=max(seq_lengths),
-                             **MEASURE_MODEL)
-    layout = ParallelLayout()
-    initialize_parallel(layout, model)
+    model = get_model_config("tiny", max_position_embeddings=max(seq_lengths), **MEASURE_MODEL)
     results = []
+    initialize_parallel(ParallelLayout())
     try:
         for recompute in recompute_modes:
-            config = transformer_config(model, layout,
-                                        recompute=None if recompute == "none" else recompute)
-            chunks = wrap_data_parallel(build_model_chunks(model, config), config, False)
-            optimizer, _ = build_optimizer(chunks, OptimizerSettings(), bf16=False,
-                                           distributed_optimizer=False)
+            plan = RunPlan.create(model, ParallelLayout(recompute=recompute),
+                                  seq_length=max(seq_lengths), global_batch=1,
+                                  kernels=KernelChoices.parse("all=torch"), bf16=False)
+            state = build_training_state(plan)
+            chunks, optimizer = state.chunks, state.optimizer
             gpt = chunks[0].module
             for seq in seq_lengths:
                 rng = np.random.default_rng(0)
@@ -108,13 +104,12 @@ def measure(seq_lengths, recompute_modes=("none", "full")) -> list[dict]:
                 state = sum(t.numel() * t.element_size()
                             for group in optimizer.optimizer.state.values()
                             for t in group.values() if torch.is_tensor(t) and t.dim() > 0)
-                planned_layout = Layout(1, 1, 1, 1, recompute, sequence_parallel=False)
                 work = Workload(seq, 1, weight_bytes=4, fused_cross_entropy=False,
-                                distributed_optimizer=False, kernels="unfused")
-                predicted = estimate_memory(model, planned_layout, work)
+                                kernels="unfused")
+                predicted = estimate_memory(model, plan.layout, work)
                 # What the decoder saves during forward (the planner adds backward transients
                 # and the tensors outside the decoder on top).
-                predicted_decoder = activation_elements(model, planned_layout, work)[0] * 4
+                predicted_decoder = activation_elements(model, plan.layout, work)[0] * 4
                 row = {
                     "recompute": recompute, "seq_length": seq,
                     "parameters": params, "predicted_parameters": predicted.parameters,
@@ -128,7 +123,7 @@ def measure(seq_lengths, recompute_modes=("none", "full")) -> list[dict]:
                     row[f"{key}_error"] = (row[f"predicted_{key}"] - row[key]) / row[key]
                 results.append(row)
                 del loss
-            del chunks, optimizer
+            del chunks, optimizer, state
     finally:
         destroy_parallel()
     return results

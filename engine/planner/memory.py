@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from csrc.linear_cross_entropy import default_chunk_size
 from engine.model.config import LlamaConfig
+from engine.parallel.layout import RECOMPUTE_MODES, LayoutError, ParallelLayout
 
 GIB = 1024 ** 3
-RECOMPUTE_MODES = ("none", "selective", "full")
 # Allocator fragmentation, CUDA context and library workspaces: a layout fits when its total
 # stays below this share of the GPU memory.
 USABLE_FRACTION = 0.9
@@ -35,31 +36,12 @@ DDP_BUCKET_ELEMENTS = 40_000_000
 
 
 @dataclass(frozen=True)
-class Layout:
-    tensor_parallel: int
-    pipeline_parallel: int
-    context_parallel: int
-    data_parallel: int
-    recompute: str = "none"
-    cp_algorithm: str = "all-gather"
-    sequence_parallel: bool = True
-
-    def describe(self) -> str:
-        cp = f"CP{self.context_parallel}"
-        if self.context_parallel > 1:
-            cp += f"({self.cp_algorithm})"
-        return (f"TP{self.tensor_parallel} PP{self.pipeline_parallel} {cp} "
-                f"DP{self.data_parallel} recompute={self.recompute}")
-
-
-@dataclass(frozen=True)
 class Workload:
     seq_length: int  # tokens per sequence
     micro_batch: int = 1  # sequences per micro-batch
     weight_bytes: int = 2  # bf16 weights and activations (4 for the fp32 CPU runs)
     fused_cross_entropy: bool = True  # chunked linear + CE: logits never materialized whole
     kernels: str = "fused"  # activation profile, see activation_elements_per_token
-    distributed_optimizer: bool = True
 
 
 @dataclass
@@ -85,21 +67,15 @@ class MemoryBreakdown:
                  "total")}
 
 
-def layer_parameters(model: LlamaConfig) -> int:
-    h, f = model.hidden_size, model.ffn_hidden_size
-    kv = model.num_query_groups * model.head_dim
-    return h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
-
-
-def stage_parameters(model: LlamaConfig, layout: Layout) -> int:
+def stage_parameters(model: LlamaConfig, layout: ParallelLayout) -> int:
     """Parameters per GPU on the heaviest pipeline stage (embedding or output layer + layers)."""
     tp, pp = layout.tensor_parallel, layout.pipeline_parallel
-    vocab = -(-model.vocab_size // tp) * tp
+    vocab = model.padded_vocab_size(tp)
     layers = model.num_layers // pp
     h = model.hidden_size
     # Norm weights are replicated over TP; everything else is split.
     norms = layers * 2 * h + h
-    split = layers * (layer_parameters(model) - 2 * h)
+    split = layers * model.linear_parameters_per_layer()
     embedding = vocab * h
     if pp == 1:
         split += embedding * (2 if model.untie_embeddings else 1)
@@ -108,7 +84,7 @@ def stage_parameters(model: LlamaConfig, layout: Layout) -> int:
     return split // tp + norms
 
 
-def activation_elements_per_token(model: LlamaConfig, layout: Layout,
+def activation_elements_per_token(model: LlamaConfig, layout: ParallelLayout,
                                   kernels: str = "fused") -> dict:
     """Elements saved for backward per token per layer: what SP splits ("norms") and what TP
     splits ("attention_mlp").
@@ -133,7 +109,7 @@ def activation_elements_per_token(model: LlamaConfig, layout: Layout,
     return {"norms": norms / sp_split, "attention_mlp": (attention + mlp) / tp + rope}
 
 
-def cp_attention_extra_elements(model: LlamaConfig, layout: Layout, tokens_local: int) -> float:
+def cp_attention_extra_elements(model: LlamaConfig, layout: ParallelLayout, tokens_local: int) -> float:
     """Elements the CP attention keeps beyond this rank's Q/K/V/output, per layer."""
     cp, tp = layout.context_parallel, layout.tensor_parallel
     if cp == 1:
@@ -148,7 +124,7 @@ def cp_attention_extra_elements(model: LlamaConfig, layout: Layout, tokens_local
     return tokens_local * (2 * model.hidden_size / tp + 2 * kv_repeated)
 
 
-def activation_elements(model: LlamaConfig, layout: Layout, work: Workload) -> tuple[float, float]:
+def activation_elements(model: LlamaConfig, layout: ParallelLayout, work: Workload) -> tuple[float, float]:
     """(elements the decoder saves in forward, extra elements live while backward recomputes).
 
     1F1B: the first stage holds PP micro-batches of L / PP layers, i.e. one micro-batch of all
@@ -173,7 +149,7 @@ def activation_elements(model: LlamaConfig, layout: Layout, work: Workload) -> t
     return saved, transient + 2 * tokens * h_local
 
 
-def estimate_memory(model: LlamaConfig, layout: Layout, work: Workload) -> MemoryBreakdown:
+def estimate_memory(model: LlamaConfig, layout: ParallelLayout, work: Workload) -> MemoryBreakdown:
     """Predicted peak bytes per GPU for one training step."""
     tp, pp, cp, dp = (layout.tensor_parallel, layout.pipeline_parallel,
                       layout.context_parallel, layout.data_parallel)
@@ -183,7 +159,7 @@ def estimate_memory(model: LlamaConfig, layout: Layout, work: Workload) -> Memor
     gradients = params * 4  # fp32 main gradients
     # fp32 master copy (only when weights are 16-bit) + Adam m and v.
     optimizer_per_param = (4 if wb < 4 else 0) + 8
-    shards = dp * cp if work.distributed_optimizer else 1
+    shards = dp * cp if layout.distributed_optimizer else 1
     optimizer = params * optimizer_per_param / shards
 
     tokens = work.seq_length * work.micro_batch // cp  # this rank's tokens of one micro-batch
@@ -191,11 +167,9 @@ def estimate_memory(model: LlamaConfig, layout: Layout, work: Workload) -> Memor
     activations = (saved + transient) * wb
     h_local = model.hidden_size / (tp if layout.sequence_parallel and tp > 1 else 1)
 
-    vocab_local = -(-model.vocab_size // tp)
+    vocab_local = model.padded_vocab_size(tp) // tp
     if work.fused_cross_entropy:
         # csrc.linear_cross_entropy: one chunk of fp32 logits and its gradient at a time.
-        from csrc.linear_cross_entropy import default_chunk_size
-
         chunk = min(tokens, default_chunk_size(tokens, model.hidden_size, vocab_local))
         logits = 2 * chunk * vocab_local * 4
     else:
@@ -218,33 +192,28 @@ def estimate_memory(model: LlamaConfig, layout: Layout, work: Workload) -> Memor
 
 def candidate_layouts(model: LlamaConfig, gpus: int, seq_length: int, cp_algorithms,
                       gpus_per_node: int = 8):
-    """Every (TP, PP, CP, DP, recompute, cp algorithm) that the engine accepts for ``gpus``."""
-    from engine.parallel.context.chunks import validate_context_parallel
-    from engine.parallel.layout import LayoutError
-
+    """Every layout (powers of two, TP within a node, SP with TP, the distributed optimizer)
+    with each recompute mode and CP algorithm that the engine accepts for ``gpus``."""
     powers = [1 << i for i in range(int(math.log2(gpus)) + 1)]
-    for tp in powers:
-        if tp > gpus_per_node or model.num_query_groups % tp or model.num_attention_heads % tp:
-            continue
+    for tp in (t for t in powers if t <= gpus_per_node):
         for pp in powers:
-            if model.num_layers % pp:
-                continue
             for cp in powers:
                 if gpus % (tp * pp * cp):
                     continue
                 for algorithm in (cp_algorithms if cp > 1 else ("all-gather",)):
-                    try:
-                        validate_context_parallel(cp, algorithm, seq_length=seq_length,
-                                                  num_attention_heads=model.num_attention_heads,
-                                                  tensor_parallel=tp)
-                    except LayoutError:
-                        continue
                     for recompute in RECOMPUTE_MODES:
-                        yield Layout(tp, pp, cp, gpus // (tp * pp * cp), recompute, algorithm,
-                                     sequence_parallel=tp > 1)
+                        layout = ParallelLayout(tp, pp, cp, gpus // (tp * pp * cp),
+                                                sequence_parallel=tp > 1,
+                                                distributed_optimizer=True,
+                                                cp_algorithm=algorithm, recompute=recompute)
+                        try:
+                            layout.validate(model, seq_length=seq_length)
+                        except LayoutError:
+                            continue
+                        yield layout
 
 
-def relative_step_time(layout: Layout, num_microbatches: int) -> float:
+def relative_step_time(layout: ParallelLayout, num_microbatches: int) -> float:
     """A coarse cost to rank layouts that fit (lower is better), not a throughput prediction.
 
     Recompute repeats forward work (full ~ +33% of the step, selective ~ +5% at long context

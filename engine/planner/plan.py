@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.model.config import LlamaConfig
+from engine.parallel.layout import ParallelLayout
 from engine.planner.memory import (
     GIB,
     USABLE_FRACTION,
-    Layout,
     MemoryBreakdown,
     Workload,
     candidate_layouts,
@@ -22,13 +22,14 @@ class PlanError(ValueError):
 
 @dataclass
 class Plan:
-    layout: Layout
+    layout: ParallelLayout
     memory: MemoryBreakdown
-    cost: float
+    cost: float  # relative_step_time: lower is faster
+    budget: float  # bytes per GPU a layout may use (USABLE_FRACTION of the GPU's memory)
 
     @property
     def fits(self) -> bool:
-        return True
+        return self.memory.total <= self.budget
 
 
 def plan_layouts(model: LlamaConfig, work: Workload, gpus: int, gpu_memory_gb: float,
@@ -45,14 +46,14 @@ def plan_layouts(model: LlamaConfig, work: Workload, gpus: int, gpu_memory_gb: f
             continue
         memory = estimate_memory(model, layout, work)
         microbatches = global_batch // (layout.data_parallel * work.micro_batch)
-        plan = Plan(layout, memory, relative_step_time(layout, microbatches))
-        (fitting if memory.total <= budget else missing).append(plan)
+        plan = Plan(layout, memory, relative_step_time(layout, microbatches), budget)
+        (fitting if plan.fits else missing).append(plan)
     fitting.sort(key=lambda p: (p.cost, p.memory.total))
     missing.sort(key=lambda p: p.memory.total)
     return fitting, missing
 
 
-def check_fits(model: LlamaConfig, layout: Layout, work: Workload, gpu_memory_gb: float) -> None:
+def check_fits(model: LlamaConfig, layout: ParallelLayout, work: Workload, gpu_memory_gb: float) -> None:
     """Raise PlanError naming the values and the fix if ``layout`` does not fit."""
     memory = estimate_memory(model, layout, work)
     budget = gpu_memory_gb * GIB * USABLE_FRACTION

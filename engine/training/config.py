@@ -1,14 +1,17 @@
-"""The training run's configuration: YAML files plus ``key.sub=value`` command-line overrides.
+"""The training run's configuration: YAML files plus ``section.key=value`` command-line overrides.
 
-One dataclass per concern; everything is validated here, before any process group exists, with
-messages that name the file, the value and the fix.
+One frozen dataclass per concern. ``load_config`` merges the files and overrides as plain
+mappings, then builds the sections, checking every key, type and range with a message that
+names the setting, the value and the fix. What needs more than one section (the layout against
+the model, the batch against the data, the checkpoint to start from) is checked once, when the
+run plan is built (engine.training.plan), still before any process group exists.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -39,25 +42,35 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_ConfigLoader)
 
 
-@dataclass
+# Ranges of numeric settings: (lowest allowed, whether the lowest is excluded).
+_AT_LEAST_ONE = (1, False)
+_NON_NEGATIVE = (0, False)
+_POSITIVE = (0, True)
+
+
+@dataclass(frozen=True)
 class ModelSection:
     name: str = "tiny"
     # Field overrides of the named LlamaConfig, e.g. {rope_base: 8.0e6, num_layers: 2}.
     overrides: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelSection:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_stages: int = 1
     context_parallel: int = 1
-    cp_algorithm: str = "all-gather"
+    cp_algorithm: str = "all-gather"  # all-gather | ulysses
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    recompute: str = "none"  # none | selective | full
+
+    RANGES = {"tensor_parallel": _AT_LEAST_ONE, "pipeline_parallel": _AT_LEAST_ONE,
+              "virtual_stages": _AT_LEAST_ONE, "context_parallel": _AT_LEAST_ONE}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSection:
     path: str = ""  # a packed dataset built by `lce-data mix` / `lce-data sft`
     seq_length: Optional[int] = None  # default: the dataset's packing length
@@ -67,9 +80,15 @@ class DataSection:
     mask_cross_document: bool = True
     balance_attention: bool = False  # assign sequences to DP ranks/micro-batches by attention cost
 
+    RANGES = {"seq_length": _AT_LEAST_ONE, "global_batch": _AT_LEAST_ONE,
+              "micro_batch": _AT_LEAST_ONE}
 
-@dataclass
-class OptimizerSection:
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and its schedule: linear warm-up over ``warmup_fraction`` of the run, then cosine
+    decay to ``lr x min_lr_ratio`` at its end."""
+
     lr: float = 1e-5
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.1
@@ -77,19 +96,27 @@ class OptimizerSection:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # 0 turns clipping off
 
-    def settings(self, train_steps: int):
-        """The step-level OptimizerSettings: warm-up as a fraction of the run, decay over it."""
-        from engine.training.step import OptimizerSettings
+    RANGES = {"lr": _POSITIVE, "min_lr_ratio": _NON_NEGATIVE,
+              "warmup_fraction": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+              "beta1": _NON_NEGATIVE, "beta2": _NON_NEGATIVE, "eps": _POSITIVE,
+              "clip_grad": _NON_NEGATIVE}
 
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name != "warmup_fraction"}
-        return OptimizerSettings(warmup_steps=int(self.warmup_fraction * train_steps),
-                                 decay_steps=train_steps, **fields)
+    def check(self) -> None:
+        if not self.warmup_fraction < 1:
+            raise ConfigError(f"optimizer.warmup_fraction {self.warmup_fraction} must be in [0, 1)")
+        for name in ("beta1", "beta2"):
+            if not getattr(self, name) < 1:
+                raise ConfigError(f"optimizer.{name} {getattr(self, name)} must be in [0, 1)")
+        if self.min_lr_ratio > 1:
+            raise ConfigError(f"optimizer.min_lr_ratio {self.min_lr_ratio} must be in [0, 1]")
+
+    def warmup_steps(self, train_steps: int) -> int:
+        return int(self.warmup_fraction * train_steps)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointSection:
     dir: str = ""  # where this run saves; resumes from its latest checkpoint if there is one
     save_interval: int = 0  # steps; 0 = only at the end and on SIGTERM
@@ -99,36 +126,100 @@ class CheckpointSection:
     init_from: str = ""
     init_load_optimizer: bool = True
 
+    RANGES = {"save_interval": _NON_NEGATIVE, "keep_last": _AT_LEAST_ONE}
 
-@dataclass
+
+@dataclass(frozen=True)
 class LoggingSection:
     dir: str = ""  # TensorBoard events, metrics.jsonl and the resolved config; default: checkpoint dir
     interval: int = 1
     tensorboard: bool = True
 
+    RANGES = {"interval": _AT_LEAST_ONE}
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     data: DataSection = field(default_factory=DataSection)
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     train_steps: int = 10
     seed: int = 1234
     bf16: Optional[bool] = None  # default: bf16 on GPU, fp32 on CPU
-    recompute: Optional[str] = None  # None | "selective" | "full"
-    # Kernel per model part (engine.model.kernels.KernelChoices): attention, rmsnorm, rope,
-    # swiglu, cross_entropy; "auto" = ours on GPU, the PyTorch references on CPU.
+    # Kernel per model part (engine.model.kernel_choices.KernelChoices): attention, rmsnorm,
+    # rope, swiglu, cross_entropy; "auto" = ours on GPU, the PyTorch references on CPU.
     kernels: dict = field(default_factory=dict)
     max_consecutive_nan_steps: int = 3
     collective_timeout_s: float = 600.0
     # Test hook: poison the loss of these steps with NaN (exercises the skip logic).
     inject_nan_steps: list = field(default_factory=list)
 
+    RANGES = {"train_steps": _AT_LEAST_ONE, "seed": _NON_NEGATIVE,
+              "max_consecutive_nan_steps": _AT_LEAST_ONE, "collective_timeout_s": _POSITIVE}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _type_matches(value: Any, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_type_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _build(cls, values: dict, where: str):
+    """An instance of section ``cls`` from a mapping, every key, type and range checked."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in values if key not in names]
+    if unknown:
+        section = f"section {where}" if where else "the top level"
+        raise ConfigError(f"unknown setting {unknown[0]!r} in {section}; known: "
+                          f"{', '.join(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        label = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, label)
+            continue
+        if not _type_matches(value, hint):
+            raise ConfigError(f"{label} = {value!r} must be {_type_name(hint)}")
+        if hint is float or typing.get_origin(hint) is typing.Union and float in typing.get_args(hint):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{label} = {value!r} must be a finite number")
+        lowest, strict = getattr(cls, "RANGES", {}).get(name, (None, False))
+        if lowest is not None and value is not None and (value < lowest or strict and value == lowest):
+            bound = f"> {lowest}" if strict else f">= {lowest}"
+            raise ConfigError(f"{label} = {value!r} must be {bound}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    config = _build(TrainConfig, values, "")
+    config.optimizer.check()
+    return config
 
 
 def _parse_value(text: str) -> Any:
@@ -138,23 +229,17 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _merge(target, updates: dict, where: str) -> None:
+def _deep_merge(target: dict, updates: dict) -> None:
     for key, value in updates.items():
-        if not hasattr(target, key):
-            names = ", ".join(f.name for f in dataclasses.fields(target))
-            raise ConfigError(f"{where}: unknown setting {key!r}; known: {names}")
-        current = getattr(target, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
-            _merge(current, value, f"{where}: {key}")
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
         else:
-            setattr(target, key, value)
+            target[key] = value
 
 
 def load_config(paths: list[str], overrides: list[str] = ()) -> TrainConfig:
     """Merge YAML files in order, then ``a.b=value`` overrides (values parsed as YAML)."""
-    config = TrainConfig()
+    merged: dict = {}
     for path in paths:
         file = Path(path)
         if not file.exists():
@@ -165,7 +250,7 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> TrainConfig:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _merge(config, data, path)
+        _deep_merge(merged, data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -176,83 +261,9 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> TrainConfig:
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = _parse_value(text)
-        _merge(config, nested, f"override {item!r}")
-    return config
-
-
-def validate_config(config: TrainConfig, world_size: int):
-    """Check everything checkable without process groups; return (model, layout, dataset info).
-
-    Raises ConfigError / LayoutError naming the file or value and the fix.
-    """
-    from engine.model.config import get_model_config
-    from engine.parallel.layout import ParallelLayout
-
+        _deep_merge(merged, nested)
+    source = ", ".join(paths) if paths else "config"
     try:
-        model = get_model_config(config.model.name, **config.model.overrides)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model: {error}") from None
-    p = config.parallel
-    layout = ParallelLayout.for_world_size(
-        world_size, tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
-        context_parallel=p.context_parallel, virtual_stages=p.virtual_stages,
-        sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer)
-
-    d = config.data
-    if not d.path:
-        raise ConfigError("data.path is empty: point it at a packed dataset built by "
-                          "`lce-data mix RECIPE --output DIR`")
-    dataset_meta = Path(d.path) / "packed.json"
-    if not dataset_meta.exists():
-        raise ConfigError(f"data.path {d.path}: no packed dataset there ({dataset_meta} is "
-                          f"missing); build it with `lce-data mix RECIPE --output {d.path}`")
-    meta = json.loads(dataset_meta.read_text())
-    packing_length = int(meta["seq_length"])
-    seq_length = d.seq_length or packing_length
-    if seq_length > packing_length:
-        raise ConfigError(f"data.seq_length {seq_length} is larger than the packing length "
-                          f"{packing_length} of {d.path}: repack with seq_length {seq_length} or "
-                          f"lower data.seq_length")
-    if packing_length % seq_length:
-        raise ConfigError(f"data.seq_length {seq_length} does not divide the packing length "
-                          f"{packing_length} of {d.path}")
-    if d.position_mode not in ("continuous", "document"):
-        raise ConfigError(f"data.position_mode {d.position_mode!r} must be 'continuous' or "
-                          f"'document'")
-    per_step = layout.data_parallel * d.micro_batch
-    if d.global_batch % per_step:
-        raise ConfigError(f"data.global_batch {d.global_batch} is not divisible by DP x "
-                          f"micro_batch = {layout.data_parallel} x {d.micro_batch}")
-    num_microbatches = d.global_batch // per_step
-    layout.validate(model, world_size=world_size, num_microbatches=num_microbatches)
-    from engine.model.kernels import KernelChoices, default_device
-    from engine.parallel.context.chunks import validate_context_parallel
-
-    if layout.context_parallel > 1:
-        validate_context_parallel(layout.context_parallel, p.cp_algorithm, seq_length=seq_length,
-                                  num_attention_heads=model.num_attention_heads,
-                                  num_query_groups=model.num_query_groups,
-                                  tensor_parallel=layout.tensor_parallel)
-    try:
-        kernels = KernelChoices(**config.kernels).resolve(default_device())
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"kernels: {error}") from None
-    if config.recompute not in (None, "selective", "full"):
-        raise ConfigError(f"recompute {config.recompute!r} must be null, 'selective' or 'full'")
-    if not (0 <= config.optimizer.warmup_fraction < 1):
-        raise ConfigError(f"optimizer.warmup_fraction {config.optimizer.warmup_fraction} must be "
-                          f"in [0, 1)")
-    if not math.isfinite(config.optimizer.lr) or config.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr {config.optimizer.lr} must be a positive number")
-    if not config.checkpoint.dir:
-        raise ConfigError("checkpoint.dir is empty: every run needs a directory to save into")
-    if config.checkpoint.init_from:
-        from engine.checkpoint import CheckpointError, check_compatible, latest_checkpoint
-
-        source = Path(config.checkpoint.init_from)
-        resolved = latest_checkpoint(source) or source
-        try:
-            check_compatible(resolved, model)
-        except CheckpointError as error:
-            raise ConfigError(f"checkpoint.init_from: {error}") from None
-    return model, layout, seq_length, num_microbatches, kernels
+        return config_from_dict(merged)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None

@@ -9,62 +9,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from engine.model.kernels import SummedTokenLoss
+from engine.model.gpt import SummedTokenLoss
+from engine.training.config import OptimizerSettings
+from engine.training.data import MicroBatch
 
 
-@dataclass
-class MicroBatch:
-    """One micro-batch on this rank. Shapes [micro_batch, seq] (seq is this rank's share)."""
-
-    tokens: torch.Tensor  # int64 input ids
-    labels: torch.Tensor  # int64 next-token targets
-    loss_mask: torch.Tensor  # float, 1 where the label counts
-    position_ids: torch.Tensor  # int64 RoPE positions
-    # Document boundaries over the micro-batch's flattened tokens (int32, [n_docs + 1]); None
-    # means one document per sequence.
-    cu_seqlens: Optional[torch.Tensor] = None
-    max_seqlen: int = 0
-    # Fault injection for tests: this micro-batch's loss becomes NaN, as after a divergence.
-    inject_nan: bool = False
-
-    def packed_seq_params(self) -> Optional[PackedSeqParams]:
-        if self.cu_seqlens is None:
-            return None
-        # sbhd: megatron keeps its [seq, batch] layout and standard RoPE path; the core
-        # attention reads the boundaries.
-        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=self.cu_seqlens,
-                               cu_seqlens_kv=self.cu_seqlens, max_seqlen_q=self.max_seqlen,
-                               max_seqlen_kv=self.max_seqlen)
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    decay_steps: int = 1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-
-
-def build_optimizer(model_chunks, settings: OptimizerSettings, *, bf16: bool,
+def build_optimizer(model_chunks, settings: OptimizerSettings, train_steps: int, *, bf16: bool,
                     distributed_optimizer: bool):
-    """megatron's AdamW (distributed over DP ranks if asked) and its lr/wd scheduler."""
+    """megatron's AdamW (distributed over DP x CP ranks if asked) and its lr/wd scheduler.
+
+    Warm-up is linear over W = warmup_fraction x train_steps steps and the first step already
+    trains: step k (1-based) of the warm-up runs at lr x k / W (megatron's scheduler, which
+    starts at init_lr, is given init_lr = lr / W and W - 1 warm-up steps). Then cosine decay to
+    lr x min_lr_ratio at the end of the run.
+    """
     config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
@@ -79,17 +48,18 @@ def build_optimizer(model_chunks, settings: OptimizerSettings, *, bf16: bool,
         use_distributed_optimizer=distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
+    warmup = settings.warmup_steps(train_steps)
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if settings.warmup_steps else settings.lr,
+        init_lr=settings.lr / max(warmup, 1),
         max_lr=settings.lr,
         min_lr=settings.lr * settings.min_lr_ratio,
-        lr_warmup_steps=settings.warmup_steps,
-        lr_decay_steps=max(settings.decay_steps, settings.warmup_steps + 1),
+        lr_warmup_steps=max(warmup - 1, 0),
+        lr_decay_steps=max(train_steps, warmup),
         lr_decay_style="cosine",
         start_wd=settings.weight_decay,
         end_wd=settings.weight_decay,
-        wd_incr_steps=max(settings.decay_steps, 1),
+        wd_incr_steps=max(train_steps, 1),
         wd_incr_style="constant",
     )
     model_config = get_model_config(model_chunks[0])
@@ -113,7 +83,7 @@ def _token_loss(loss_mask: torch.Tensor, inject_nan: bool, output):
 
 def _forward_step(data_iterator: Iterator[MicroBatch], model):
     batch = next(data_iterator)
-    # Per-token losses [b, s], or SummedTokenLoss when kernels.cross_entropy is "fused".
+    # Per-token losses [b, s], or SummedTokenLoss when kernels.cross_entropy is "ours".
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
                    loss_mask=batch.loss_mask, packed_seq_params=batch.packed_seq_params())
     return output, partial(_token_loss, batch.loss_mask, batch.inject_nan)

@@ -100,9 +100,9 @@ def test_reference_matches_dense_oracle_fp32(len_q, len_k, heads_q, heads_kv, ca
 def test_reference_low_precision_against_fp64(dtype):
     len_q, len_k = [37, 1, 20, 9], [37, 1, 25, 5]
     q64, k64, v64 = make_inputs(len_q, len_k, 4, 2, 64, torch.float64, "cpu")
-    expected = forward_backward(q64, k64, v64, len_q, len_k, True, "reference")
+    expected = forward_backward(q64, k64, v64, len_q, len_k, True, "torch")
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
-    got = forward_backward(q, k, v, len_q, len_k, True, "reference")
+    got = forward_backward(q, k, v, len_q, len_k, True, "torch")
     for name, a, b in zip(NAMES, got, expected):
         tol = TOL[dtype]["out" if name in ("out", "lse") else "grad"]
         assert_close(a, b, tol, tol, f"{dtype} {name}")
@@ -135,7 +135,7 @@ def test_reference_block_size_and_recompute_do_not_change_result():
 def test_rows_that_see_no_key_are_zero_with_finite_gradients():
     len_q, len_k = [6, 4], [2, 0]  # doc 0: the first 4 rows see nothing; doc 1: no key at all
     q, k, v = make_inputs(len_q, len_k, 2, 1, 8, torch.float32, "cpu")
-    out, lse, dq, dk, dv = forward_backward(q, k, v, len_q, len_k, True, "reference")
+    out, lse, dq, dk, dv = forward_backward(q, k, v, len_q, len_k, True, "torch")
     assert torch.all(out[:4] == 0) and torch.all(out[6:] == 0)
     assert torch.all(lse[:, :4] == -math.inf) and torch.all(lse[:, 6:] == -math.inf)
     assert torch.isfinite(lse[:, 4:6]).all()
@@ -148,8 +148,8 @@ def test_rows_that_see_no_key_are_zero_with_finite_gradients():
 @pytest.mark.parametrize("len_q,len_k,heads_q,heads_kv", CASES)
 def test_triton_matches_reference_fp32(len_q, len_k, heads_q, heads_kv, causal, device):
     q, k, v = make_inputs(len_q, len_k, heads_q, heads_kv, 64, torch.float32, device)
-    expected = forward_backward(q, k, v, len_q, len_k, causal, "reference")
-    got = forward_backward(q, k, v, len_q, len_k, causal, "triton")
+    expected = forward_backward(q, k, v, len_q, len_k, causal, "torch")
+    got = forward_backward(q, k, v, len_q, len_k, causal, "ours")
     for name, a, b in zip(NAMES, got, expected):
         tol = TOL[torch.float32]["out" if name in ("out", "lse") else "grad"]
         assert_close(a, b, tol, 0, name)
@@ -159,9 +159,9 @@ def test_triton_matches_reference_fp32(len_q, len_k, heads_q, heads_kv, causal, 
 def test_triton_low_precision_against_fp64(dtype, head_dim, device):
     len_q, len_k = [37, 1, 20], [45, 1, 20]
     q64, k64, v64 = make_inputs(len_q, len_k, 4, 2, head_dim, torch.float64, device)
-    expected = forward_backward(q64, k64, v64, len_q, len_k, True, "reference")
+    expected = forward_backward(q64, k64, v64, len_q, len_k, True, "torch")
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
-    got = forward_backward(q, k, v, len_q, len_k, True, "triton")
+    got = forward_backward(q, k, v, len_q, len_k, True, "ours")
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     for name, a, b in zip(NAMES, got, expected):
         tol = TOL[dtype]["out" if name in ("out", "lse") else "grad"]
@@ -189,7 +189,7 @@ def test_kernel_check_can_fail(device):
     """The comparison is sensitive: a wrong softmax scale is caught."""
     len_q = [20, 9]
     q, k, v = make_inputs(len_q, len_q, 2, 2, 64, torch.float32, device)
-    out, _ = varlen_attention(q, k, v, cu(len_q, device), cu(len_q, device), 20, 20, softmax_scale=0.13, impl="triton")
+    out, _ = varlen_attention(q, k, v, cu(len_q, device), cu(len_q, device), 20, 20, softmax_scale=0.13, impl="ours")
     expected = dense_oracle(q, k, v, len_q, len_q, True)[0]
     with pytest.raises(AssertionError):
         assert_close(out, expected, 2e-5, 0, "out")
@@ -243,7 +243,7 @@ def test_merge_rejects_mismatched_inputs():
     "change,message",
     [
         (dict(head_dim=96), "head_dim 96 is not supported"),
-        (dict(dtype=torch.float64), "dtype torch.float64 is not supported by impl='triton'"),
+        (dict(dtype=torch.float64), "dtype torch.float64 is not supported by impl='ours'"),
         (dict(cu_q=[0, 5, 3, 10]), "cu_seqlens_q decreases at document 1"),
         (dict(cu_q=[0, 5, 9]), "must start at 0 and end at the token count 10"),
         (dict(cu_q_dtype=torch.int64), "must be an int32 tensor"),
@@ -258,7 +258,7 @@ def test_bad_input_is_rejected_before_launch(change, message):
     cu_q = torch.tensor(change.get("cu_q", [0, 5, 10]), dtype=change.get("cu_q_dtype", torch.int32))
     cu_k = torch.tensor([0, 5, 10] if cu_q.numel() == 3 else [0, 2, 5, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match=message):
-        varlen_attention(q, k, k, cu_q, cu_k, change.get("max_q", 10), 10, impl="triton")
+        varlen_attention(q, k, k, cu_q, cu_k, change.get("max_q", 10), 10, impl="ours")
 
 
 def test_cu_seqlens_are_checked_again_after_an_in_place_change():
@@ -267,11 +267,11 @@ def test_cu_seqlens_are_checked_again_after_an_in_place_change():
     q = torch.zeros(10, 2, 16)
     cu_q = torch.tensor([0, 5, 10], dtype=torch.int32)
     cu_k = cu_q.clone()
-    varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="reference")
-    varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="reference")  # cached: no error, same answer
+    varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="torch")
+    varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="torch")  # cached: no error, same answer
     cu_q[1] = 11
     with pytest.raises(ValueError, match="cu_seqlens_q decreases at document 1"):
-        varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="reference")
+        varlen_attention(q, q, q, cu_q, cu_k, 5, 5, impl="torch")
 
 
 @pytest.mark.parametrize("use", ["out", "lse"])
@@ -279,9 +279,9 @@ def test_triton_backward_from_one_output_only(use, device):
     len_q = [21, 6]
     q, k, v = make_inputs(len_q, len_q, 2, 1, 64, torch.float32, device)
     grads = {}
-    for impl in ("reference", "triton"):
+    for impl in ("torch", "ours"):
         out, lse = varlen_attention(q, k, v, cu(len_q, device), cu(len_q, device), 21, 21, impl=impl)
         got = torch.autograd.grad((out if use == "out" else lse).sum(), (q, k, v), allow_unused=True)
         grads[impl] = [torch.zeros_like(t) if g is None else g for g, t in zip(got, (q, k, v))]  # lse ignores v
-    for name, a, b in zip(("dq", "dk", "dv"), grads["triton"], grads["reference"]):
+    for name, a, b in zip(("dq", "dk", "dv"), grads["ours"], grads["torch"]):
         assert_close(a, b, 1e-4, 0, f"{name} from {use}")

@@ -47,7 +47,7 @@ def run(impl, hidden, weight, labels, loss_mask, chunk_size=16, grad_scale=1.0):
     return (loss_sum, n_valid, *(g / grad_scale for g in grads))
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "ours"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_fp64_oracle(impl, dtype):
     hidden, weight, labels, loss_mask = make_inputs(dtype)
@@ -63,15 +63,15 @@ def test_matches_fp64_oracle(impl, dtype):
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
 def test_triton_matches_reference_for_any_chunking(chunk_size):
     hidden, weight, labels, loss_mask = make_inputs(torch.float32, seed=3, vocab=5000)  # several vocab blocks
-    expected = run("reference", hidden, weight, labels, None, chunk_size=1000)
-    got = run("triton", hidden, weight, labels, None, chunk_size=chunk_size)
+    expected = run("torch", hidden, weight, labels, None, chunk_size=1000)
+    got = run("ours", hidden, weight, labels, None, chunk_size=chunk_size)
     for name, a, b in zip(("loss_sum", "n_valid", "grad hidden", "grad weight"), got, expected):
         assert_close(a, b, 1e-5, 1e-5, name)
 
 
 def test_all_tokens_masked_gives_zero_loss_and_gradients():
     hidden, weight, labels, _ = make_inputs(torch.float32)
-    for impl in ("reference", "triton"):
+    for impl in ("torch", "ours"):
         loss_sum, n_valid, grad_h, grad_w = run(impl, hidden, weight, labels, torch.zeros(TOKENS))
         assert loss_sum.item() == 0 and n_valid.item() == 0
         assert torch.all(grad_h == 0) and torch.all(grad_w == 0)
@@ -83,7 +83,7 @@ def test_check_can_fail():
     expected = oracle(hidden, weight, labels, loss_mask)
     shifted = labels.clone()
     shifted[3] = (shifted[3] + 1) % VOCAB
-    got = run("triton", hidden, weight, shifted, loss_mask)
+    got = run("ours", hidden, weight, shifted, loss_mask)
     with pytest.raises(AssertionError):
         assert_close(got[0], expected[0], 0, 1e-5, "loss")
 
@@ -108,7 +108,7 @@ def test_bad_input_is_rejected(change, message):
     if "weight_cols" in change:
         weight = torch.zeros(VOCAB, change["weight_cols"])
     with pytest.raises(ValueError, match=message):
-        fused_linear_cross_entropy(hidden, weight, labels, loss_mask, impl="triton")
+        fused_linear_cross_entropy(hidden, weight, labels, loss_mask, impl="ours")
 
 
 def test_default_chunk_size_keeps_logits_chunk_at_half_the_hidden_states():
@@ -123,7 +123,7 @@ def _tensor_parallel_worker(rank, world_size, port, dtype):
     expected = oracle(hidden, weight, labels, loss_mask)
     shard = VOCAB // world_size
     weight_shard = weight.detach()[rank * shard : (rank + 1) * shard].clone().requires_grad_()
-    for impl in ("reference", "triton"):
+    for impl in ("torch", "ours"):
         loss_sum, n_valid = fused_linear_cross_entropy(hidden, weight_shard, labels, loss_mask, tp_group=group,
                                                        chunk_size=16, impl=impl)
         grad_h, grad_w = torch.autograd.grad(loss_sum, (hidden, weight_shard))
@@ -141,3 +141,22 @@ def _tensor_parallel_worker(rank, world_size, port, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tensor_parallel_vocab_shards_match_single_rank(dtype):
     run_ranks(_tensor_parallel_worker, 2, dtype)
+
+
+def test_token_scores_are_per_token_cross_entropy_and_the_first_argmax():
+    from csrc.linear_cross_entropy import linear_token_scores
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    weight[7] = weight[3]  # a tie: rows 3 and 7 always score the same
+    labels = torch.randint(0, 45, (37,), generator=gen)
+    # The last 5 rows are tensor-parallel padding: never predicted, not in the softmax.
+    logits = (hidden @ weight[:45].t())
+    loss, best = linear_token_scores(hidden, weight, labels, vocab_size=45, chunk_size=8)
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(best, logits.argmax(dim=1))
+    hidden[0] = weight[3] * 10  # row 0 now prefers ids 3 and 7 equally: the lowest wins
+    _, best = linear_token_scores(hidden, weight, labels, vocab_size=45)
+    assert int(best[0]) == 3

@@ -3,7 +3,6 @@ import importlib.util
 import json
 import os
 
-import numpy as np
 import pytest
 import zstandard
 

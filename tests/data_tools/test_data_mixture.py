@@ -4,8 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from data_tools_helpers import expected_stream_tokens, write_recipe
-from data_tools.indexed import IndexedReader
+from data_tools_helpers import (PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS,
+                                expected_stream_tokens, write_recipe)
+from data_tools.indexed import IndexedReader, IndexedWriter
 from data_tools.mixture import RecipeError, build_mixture, load_recipe
 from data_tools.packed import PackedDataset
 
@@ -155,12 +156,54 @@ def test_shipped_prolong_recipes():
     assert weights == {"stack-repos": 0.3, "books": 0.3, "fineweb-edu": 0.1, "fineweb": 0.1,
                        "stackexchange": 0.04, "wikipedia": 0.04, "tulu-v2": 0.03, "arxiv": 0.03,
                        "openwebmath": 0.03, "textbooks": 0.03}
-    assert {s.name for s in stage1.sources if s.long} == {"stack-repos", "books"}
+    assert {s.name: s.path for s in stage1.sources} == PROLONG_64K_FOLDERS
     stage2 = load_recipe("prolong-stage2-512k")
     assert stage2.seq_length == 524288
     w2 = {s.name: s.weight for s in stage2.sources}
     assert (w2["stack-repos-512k"], w2["stack-repos-64k"], w2["books-512k"], w2["books-64k"]) == \
         (0.15, 0.15, 0.05, 0.25)
     assert abs(sum(w2.values()) - 1.0) < 1e-9
-    assert {s.name: s.min_doc_tokens for s in stage2.sources if s.min_doc_tokens} == \
-        {"stack-repos-64k": 65536, "books-64k": 65536}
+    assert {s.name: s.path for s in stage2.sources} == PROLONG_512K_FOLDERS
+    # ProLong's release is filtered and packed already: every source is taken as stored.
+    for source in stage1.sources + stage2.sources:
+        assert source.prepacked and not source.long and source.min_doc_tokens == 0
+
+
+def test_shipped_raw_recipes_keep_the_weights_and_filter_long_sources():
+    """The -raw recipes: the same weights over sources a user tokenized, long ones cut at L."""
+    for stage in ("stage1-64k", "stage2-512k"):
+        raw, released = load_recipe(f"prolong-{stage}-raw"), load_recipe(f"prolong-{stage}")
+        assert raw.seq_length == released.seq_length
+        assert {s.name: s.weight for s in raw.sources} == {
+            s.name: s.weight for s in released.sources}
+        assert not any(s.prepacked for s in raw.sources)
+        assert {s.name for s in raw.sources if s.long or s.min_doc_tokens} >= {
+            "stack-repos" if stage == "stage1-64k" else "stack-repos-512k"}
+
+
+def test_prepacked_source_keeps_stored_sequences(tmp_path):
+    """Each stored L-token run of documents is one sequence, with its document boundaries."""
+    L = 12
+    lengths = [5, 7, 12, 1, 4, 7, 12, 3, 9]  # three-by-three: each group sums to L
+    tokens = np.arange(sum(lengths), dtype=np.int32) % 1000
+    with IndexedWriter(str(tmp_path / "packed-src"), np.int32) as writer:
+        writer.add_documents(tokens, np.array(lengths))
+    path = write_recipe(tmp_path / "r.yaml", L, [{"name": "p", "path": "packed-src", "weight": 1,
+                                                  "prepacked": True}])
+    build_mixture(load_recipe(path, data_root=str(tmp_path)), str(tmp_path / "out"),
+                  log=lambda *_: None)
+    ds = PackedDataset(str(tmp_path / "out"))
+    stored = {tuple(tokens[i * L:(i + 1) * L]) for i in range(5)}
+    seen = {tuple(ds[i].tokens.tolist()): ds[i].doc_lengths.tolist() for i in range(len(ds))}
+    assert len(ds) == 5 and set(seen) == stored
+    assert sorted(seen.values()) == sorted([[5, 7], [12], [1, 4, 7], [12], [3, 9]])
+
+    path = write_recipe(tmp_path / "bad.yaml", 10, [{"name": "p", "path": "packed-src",
+                                                     "weight": 1, "prepacked": True}])
+    with pytest.raises(RecipeError, match=r"bad.yaml: source 'p' .*is prepacked, but its document "
+                                          r"1 \(7 tokens\) crosses token 10.*Set seq_length"):
+        build_mixture(load_recipe(path, data_root=str(tmp_path)), str(tmp_path / "o2"))
+    path = write_recipe(tmp_path / "both.yaml", L, [{"path": "packed-src", "weight": 1,
+                                                     "prepacked": True, "long": True}])
+    with pytest.raises(RecipeError, match="both.yaml: source 1 is prepacked.*'long'"):
+        load_recipe(path)

@@ -221,20 +221,83 @@ def test_bad_line_stops_with_file_and_line_or_is_skipped_and_counted(tmp_path, c
     assert IndexedReader(out).num_tokens == summary["tokens"] == expected
 
 
-def test_truncated_zst_is_reported_and_the_complete_lines_kept(tmp_path, llama3, llama3_model):
-    lines = [{"text": f"record number {i} " + "words " * 50} for i in range(3000)]
-    whole = zstandard.ZstdCompressor().compress(_jsonl_bytes(lines))
-    path = tmp_path / "cut.jsonl.zst"
-    path.write_bytes(whole[: len(whole) * 2 // 3])
-    with pytest.raises(InputError, match=r"cut.jsonl.zst:\d+: compressed stream is truncated"):
+def _intact_prefix(compressed: bytes, fmt: str) -> bytes:
+    """What a decompressor recovers from the start of a cut stream (gzip/zstd streaming APIs,
+    independent of data_tools), up to its last complete line."""
+    if fmt == "gz":
+        import zlib
+
+        data = zlib.decompressobj(wbits=31).decompress(compressed)
+    else:
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(compressed)
+    return data[:data.rfind(b"\n") + 1]
+
+
+@pytest.mark.parametrize("fmt,workers", [("gz", 1), ("gz", 2), ("zst", 1)])
+def test_a_cut_compressed_file_keeps_every_complete_line_and_names_the_cut(tmp_path, fmt, workers,
+                                                                         llama3_model):
+    # 18,000 lines (1.6 MB, several reading blocks with 2 workers) compressed, then cut in the
+    # middle of the compressed bytes, as an interrupted download leaves it.
+    rng = np.random.default_rng(0)
+    words = np.array(["alpha", "beta", "gamma", "delta", "lorem", "ipsum"])
+    lines = [{"text": f"record {i} " + " ".join(rng.choice(words, rng.integers(5, 60)))}
+             for i in range(18000)]
+    whole = _jsonl_bytes(lines)
+    compressed = gzip.compress(whole) if fmt == "gz" else zstandard.ZstdCompressor().compress(whole)
+    cut = compressed[:len(compressed) // 2]
+    path = tmp_path / f"cut.jsonl.{fmt}"
+    path.write_bytes(cut)
+    intact = _intact_prefix(cut, fmt)
+    complete = intact.count(b"\n")
+    assert 5000 < complete < 13000
+    tool = "gzip" if fmt == "gz" else "zstd"
+    out = str(tmp_path / "out")
+    options = dict(workers=workers, progress=False)
+
+    with pytest.raises(InputError) as error:
+        preprocess([str(path)], out, llama3_model, PreprocessOptions(**options))
+    message = str(error.value)
+    assert (f"cut.jsonl.{fmt}:{complete + 1}: the {tool} stream is cut off after line "
+            f"{complete:,}, the last complete one: the file ends at byte {len(cut):,}") in message
+    assert f"--skip-bad to keep lines 1-{complete:,}" in message
+    assert sorted(os.listdir(tmp_path)) == [path.name]
+
+    summary = preprocess([str(path)], out, llama3_model,
+                         PreprocessOptions(skip_bad=True, **options))
+    assert summary["documents"] == complete and summary["skipped_lines"] == 1
+    assert summary["bad_records"][0]["line"] == complete + 1
+    # Nothing lost: the same bytes as preprocessing exactly the complete lines, uncompressed.
+    (tmp_path / "intact.jsonl").write_bytes(intact)
+    preprocess([str(tmp_path / "intact.jsonl")], str(tmp_path / "ref"), llama3_model,
+               PreprocessOptions(progress=False))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / ("out" + suffix)).read_bytes() == (tmp_path / ("ref" + suffix)).read_bytes()
+
+
+def test_concatenated_gzip_members_and_zstd_frames_are_read_whole(tmp_path):
+    from data_tools.inputs import _decompressed_blocks
+
+    data = _jsonl_bytes([{"text": f"line {i}"} for i in range(5000)])
+    # Two gzip members and the zero padding gzip allows after one; three zstd frames.
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(data) + gzip.compress(data) + bytes(70000))
+    frame = zstandard.ZstdCompressor().compress(data)
+    (tmp_path / "a.jsonl.zst").write_bytes(frame * 3)
+    assert b"".join(_decompressed_blocks(str(tmp_path / "a.jsonl.gz"), 4096)) == data * 2
+    assert b"".join(_decompressed_blocks(str(tmp_path / "a.jsonl.zst"), 4096)) == data * 3
+
+
+def test_a_gzip_file_with_a_wrong_checksum_is_reported_as_corrupt(tmp_path, llama3_model):
+    data = _jsonl_bytes([{"text": f"line {i}"} for i in range(100)])
+    damaged = bytearray(gzip.compress(data))
+    damaged[-8] ^= 0xFF  # the CRC-32 of the trailer
+    path = tmp_path / "crc.jsonl.gz"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=r"crc.jsonl.gz:101: corrupt gzip data at "
+                                         r"compressed byte .*incorrect data check.*after line "
+                                         r"100, the last complete one"):
         preprocess([str(path)], str(tmp_path / "out"), llama3_model,
                    PreprocessOptions(progress=False))
-    summary = preprocess([str(path)], str(tmp_path / "out"), llama3_model,
-                         PreprocessOptions(skip_bad=True, progress=False))
-    kept = summary["documents"]
-    assert 0 < kept < 3000 and summary["skipped_lines"] == 1
-    assert summary["bad_records"][0]["line"] == kept + 1
-    assert summary["tokens"] == sum(len(llama3.encode(r["text"])) + 1 for r in lines[:kept])
+    assert sorted(os.listdir(tmp_path)) == ["crc.jsonl.gz"]
 
 
 def test_hugging_face_and_sentencepiece_tokenizers(tmp_path, doc_records, llama3_dir,

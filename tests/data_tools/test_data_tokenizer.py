@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -99,3 +100,43 @@ def test_wrong_tokenizer_paths_name_the_path(tmp_path):
         load_tokenizer(str(bogus))
     with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
         load_tokenizer(str(tmp_path))
+
+
+def _without_image_token(llama3_dir, folder):
+    """A copy of the shipped tokenizer.json (Llama-3.2 with the vision model's extra id 128256,
+    <|image|>) without that token: then it assigns exactly the ids of tokenizer.model."""
+    with open(os.path.join(llama3_dir, "tokenizer.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|image|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    shutil.copy(os.path.join(llama3_dir, "tokenizer_config.json"), folder)  # BOS/EOS names
+    return str(folder)
+
+
+def test_vocabulary_fingerprint_follows_the_ids_not_the_file_format(tmp_path, llama3_dir, llama3,
+                                                                   llama3_model,
+                                                                   sentencepiece_model):
+    fingerprint = llama3.vocabulary_fingerprint()
+    assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 16
+    shipped_json = load_tokenizer(llama3_dir)
+    assert shipped_json.vocab_size == 128257  # + <|image|>: another vocabulary
+    assert shipped_json.vocabulary_fingerprint() != fingerprint
+    same_ids = load_tokenizer(_without_image_token(llama3_dir, tmp_path / "hf"))
+    assert same_ids.token_bytes() == llama3.token_bytes()
+    assert same_ids.vocabulary_fingerprint() == fingerprint
+    assert load_tokenizer(sentencepiece_model).vocabulary_fingerprint() != fingerprint
+    # One pair of ranks swapped in a copy of the rank file: same size, other ids.
+    with open(llama3_model, "rb") as f:
+        lines = f.read().split(b"\n")
+    (a, rank_a), (b, rank_b) = lines[1000].split(), lines[1001].split()
+    lines[1000], lines[1001] = a + b" " + rank_b, b + b" " + rank_a
+    (tmp_path / "swapped.model").write_bytes(b"\n".join(lines))
+    swapped = load_tokenizer(str(tmp_path / "swapped.model"))
+    assert swapped.vocab_size == llama3.vocab_size
+    assert swapped.vocabulary_fingerprint() != fingerprint
+    described = llama3.describe()
+    assert (described["kind"], described["file"], described["vocab_size"],
+            described["vocabulary_fingerprint"]) == ("tiktoken", "tokenizer.model", 128256,
+                                                     fingerprint)

@@ -1,4 +1,6 @@
-"""Fixtures for the training tests: a small packed dataset of a tiny vocabulary."""
+"""Fixtures for the engine tests: a small packed dataset of a tiny vocabulary, the real
+Llama-3 tokenizer."""
+import os
 import subprocess
 import sys
 
@@ -6,6 +8,8 @@ import numpy as np
 import pytest
 
 from data_tools.indexed import IndexedWriter
+from data_tools.tokenizer import load_tokenizer
+from tests.engine.evaluate_helpers import llama3_tokenizer_dir
 from tests.distributed import REPO
 
 TRAIN_TEST_CONFIG = """
@@ -41,3 +45,9 @@ def train_config(tmp_path) -> str:
     path = tmp_path / "train.yaml"
     path.write_text(TRAIN_TEST_CONFIG)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    """Llama-3's BPE rank file (tokenizer.model), the engine's own tokenizer kind."""
+    return load_tokenizer(os.path.join(llama3_tokenizer_dir(), "tokenizer.model"))

@@ -1,6 +1,6 @@
 """Context parallelism pieces: load balance, positions, data slicing, validation, attention.
 
-The attention check runs the user-facing self-check (engine.parallel.context.selfcheck) under
+The attention check runs the user-facing self-check (engine.tools.cp_attention_check) under
 torchrun: both algorithms, CP 2 and 4, against single-process attention in fp64, including a
 deliberately wrong token-to-rank mapping that must fail. End-to-end training under CP is in
 test_context_parallel_layouts.py.
@@ -20,16 +20,17 @@ from engine.parallel.context.chunks import (
     load_balanced_chunks,
     rank_token_indices,
     sequence_to_gathered_order,
-    validate_context_parallel,
-)
-from engine.parallel.context.data import (
-    context_parallel_micro_batch,
-    positions_of_tokens,
-    slice_micro_batch,
 )
 from engine.parallel.context.ulysses import repeated_kv_heads
 from engine.parallel.layout import LayoutError, ParallelLayout
-from engine.training.data import build_micro_batch, document_positions
+from engine.training.data import (
+    InMemorySequences,
+    SampleSource,
+    build_micro_batch,
+    document_positions,
+    micro_batch_for_rank,
+    positions_of_tokens,
+)
 from tests.distributed import torchrun
 
 
@@ -78,11 +79,12 @@ def _sequences():
     return tokens, lengths, masks
 
 
-def test_slice_micro_batch_keeps_global_labels_positions_and_documents():
+def test_rank_share_keeps_global_labels_positions_and_documents():
     tokens, lengths, masks = _sequences()
     full = build_micro_batch(list(tokens), lengths, masks, position_mode="document")
+    samples = SampleSource(InMemorySequences(list(tokens), lengths, masks), 64)
     for rank in range(4):
-        part = slice_micro_batch(full, rank, 4)
+        part = micro_batch_for_rank(samples, [0, 1], rank, 4, position_mode="document")
         index = torch.from_numpy(rank_token_indices(64, rank, 4))
         assert part.tokens.shape == (2, 16)
         for name in ("tokens", "labels", "loss_mask", "position_ids"):
@@ -127,15 +129,17 @@ def test_packed_dataset_windows_match_the_full_micro_batch(tmp_path, mode):
     reads = []
     original_get = ds.get
     ds.get = lambda i, start=0, end=None: reads.append((start, end)) or original_get(i, start, end)
+    samples = SampleSource(ds, 64)
     for cp in (2, 4):
         for rank in range(cp):
             reads.clear()
-            part = context_parallel_micro_batch(ds, indices, rank, cp, position_mode=mode)
-            expected = slice_micro_batch(full, rank, cp)
-            for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens"):
-                assert torch.equal(getattr(part, name).to(getattr(expected, name).dtype),
-                                   getattr(expected, name)), (cp, rank, name)
-            assert part.max_seqlen == expected.max_seqlen
+            part = micro_batch_for_rank(samples, indices, rank, cp, position_mode=mode)
+            index = torch.from_numpy(rank_token_indices(64, rank, cp))
+            for name in ("tokens", "labels", "loss_mask", "position_ids"):
+                expected = getattr(full, name)[:, index]
+                assert torch.equal(getattr(part, name).to(expected.dtype), expected), (cp, rank, name)
+            assert torch.equal(part.cu_seqlens, full.cu_seqlens)
+            assert part.max_seqlen == full.max_seqlen
             # Only this rank's chunks (one extra token where the sequence goes on).
             chunk = 64 // (2 * cp)
             assert sum(end - start for start, end in reads) <= len(indices) * 2 * (chunk + 1)
@@ -148,24 +152,24 @@ def test_bad_context_parallel_input_names_values_and_fix():
         ParallelLayout(context_parallel=4).validate(tiny, seq_length=100)
     with pytest.raises(LayoutError, match=r"4 query heads.*not divisible by "
                                           r"context_parallel_size 8.*\[1, 2, 4\].*all-gather"):
-        ParallelLayout(context_parallel=8, context_parallel_algorithm="ulysses").validate(tiny)
+        ParallelLayout(context_parallel=8, cp_algorithm="ulysses").validate(tiny)
     with pytest.raises(LayoutError, match=r"2 query heads per tensor-parallel rank.*"
                                           r"tensor_parallel 2.*context_parallel_size 4"):
         ParallelLayout(tensor_parallel=2, context_parallel=4,
-                       context_parallel_algorithm="ulysses").validate(tiny)
-    with pytest.raises(LayoutError, match="ring"):
-        ParallelLayout(context_parallel=2, context_parallel_algorithm="ring").validate(tiny)
+                       cp_algorithm="ulysses").validate(tiny)
+    for algorithm in ("ring", "transformer-engine"):  # TE's CP would attend across documents
+        with pytest.raises(LayoutError, match=f"cp_algorithm '{algorithm}' is not one of"):
+            ParallelLayout(context_parallel=2, cp_algorithm=algorithm).validate(tiny)
     # All-gather has no head constraint; Ulysses with CP above the 2 KV heads repeats them.
     ParallelLayout(context_parallel=8).validate(tiny, seq_length=64)
-    ParallelLayout(context_parallel=4, context_parallel_algorithm="ulysses").validate(
-        tiny, seq_length=64)
+    ParallelLayout(context_parallel=4, cp_algorithm="ulysses").validate(tiny, seq_length=64)
     assert repeated_kv_heads(2, 4, 4) == 4 and repeated_kv_heads(8, 32, 8) == 8
     assert repeated_kv_heads(8, 32, 16) == 16  # Llama-3-8B at CP16: 8 KV heads -> 16
-    validate_context_parallel(1, "all-gather", seq_length=7)  # no split without CP
+    ParallelLayout().validate(tiny, seq_length=7)  # no split without CP
 
 
 def test_layout_checker_rejects_bad_cp_before_any_process_group(tmp_path):
-    result = torchrun("engine.parallel.layout_check", 2,
+    result = torchrun("engine.tools.layout_check", 2,
                       ["--cp", "2", "--seq-length", "30", "--out", str(tmp_path)],
                       timeout=120, check=False)
     assert result.returncode != 0
@@ -175,7 +179,7 @@ def test_layout_checker_rejects_bad_cp_before_any_process_group(tmp_path):
 
 def test_attention_matches_single_process_and_wrong_mapping_fails(tmp_path):
     out = tmp_path / "selfcheck.json"
-    torchrun("engine.parallel.context.selfcheck", 4, ["--out", str(out)], timeout=240)
+    torchrun("engine.tools.cp_attention_check", 4, ["--out", str(out)], timeout=240)
     results = json.loads(out.read_text())
     assert all(r["passed"] and r["finite"] for r in results)
     right = [r for r in results if not r["wrong_mapping"]]

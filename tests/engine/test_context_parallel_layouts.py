@@ -10,11 +10,9 @@ import json
 import pytest
 import torch
 
-from engine.model.config import get_model_config
 from engine.parallel.context.chunks import rank_token_indices
-from engine.parallel.context.data import slice_micro_batch
-from engine.parallel.layout_check import DEFAULT_TOLERANCE, compare_runs, synthetic_global_batch
-from engine.training.data import build_micro_batch
+from engine.tools.layout_check import DEFAULT_TOLERANCE, compare_runs, synthetic_global_batch
+from engine.training.data import InMemorySequences, SampleSource, micro_batch_for_rank
 from tests.distributed import torchrun
 
 SEQ = ["--seq-length", "64"]
@@ -44,7 +42,7 @@ def references(tmp_path_factory):
     runs = {}
     for name, flags in (("plain", []), ("masked", MASKED)):
         out = tmp_path_factory.mktemp(f"reference_{name}")
-        torchrun("engine.parallel.layout_check", 1, [*SEQ, *flags, "--out", str(out)])
+        torchrun("engine.tools.layout_check", 1, [*SEQ, *flags, "--out", str(out)])
         runs[name] = out
     return runs
 
@@ -61,11 +59,11 @@ def test_synthetic_data_exercises_cp_borders():
         assert any(max(d) > chunk for d in doc_lengths)
     tokens, doc_lengths, masks = synthetic_global_batch(512, 8, 64, 1234,
                                                         masked_prompt_tokens=48)
+    samples = SampleSource(InMemorySequences(tokens, doc_lengths, masks), 64)
     valid = 0
     for i in range(8):
-        full = build_micro_batch([tokens[i]], [doc_lengths[i]], [masks[i]])
-        assert slice_micro_batch(full, 1, 2).loss_mask.sum() == 0
-        valid += slice_micro_batch(full, 0, 2).loss_mask.sum()
+        assert micro_batch_for_rank(samples, [i], 1, 2).loss_mask.sum() == 0
+        valid += micro_batch_for_rank(samples, [i], 0, 2).loss_mask.sum()
     assert valid > 0
     assert len(rank_token_indices(64, 1, 2)) == 32
 
@@ -73,7 +71,7 @@ def test_synthetic_data_exercises_cp_borders():
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_context_parallel_matches_single_process(name, references, tmp_path):
     nproc, flags, reference = LAYOUTS[name]
-    torchrun("engine.parallel.layout_check", nproc, [*SEQ, *flags, "--out", str(tmp_path)],
+    torchrun("engine.tools.layout_check", nproc, [*SEQ, *flags, "--out", str(tmp_path)],
              timeout=300)
     errors = compare_runs(references[reference], tmp_path)
     print(name, json.dumps(errors))  # the numbers behind the README claim (pytest -s)

@@ -76,30 +76,35 @@ def _train_from_imported(args) -> None:
     from engine.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_state,
                                    save_checkpoint)
     from engine.convert.export import model_config_from_state, resolve_checkpoint
-    from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
+    from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import destroy_parallel, initialize_parallel
-    from engine.training.step import MicroBatch, OptimizerSettings, build_optimizer, train_step
+    from engine.training.build import build_training_state
+    from engine.training.config import OptimizerSettings
+    from engine.training.data import MicroBatch
+    from engine.training.plan import RunPlan
+    from engine.training.step import train_step
 
     source = resolve_checkpoint(args.checkpoint)
     model = model_config_from_state(read_checkpoint_state(source), source)
     layout = ParallelLayout.for_world_size(int(os.environ["WORLD_SIZE"]),
                                            tensor_parallel=args.tp, pipeline_parallel=args.pp)
-    per_rank = GLOBAL_BATCH // layout.data_parallel
-    initialize_parallel(layout, model, num_microbatches=per_rank, seed=SEED, timeout_s=120)
-    config = transformer_config(model, layout)
-    chunks = build_model_chunks(model, config, seed=SEED)
+    plan = RunPlan.create(model, layout, seq_length=SEQ_LENGTH, global_batch=GLOBAL_BATCH,
+                          kernels=KernelChoices.parse("all=torch"), seed=SEED, train_steps=2,
+                          collective_timeout_s=120,
+                          optimizer=OptimizerSettings(lr=LR, warmup_fraction=0.0))
+    per_rank = plan.num_microbatches
+    initialize_parallel(layout, seed=SEED, timeout_s=120)
+    training = build_training_state(plan)
+    chunks, optimizer, scheduler = training.chunks, training.optimizer, training.scheduler
     try:  # asking for optimizer state that an import does not have fails with the fix
         load_checkpoint(source, chunks, optimizer=object(), model_config=model)
         raise AssertionError("loading optimizer state from an imported checkpoint succeeded")
     except CheckpointError as error:
         assert "optimizer=None" in str(error)
-    state = load_checkpoint(source, chunks, optimizer=None, model_config=model, load_rng=False)
+    state = load_checkpoint(source, chunks, optimizer=None, model_config=model)
+    optimizer.reload_model_params()
     assert state["step"] == 0 and state["weights_only"]
-    chunks = wrap_data_parallel(chunks, config, distributed_optimizer=False)
-    optimizer, scheduler = build_optimizer(
-        chunks, OptimizerSettings(lr=LR, warmup_steps=0, decay_steps=2), bf16=False,
-        distributed_optimizer=False)
 
     generator = torch.Generator().manual_seed(SEED)
     tokens = torch.randint(0, model.vocab_size, (GLOBAL_BATCH, SEQ_LENGTH + 1), generator=generator)
@@ -113,7 +118,7 @@ def _train_from_imported(args) -> None:
                                 loss_mask=loss_mask[i:i + 1], position_ids=positions)
                      for i in range(per_rank)]
     result = train_step(chunks, optimizer, scheduler, micro_batches, per_rank, SEQ_LENGTH, 1)
-    save_checkpoint(args.out, 1, chunks, optimizer, scheduler, model,
+    save_checkpoint(args.out, 1, chunks, optimizer, scheduler, model, layout,
                     {"consumed_samples": GLOBAL_BATCH})
     if torch.distributed.get_rank() == 0:
         (Path(args.out) / "step.json").write_text(json.dumps(
@@ -147,7 +152,7 @@ def runs(tmp_path_factory):
 
 
 def test_tp2_pp2_step_from_import_matches_single_process(runs):
-    from engine.parallel.layout_check import relative_error
+    from engine.tools.layout_check import relative_error
 
     single, parallel = runs["exported"]["tp1_pp1"], runs["exported"]["tp2_pp2"]
     assert set(single) == set(parallel) == set(runs["hf"])

@@ -27,7 +27,8 @@ def test_invalid_layouts_are_refused(layout, world, message):
 
 def test_interleaving_needs_microbatches_divisible_by_pipeline():
     with pytest.raises(LayoutError, match=r"num_microbatches \(3\) divisible by pipeline_parallel 2"):
-        ParallelLayout(pipeline_parallel=2, virtual_stages=2).validate(TINY, 2, num_microbatches=3)
+        ParallelLayout(pipeline_parallel=2, virtual_stages=2).validate(TINY, world_size=2,
+                                                                 num_microbatches=3)
 
 
 def test_world_size_must_divide_into_layout():
@@ -38,7 +39,7 @@ def test_world_size_must_divide_into_layout():
 
 def test_launch_with_bad_layout_fails_fast_with_the_message():
     """Through torchrun, as a user launches: every rank exits with the message, none hangs."""
-    result = torchrun("engine.parallel.layout_check", 3, ["--tp", "3", "--out", "/nonexistent"],
+    result = torchrun("engine.tools.layout_check", 3, ["--tp", "3", "--out", "/nonexistent"],
                       timeout=120, check=False)
     assert result.returncode != 0
     assert "num_attention_heads 4 is not divisible by tensor_parallel 3" in result.stdout

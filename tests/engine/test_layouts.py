@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from engine.parallel.layout_check import DEFAULT_TOLERANCE, compare_runs, load_full_weights
+from engine.tools.layout_check import DEFAULT_TOLERANCE, compare_runs, load_full_weights
 from tests.distributed import torchrun
 
 LAYOUTS = {
@@ -27,14 +27,14 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    torchrun("engine.parallel.layout_check", 1, ["--out", str(out)])
+    torchrun("engine.tools.layout_check", 1, ["--out", str(out)])
     return out
 
 
 @pytest.fixture(scope="module")
 def reference_document_positions(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference_document_positions")
-    torchrun("engine.parallel.layout_check", 1, ["--positions", "document", "--out", str(out)])
+    torchrun("engine.tools.layout_check", 1, ["--positions", "document", "--out", str(out)])
     return out
 
 
@@ -42,7 +42,7 @@ def reference_document_positions(tmp_path_factory):
 def test_layout_matches_single_process(name, reference_run, reference_document_positions,
                                        tmp_path):
     nproc, flags = LAYOUTS[name]
-    torchrun("engine.parallel.layout_check", nproc, [*flags, "--out", str(tmp_path)])
+    torchrun("engine.tools.layout_check", nproc, [*flags, "--out", str(tmp_path)])
     reference = reference_document_positions if "document" in flags else reference_run
     errors = compare_runs(reference, tmp_path)
     assert errors["num_tokens"] == 0

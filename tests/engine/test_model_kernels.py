@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from engine.model.kernels import KernelChoices
-from engine.parallel.layout_check import DEFAULT_TOLERANCE, compare_runs
+from engine.model.kernel_choices import KernelChoices
+from engine.tools.layout_check import DEFAULT_TOLERANCE, compare_runs
 from tests.distributed import REPO, test_env, torchrun
 
 # Two sequences of 32 tokens, one per micro-batch, 2 steps: the interpreter is slow.
@@ -29,13 +29,15 @@ def test_kernel_choices_parse_and_presets():
     assert KernelChoices.parse("") == KernelChoices()
     ours = KernelChoices.parse("all=ours,attention=flash-attn")
     assert (ours.attention, ours.rmsnorm, ours.rope, ours.swiglu, ours.cross_entropy) == (
-        "flash-attn", "ours", "ours", "ours", "fused")
-    assert KernelChoices.parse("cross-entropy=megatron").cross_entropy == "megatron"
+        "flash-attn", "ours", "ours", "ours", "ours")
+    assert KernelChoices.parse("cross-entropy=torch").cross_entropy == "torch"
+    assert KernelChoices.parse("all=torch") == KernelChoices("torch", "torch", "torch", "torch",
+                                                             "torch")
 
 
 @pytest.mark.parametrize("spec, message", [
     ("rmsnorm=apex", "rmsnorm='apex' is not one of ('auto', 'ours', 'torch')"),
-    ("cross_entropy=ours", "cross_entropy='ours' is not one of ('auto', 'fused', 'megatron')"),
+    ("cross_entropy=fused", "cross_entropy='fused' is not one of ('auto', 'ours', 'torch')"),
     ("attention=xformers", "attention='xformers' is not one of"),
     ("softmax=ours", "unknown field 'softmax'"),
     ("attention", "is not field=value"),
@@ -58,7 +60,7 @@ def test_auto_is_ours_on_cuda_and_pytorch_on_cpu(monkeypatch):
     ("attention=transformer-engine", "transformer-engine needs a CUDA device"),
     ("attention=ours", "our Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for tests)"),
     ("rope=ours", "rope='ours' needs our Triton kernels, which cannot run on cpu"),
-    ("cross_entropy=fused", "use cross_entropy='megatron' or 'auto'"),
+    ("cross_entropy=ours", "use cross_entropy='torch' or 'auto'"),
 ])
 def test_kernels_that_cannot_run_on_cpu_fail_before_process_groups(spec, message, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -72,7 +74,7 @@ def test_layout_check_refuses_a_gpu_only_kernel_at_argument_parsing(tmp_path):
     env = test_env()
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
-        [sys.executable, "-m", "engine.parallel.layout_check", "--kernels", "attention=flash-attn",
+        [sys.executable, "-m", "engine.tools.layout_check", "--kernels", "attention=flash-attn",
          "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "flash-attn needs a CUDA device" in result.stderr
@@ -81,10 +83,7 @@ def test_layout_check_refuses_a_gpu_only_kernel_at_argument_parsing(tmp_path):
 
 # ---- the layer spec: each choice lands in its slot ----
 
-def test_layer_spec_slots_follow_the_choices(monkeypatch):
-    # Specs resolve their choices for this machine; "ours" resolves on CPU under the interpreter
-    # (only the environment is read here: nothing imports triton).
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_layer_spec_slots_follow_the_choices():
     from megatron.core.transformer.attention import SelfAttention
 
     from engine.model.attention import (
@@ -92,21 +91,22 @@ def test_layer_spec_slots_follow_the_choices(monkeypatch):
         RotaryKernelSelfAttention,
         TransformerEngineDocumentAttention,
     )
-    from engine.model.kernels import SwiGLU
     from engine.model.specs import core_attention_spec, llama_block_spec, llama_layer_spec
+    from engine.model.swiglu import SwiGLU
 
-    ours = llama_layer_spec(kernels=KernelChoices.parse("all=ours"))
-    layer = ours.submodules
-    assert layer.input_layernorm.params == {"impl": "triton"}
+    ours = KernelChoices.parse("all=ours")  # already concrete: nothing resolves here
+    layer = llama_layer_spec(ours, core_attention_spec(ours.attention)).submodules
+    assert layer.input_layernorm.params == {"impl": "ours"}
     assert layer.self_attention.module is RotaryKernelSelfAttention
-    assert layer.self_attention.params["rope_impl"] == "triton"
+    assert layer.self_attention.params["rope_impl"] == "ours"
     assert layer.self_attention.submodules.core_attention.module is DocumentMaskedAttention
     assert layer.self_attention.submodules.core_attention.params == {"backend": "ours"}
     assert layer.mlp.submodules.activation_func.module is SwiGLU
-    assert layer.mlp.submodules.activation_func.params == {"impl": "triton"}
+    assert layer.mlp.submodules.activation_func.params == {"impl": "ours"}
 
-    plain = llama_layer_spec(kernels=KernelChoices.parse("all=torch")).submodules
-    assert plain.input_layernorm.params == {"impl": "reference"}
+    torch_kernels = KernelChoices.parse("all=torch")
+    plain = llama_layer_spec(torch_kernels, core_attention_spec("torch")).submodules
+    assert plain.input_layernorm.params == {"impl": "torch"}
     # Checkpoint keys as transformer-engine's fused norm-linears name them (megatron's mapping).
     assert plain.sharded_state_dict_keys_map == {
         "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -114,26 +114,26 @@ def test_layer_spec_slots_follow_the_choices(monkeypatch):
     assert plain.self_attention.module is SelfAttention
     assert plain.mlp.submodules.activation_func is None  # megatron's own gated silu
 
-    # Resolving "transformer-engine" needs CUDA; the slot it fills is core_attention_spec's.
     assert core_attention_spec("transformer-engine").module is TransformerEngineDocumentAttention
-    block = llama_block_spec(2, kernels=KernelChoices.parse("all=ours"))
-    assert block.layer_norm.params == {"impl": "triton"} and len(block.layer_specs) == 2
+    block = llama_block_spec(2, ours, core_attention_spec("ours"))
+    assert block.layer_norm.params == {"impl": "ours"} and len(block.layer_specs) == 2
+    with pytest.raises(ValueError, match="needs resolved kernels"):
+        llama_layer_spec(KernelChoices(), core_attention_spec("torch"))
 
 
-def test_config_and_model_must_agree_on_swiglu(monkeypatch):
-    """use_te_activation_func is megatron's switch for a module activation; a mismatch with the
-    spec would apply silu to the whole [gate; up] tensor, so it is refused."""
-    from engine.model.build import build_model_chunks, transformer_config
+def test_megatron_config_follows_the_plans_kernels():
+    """use_te_activation_func is megatron's switch for a module activation; it comes from the
+    same resolved kernels as the layer spec (one plan), so the two cannot disagree."""
     from engine.model.config import get_model_config
     from engine.parallel.layout import ParallelLayout
+    from engine.training.build import transformer_config
+    from engine.training.plan import RunPlan
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     model = get_model_config("tiny-hd64")
-    config = transformer_config(model, ParallelLayout(), kernels=KernelChoices.parse("all=ours"))
-    assert config.use_te_activation_func
-    assert not transformer_config(model, ParallelLayout()).use_te_activation_func
-    with pytest.raises(ValueError, match="using the same kernels as build_model_chunks"):
-        build_model_chunks(model, config, kernels=KernelChoices.parse("all=torch"))
+    for spec, expected in (("all=ours", True), ("all=torch", False), ("swiglu=ours", True)):
+        plan = RunPlan(model, ParallelLayout(), KernelChoices.parse(spec).resolve("cuda"),
+                       seq_length=32, global_batch=1)
+        assert transformer_config(plan).use_te_activation_func is expected, spec
 
 
 # ---- single modules against megatron / the reference, in process (plain-PyTorch impls) ----
@@ -143,7 +143,8 @@ def test_rope_in_self_attention_matches_megatrons_rope():
     model's angles; the Triton impl of the same call runs in the all-ours training run."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from engine.model.attention import PerTokenRotaryEmbedding, rotate_by_angles
+    from engine.model.attention import rotate_by_angles
+    from engine.model.gpt import PerTokenRotaryEmbedding
 
     seq, batch, heads, dim = 7, 3, 4, 64
     rope = PerTokenRotaryEmbedding(dim, base=500_000.0)
@@ -151,17 +152,17 @@ def test_rope_in_self_attention_matches_megatrons_rope():
     angles = rope()
     x = torch.randn(seq, batch, heads, dim, dtype=torch.float64)
     expected = _apply_rotary_pos_emb_bshd(x, angles.double())
-    torch.testing.assert_close(rotate_by_angles(x, angles.double(), "reference"), expected,
+    torch.testing.assert_close(rotate_by_angles(x, angles.double(), "torch"), expected,
                                rtol=1e-12, atol=1e-12)
 
 
 def test_swiglu_activation_module_matches_megatrons_gated_silu_and_checkpoints():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from engine.model.kernels import SwiGLU
+    from engine.model.swiglu import SwiGLU
 
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
-    activation = SwiGLU(config, impl="reference")
+    activation = SwiGLU(config, impl="torch")
     gate_up = torch.randn(5, 2, 12, dtype=torch.float64)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(activation(gate_up), torch.nn.functional.silu(gate) * up)
@@ -172,30 +173,54 @@ def test_swiglu_activation_module_matches_megatrons_gated_silu_and_checkpoints()
     assert isinstance(activation, MegatronModule) and not list(activation.parameters())
 
 
-def test_flash_attn_backend_wiring_with_a_stand_in(monkeypatch):
-    """flash-attn needs a GPU; a stand-in with its varlen signature (computing with our
-    reference) checks the layout conversion and arguments DocumentMaskedAttention passes."""
+def test_rms_norm_module_marks_its_weight_for_the_sequence_parallel_all_reduce():
+    """Under SP each TP rank's norm-weight gradient is a partial sum over its tokens; megatron
+    all-reduces it over TP only for parameters marked sequence_parallel."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from engine.model.norm import RMSNorm
+
+    for sequence_parallel in (True, False):
+        config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                                   use_cpu_initialization=True, tensor_model_parallel_size=2,
+                                   sequence_parallel=sequence_parallel)
+        norm = RMSNorm(config, 16, eps=1e-6, impl="torch")
+        assert norm.weight.sequence_parallel is sequence_parallel
+    x = torch.randn(5, 16, dtype=torch.float64)
+    expected = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(norm(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_attn_backend_passes_flash_attns_varlen_arguments(monkeypatch):
+    """flash-attn needs a GPU, so a stand-in with flash_attn_varlen_func's signature records the
+    call: this checks the arguments DocumentMaskedAttention passes (THD layouts, int32
+    cu_seqlens, the longest document, scale, causal, no dropout) and that the output comes back
+    in megatron's layout. It does not check flash-attn's numerics (the stand-in computes with
+    our reference); the GPU run in bench/kernels does."""
     import types
 
-    import engine.model.attention as attention_module
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
     from csrc.attention import reference_varlen_attention
     from engine.model.attention import DocumentMaskedAttention
 
     calls = []
 
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale,
-                               causal, return_attn_probs):
-        calls.append((q.shape, cu_q.tolist(), max_q, dropout_p, causal))
-        out, lse = reference_varlen_attention(q, k, v, cu_q, cu_k, softmax_scale, causal)
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p=0.0, softmax_scale=None, causal=False,
+                               return_attn_probs=False):
+        calls.append(dict(q=q.shape, k=k.shape, v=v.shape, cu_q=cu_seqlens_q.tolist(),
+                          cu_k=cu_seqlens_k.tolist(), cu_dtype=cu_seqlens_q.dtype,
+                          max_q=max_seqlen_q, max_k=max_seqlen_k, dropout_p=dropout_p,
+                          softmax_scale=softmax_scale, causal=causal,
+                          return_attn_probs=return_attn_probs))
+        out, lse = reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                              softmax_scale, causal)
         return out, lse, None
 
     monkeypatch.setitem(sys.modules, "flash_attn",
                         types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
-    monkeypatch.setattr(attention_module, "select_attention_backend", lambda requested, device: requested)
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     seq, batch, heads, kv_heads, dim = 6, 2, 4, 2, 16
     config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
                                num_query_groups=kv_heads)
@@ -204,14 +229,20 @@ def test_flash_attn_backend_wiring_with_a_stand_in(monkeypatch):
     cu = torch.tensor([0, 2, 6, 7, 12], dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                              max_seqlen_q=5, max_seqlen_kv=5)
-    outputs = {}
-    for backend in ("flash-attn", "torch"):
-        module = DocumentMaskedAttention(config, layer_number=1, softmax_scale=0.3,
-                                         backend=backend)
-        outputs[backend] = module(q, k, v, packed_seq_params=packed)
-    assert calls == [((batch * seq, heads, dim), [0, 2, 6, 7, 12], 5, 0.0, True)]
-    assert outputs["flash-attn"].shape == (seq, batch, heads * dim)
-    torch.testing.assert_close(outputs["flash-attn"], outputs["torch"], rtol=0, atol=0)
+    module = DocumentMaskedAttention(config, layer_number=1, softmax_scale=0.3,
+                                     backend="flash-attn")
+    out = module(q, k, v, packed_seq_params=packed)
+    assert calls == [dict(q=(batch * seq, heads, dim), k=(batch * seq, kv_heads, dim),
+                          v=(batch * seq, kv_heads, dim), cu_q=[0, 2, 6, 7, 12],
+                          cu_k=[0, 2, 6, 7, 12], cu_dtype=torch.int32, max_q=5, max_k=5,
+                          dropout_p=0.0, softmax_scale=0.3, causal=True,
+                          return_attn_probs=True)]
+    assert out.shape == (seq, batch, heads * dim)
+    # Sequence b's tokens are rows b*s..(b+1)*s-1 of the THD call: back in [s, b] order.
+    reference, _ = reference_varlen_attention(
+        q.transpose(0, 1).reshape(-1, heads, dim), k.transpose(0, 1).reshape(-1, kv_heads, dim),
+        v.transpose(0, 1).reshape(-1, kv_heads, dim), cu, cu, 0.3, True)
+    torch.testing.assert_close(out, reference.reshape(batch, seq, -1).transpose(0, 1))
 
 
 # ---- training runs: our kernels against the reference ----
@@ -224,7 +255,7 @@ def reference_runs(tmp_path_factory):
     def get(model: str):
         if model not in runs:
             out = tmp_path_factory.mktemp(f"kernels_torch_{model}")
-            torchrun("engine.parallel.layout_check", 1,
+            torchrun("engine.tools.layout_check", 1,
                      ["--model", model, *RUN, "--kernels", "all=torch", "--out", str(out)])
             runs[model] = out
         return runs[model]
@@ -237,15 +268,15 @@ KERNEL_RUNS = {
     # tiny-hd64 (head dim 64, 1 KV head) for our attention kernel; tiny (2 KV heads) splits
     # over TP2 for the fused cross-entropy on vocabulary shards, with and without SP.
     "all_ours": (1, "tiny-hd64", ["--kernels", "all=ours"]),
-    "fused_ce_tp2_sp": (2, "tiny", ["--tp", "2", "--sp", "--kernels", "cross_entropy=fused"]),
-    "fused_ce_tp2": (2, "tiny", ["--tp", "2", "--kernels", "cross_entropy=fused"]),
+    "fused_ce_tp2_sp": (2, "tiny", ["--tp", "2", "--sp", "--kernels", "cross_entropy=ours"]),
+    "fused_ce_tp2": (2, "tiny", ["--tp", "2", "--kernels", "cross_entropy=ours"]),
 }
 
 
 @pytest.mark.parametrize("name", list(KERNEL_RUNS))
 def test_training_with_our_kernels_matches_reference(name, reference_runs, tmp_path):
     nproc, model, flags = KERNEL_RUNS[name]
-    torchrun("engine.parallel.layout_check", nproc,
+    torchrun("engine.tools.layout_check", nproc,
              ["--model", model, *RUN, *flags, "--out", str(tmp_path)], **TRITON_ENV)
     record = json.loads((tmp_path / "steps.json").read_text())
     # The record names the kernels that ran ("auto" resolved as in the run's environment).

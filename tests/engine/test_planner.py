@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from engine.model.config import get_model_config
-from engine.planner.memory import GIB, Layout, Workload, estimate_memory
+from engine.parallel.layout import ParallelLayout
+from engine.planner.memory import GIB, Workload, estimate_memory
 from engine.planner.plan import PlanError, check_fits, plan_layouts
 from tests import distributed
 from tests.distributed import run_command
@@ -34,30 +35,35 @@ def test_llama3_8b_at_512k_has_a_recommended_layout(gpus):
     assert all(p.memory.total <= 0.9 * 80 * GIB for p in fitting)
 
 
+def layout(tp, pp, cp, dp, recompute):
+    return ParallelLayout(tp, pp, cp, dp, sequence_parallel=tp > 1, distributed_optimizer=True,
+                          recompute=recompute)
+
+
 def test_breakdown_follows_the_layout():
     model = get_model_config("llama3-8b")
     work = Workload(524288)
-    base = estimate_memory(model, Layout(1, 1, 8, 1, "full"), work)
+    base = estimate_memory(model, layout(1, 1, 8, 1, "full"), work)
     # 8.03B parameters: bf16 weights 16 GB, fp32 gradients 32 GB on one TP/PP rank.
     assert base.weights == pytest.approx(2 * model.num_parameters(), rel=1e-3)
     assert base.gradients == 2 * base.weights
     # Optimizer state is sharded over DP x CP; activations over CP.
     assert base.optimizer == pytest.approx(12 * base.parameters / 8)
-    half = estimate_memory(model, Layout(1, 1, 4, 1, "full"), work)
+    half = estimate_memory(model, layout(1, 1, 4, 1, "full"), work)
     assert half.activations == pytest.approx(2 * base.activations, rel=0.05)
-    none = estimate_memory(model, Layout(1, 1, 8, 1, "none"), work)
+    none = estimate_memory(model, layout(1, 1, 8, 1, "none"), work)
     assert none.activations > 10 * base.activations
-    unfused = estimate_memory(model, Layout(1, 1, 8, 1, "full"),
+    unfused = estimate_memory(model, layout(1, 1, 8, 1, "full"),
                               Workload(524288, fused_cross_entropy=False))
     assert unfused.logits > 40 * base.logits  # 65,536 tokens x 128,256 vocab, whole
 
 
 def test_a_layout_that_does_not_fit_names_values_and_fix():
     model = get_model_config("llama3-8b")
-    with pytest.raises(PlanError, match=r"TP1 PP1 CP1 DP8 recompute=none needs [\d.]+ GiB per "
+    with pytest.raises(PlanError, match=r"TP1 x PP1 x CP1 x DP8 \+DistOpt needs [\d.]+ GiB per "
                                         r"GPU at seq_length 524288.*80 GB GPUs leave 72.0 GiB: "
                                         r"raise context_parallel"):
-        check_fits(model, Layout(1, 1, 1, 8, "none"), Workload(524288), 80)
+        check_fits(model, layout(1, 1, 1, 8, "none"), Workload(524288), 80)
     result = _planner("--model", "llama3-70b", "--seq-length", "524288", "--gpus", "8")
     assert result.returncode == 1 and "no layout fits" in result.stdout
     assert "fix:" in result.stdout

@@ -1,5 +1,4 @@
 """The shipped ProLong stage configs parse, fit their layouts and carry the published numbers."""
-from pathlib import Path
 
 import pytest
 
@@ -24,12 +23,13 @@ def test_prolong_stage_configs(name, world_size, rope_base, seq_length, tokens):
     layout = ParallelLayout.for_world_size(
         world_size, tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
         context_parallel=p.context_parallel, sequence_parallel=p.sequence_parallel,
-        distributed_optimizer=p.distributed_optimizer)
-    layout.validate(model, world_size=world_size)
+        distributed_optimizer=p.distributed_optimizer, cp_algorithm=p.cp_algorithm,
+        recompute=p.recompute)
+    layout.validate(model, world_size=world_size, seq_length=seq_length)
     trained = config.train_steps * config.data.global_batch * seq_length
     assert trained == pytest.approx(tokens, rel=0.05)
     assert config.optimizer.weight_decay == 0.1 and config.optimizer.clip_grad == 1.0
-    assert config.recompute == "full" and config.bf16
+    assert layout.recompute == "full" and config.bf16
 
 
 def test_quickstart_configs_parse():

@@ -12,20 +12,24 @@ import torch
 
 
 def main() -> None:
-    from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
     from engine.model.config import get_model_config
+    from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import initialize_parallel
+    from engine.training.build import build_training_state
+    from engine.training.config import OptimizerSettings
     from engine.training.data import build_micro_batch
-    from engine.training.step import OptimizerSettings, build_optimizer, train_step
+    from engine.training.plan import RunPlan
+    from engine.training.step import train_step
 
-    model = get_model_config("tiny", num_layers=2)
-    layout = ParallelLayout()
-    initialize_parallel(layout, model, num_microbatches=2, timeout_s=60)
-    config = transformer_config(model, layout)
-    chunks = wrap_data_parallel(build_model_chunks(model, config, seed=3), config, False)
-    optimizer, scheduler = build_optimizer(chunks, OptimizerSettings(lr=0.0, min_lr_ratio=0.0, clip_grad=0.0),
-                                           bf16=False, distributed_optimizer=False)
+    plan = RunPlan.create(get_model_config("tiny", num_layers=2), ParallelLayout(),
+                          seq_length=32, global_batch=2, kernels=KernelChoices.parse("all=torch"),
+                          seed=3, collective_timeout_s=60,
+                          optimizer=OptimizerSettings(lr=0.0, min_lr_ratio=0.0, clip_grad=0.0,
+                                                      warmup_fraction=0.0))
+    initialize_parallel(plan.layout, seed=plan.seed, timeout_s=plan.collective_timeout_s)
+    state = build_training_state(plan)
+    chunks, optimizer, scheduler = state.chunks, state.optimizer, state.scheduler
     rng = np.random.default_rng(0)
     batches = []
     for valid in (30, 5):

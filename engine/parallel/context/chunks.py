@@ -12,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.parallel.layout import LayoutError
-
-CP_ALGORITHMS = ("all-gather", "ulysses", "transformer-engine")
+from engine.parallel.layout import check_sequence_split
 
 
 def load_balanced_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:
@@ -26,12 +24,7 @@ def load_balanced_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:
 
 def chunk_length(seq_length: int, cp_size: int) -> int:
     """Tokens per chunk; raises LayoutError if ``seq_length`` does not split into 2 x CP chunks."""
-    if seq_length % (2 * cp_size):
-        raise LayoutError(
-            f"seq_length {seq_length} is not divisible by 2 x context_parallel_size = "
-            f"{2 * cp_size}: use a seq_length that is a multiple of {2 * cp_size} (e.g. "
-            f"{-(-seq_length // (2 * cp_size)) * 2 * cp_size}) or a smaller context_parallel_size")
-    return seq_length // (2 * cp_size)
+    return check_sequence_split(seq_length, cp_size)
 
 
 def rank_token_indices(seq_length: int, cp_rank: int, cp_size: int) -> np.ndarray:
@@ -58,33 +51,3 @@ def sequence_to_gathered_order(seq_length: int, cp_size: int) -> torch.Tensor:
     """Inverse of gathered_to_sequence_order: gathered[i] = sequence[p[i]]."""
     return torch.from_numpy(np.concatenate([rank_token_indices(seq_length, r, cp_size)
                                             for r in range(cp_size)]))
-
-
-def validate_context_parallel(cp_size: int, algorithm: str, *, seq_length: int | None = None,
-                              num_attention_heads: int | None = None,
-                              num_query_groups: int | None = None,
-                              tensor_parallel: int = 1) -> None:
-    """Raise LayoutError naming the values and the fix when CP cannot run this configuration.
-
-    Called before any process group exists (from ParallelLayout.validate via the layout checker
-    and from the planner).
-    """
-    if algorithm not in CP_ALGORITHMS:
-        raise LayoutError(f"context-parallel algorithm {algorithm!r} is not one of "
-                          f"{CP_ALGORITHMS}")
-    if cp_size < 1:
-        raise LayoutError(f"context_parallel_size {cp_size} must be >= 1")
-    if seq_length is not None and cp_size > 1:
-        chunk_length(seq_length, cp_size)
-    if algorithm == "ulysses" and cp_size > 1 and num_attention_heads is not None:
-        local_heads = num_attention_heads // tensor_parallel
-        if local_heads % cp_size:
-            allowed = [c for c in range(1, local_heads + 1) if local_heads % c == 0]
-            raise LayoutError(
-                f"Ulysses context parallelism splits attention heads: the {local_heads} query "
-                f"heads per tensor-parallel rank (num_attention_heads {num_attention_heads} / "
-                f"tensor_parallel {tensor_parallel}) are not divisible by context_parallel_size "
-                f"{cp_size}; use context_parallel_size in {allowed} or --cp-algorithm all-gather")
-    # KV heads fewer than CP are repeated by Ulysses (ProLong repeats 8 -> 32), so
-    # num_query_groups does not bound CP; it only needs to divide the query heads (GQA).
-    del num_query_groups

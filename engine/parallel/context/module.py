@@ -8,11 +8,11 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from csrc.select import select_attention_backend, varlen_attention_function
+from csrc.select import varlen_attention_function
 from engine.model.attention import causal_cu_seqlens
 from engine.parallel.context.all_gather import all_gather_kv_attention
-from engine.parallel.context.chunks import CP_ALGORITHMS
 from engine.parallel.context.ulysses import ulysses_attention
+from engine.parallel.layout import CP_ALGORITHMS
 
 
 class ContextParallelAttention(MegatronModule):
@@ -21,21 +21,22 @@ class ContextParallelAttention(MegatronModule):
     Takes megatron's core-attention arguments for this rank's tokens: query [S/CP, b, heads, d],
     key/value [S/CP, b, kv_heads, d] (rotated with the tokens' global positions), and
     ``packed_seq_params`` whose cu_seqlens describe the *full* sequences (b x S tokens; every
-    CP rank holds the same, see engine.parallel.context.data). Returns [S/CP, b, heads * d].
+    CP rank holds the same, see engine.training.data). Returns [S/CP, b, heads * d].
+    ``backend``: a resolved attention kernel ("ours", "flash-attn" or "torch").
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type=None,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None,
-                 algorithm: str = "all-gather", backend: str = "auto"):
+                 algorithm: str = "all-gather", backend: str = "torch"):
         super().__init__(config=config)
-        if algorithm not in ("all-gather", "ulysses"):
-            raise ValueError(f"ContextParallelAttention algorithm {algorithm!r} must be "
-                             "'all-gather' or 'ulysses'")
+        if algorithm not in CP_ALGORITHMS:
+            raise ValueError(f"context-parallel algorithm {algorithm!r} is not one of "
+                             f"{CP_ALGORITHMS}")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.algorithm = algorithm
-        self.requested_backend = backend
+        self.attend = varlen_attention_function(backend)
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
@@ -48,34 +49,21 @@ class ContextParallelAttention(MegatronModule):
         else:
             cu_seqlens = packed_seq_params.cu_seqlens_q
             max_seqlen = int(packed_seq_params.max_seqlen_q)
-        attend = varlen_attention_function(
-            select_attention_backend(self.requested_backend, query.device))
         if self.algorithm == "all-gather":
             return all_gather_kv_attention(query, key, value, cu_seqlens, group,
-                                           softmax_scale=self.softmax_scale, attend=attend)
+                                           softmax_scale=self.softmax_scale, attend=self.attend)
         return ulysses_attention(query, key, value, cu_seqlens, max_seqlen, group,
-                                 softmax_scale=self.softmax_scale, attend=attend)
+                                 softmax_scale=self.softmax_scale, attend=self.attend)
 
 
-def context_parallel_attention_spec(algorithm: str, attention_backend: str = "auto"):
-    """The ``core_attention`` spec for ``algorithm`` (one of CP_ALGORITHMS).
+def context_parallel_attention_spec(algorithm: str, backend: str) -> ModuleSpec:
+    """The ``core_attention`` spec for CP ``algorithm`` with resolved attention ``backend``.
 
-    "transformer-engine" is megatron's TEDotProductAttention (p2p ring by default), imported only
-    when asked for; it needs transformer-engine, a GPU, and THD-format packed sequences whose
-    documents are each divisible by 2 x CP, which this engine's data path does not produce, so it
-    is offered for comparison runs, not verified here.
+    transformer-engine's own CP attention is not offered: megatron masks packed documents in it
+    only for THD inputs whose documents each divide by 2 x CP, which packed data does not give.
     """
-    if algorithm not in CP_ALGORITHMS:
-        raise ValueError(f"context-parallel algorithm {algorithm!r} is not one of {CP_ALGORITHMS}")
-    if algorithm == "transformer-engine":
-        from engine.model.specs import transformer_engine_available
-
-        if not transformer_engine_available():
-            raise RuntimeError("cp algorithm 'transformer-engine' needs transformer-engine "
-                               "(pip install 'transformer-engine[pytorch]'); use 'all-gather' "
-                               "or 'ulysses'")
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
-
-        return ModuleSpec(module=TEDotProductAttention, params={"cp_comm_type": "p2p"})
+    if backend == "transformer-engine":
+        raise ValueError("kernels.attention 'transformer-engine' has no context-parallel path "
+                         "here; use attention 'ours', 'flash-attn' or 'torch' with CP > 1")
     return ModuleSpec(module=ContextParallelAttention,
-                      params={"algorithm": algorithm, "backend": attention_backend})
+                      params={"algorithm": algorithm, "backend": backend})

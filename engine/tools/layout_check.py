@@ -2,14 +2,14 @@
 
 Run once in the single-process layout and once in the layout under test, then compare::
 
-    torchrun --nproc-per-node 1 -m engine.parallel.layout_check --out /tmp/ref
-    torchrun --nproc-per-node 8 -m engine.parallel.layout_check --tp 2 --pp 2 --sp \\
+    torchrun --nproc-per-node 1 -m engine.tools.layout_check --out /tmp/ref
+    torchrun --nproc-per-node 8 -m engine.tools.layout_check --tp 2 --pp 2 --sp \\
         --distributed-optimizer --out /tmp/tp2pp2dp2
-    torchrun --nproc-per-node 4 -m engine.parallel.layout_check --cp 4 --cp-algorithm ulysses \\
+    torchrun --nproc-per-node 4 -m engine.tools.layout_check --cp 4 --cp-algorithm ulysses \\
         --seq-length 64 --out /tmp/cp4   # compare with a reference run at --seq-length 64
-    python -m engine.parallel.layout_check --compare /tmp/ref /tmp/tp2pp2dp2
+    python -m engine.tools.layout_check --compare /tmp/ref /tmp/tp2pp2dp2
 
-``--kernels`` picks the model's kernels (engine.model.kernels), e.g. ``--kernels all=ours`` against
+``--kernels`` picks the model's kernels (engine.model.kernel_choices), e.g. ``--kernels all=ours`` against
 a ``--kernels all=torch`` reference checks our kernels inside training (on CPU: TRITON_INTERPRET=1
 and ``--model tiny-hd64``, whose head dim our attention kernel supports).
 
@@ -28,6 +28,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
+
+from engine.model.config import get_model_config
+from engine.model.kernel_choices import KernelChoices
+from engine.model.sharding import canonical_named_parameters, merge_shards
+from engine.parallel.layout import CP_ALGORITHMS, RECOMPUTE_MODES, LayoutError, ParallelLayout
+from engine.parallel.setup import destroy_parallel, initialize_parallel
+from engine.training.build import build_training_state
+from engine.training.config import ConfigError, OptimizerSettings
+from engine.training.data import (
+    InMemorySequences,
+    SampleSource,
+    global_batch_indices,
+    rank_micro_batches,
+)
+from engine.training.plan import RunPlan
+from engine.training.step import train_step
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -57,81 +74,62 @@ def synthetic_global_batch(vocab_size: int, global_batch: int, seq_length: int, 
     return tokens, doc_lengths, token_masks
 
 
-def _run(args) -> None:
-    from engine.model.config import get_model_config
-    from engine.parallel.layout import ParallelLayout
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def _plan(args, world_size: int) -> RunPlan:
+    """The run plan of the command line; every check that needs no process group, here."""
     layout = ParallelLayout.for_world_size(
         world_size, tensor_parallel=args.tp, pipeline_parallel=args.pp,
         virtual_stages=args.vpp, sequence_parallel=args.sp,
         distributed_optimizer=args.distributed_optimizer, context_parallel=args.cp,
-        context_parallel_algorithm=args.cp_algorithm)
-    model = get_model_config(args.model)
-    per_rank = args.global_batch // layout.data_parallel
-    if args.global_batch % (layout.data_parallel * args.micro_batch):
-        raise SystemExit(f"global batch {args.global_batch} is not divisible by DP x micro batch "
-                         f"= {layout.data_parallel} x {args.micro_batch}")
-    num_microbatches = per_rank // args.micro_batch
-    # The sequence split is checked here, before any process group exists.
-    layout.validate(model, world_size=world_size, num_microbatches=num_microbatches,
-                    seq_length=args.seq_length)
-    # megatron is imported only for a layout that can run (its import takes seconds per rank).
-    from megatron.core import parallel_state
+        cp_algorithm=args.cp_algorithm, recompute=args.recompute)
+    return RunPlan.create(
+        get_model_config(args.model), layout, seq_length=args.seq_length,
+        global_batch=args.global_batch, micro_batch=args.micro_batch,
+        kernels=KernelChoices.parse(args.kernels), bf16=args.bf16, seed=args.seed,
+        # No warm-up, and the cosine decay spread over twice the steps run.
+        train_steps=args.steps * 2, collective_timeout_s=args.timeout,
+        optimizer=OptimizerSettings(lr=args.lr, warmup_fraction=0.0))
 
-    from engine.model.build import build_model_chunks, transformer_config, wrap_data_parallel
-    from engine.model.sharding import canonical_named_parameters
-    from engine.parallel.context.data import slice_micro_batch
-    from engine.parallel.setup import destroy_parallel, initialize_parallel
-    from engine.training.data import build_micro_batch
-    from engine.training.step import OptimizerSettings, build_optimizer, train_step
 
-    initialize_parallel(layout, model, num_microbatches=num_microbatches, seed=args.seed,
-                        timeout_s=args.timeout)
-    config = transformer_config(model, layout, kernels=args.kernels, recompute=args.recompute)
-    chunks = wrap_data_parallel(build_model_chunks(
-        model, config, seed=args.seed, cp_algorithm=args.cp_algorithm, kernels=args.kernels), config,
-                                layout.distributed_optimizer)
-    optimizer, scheduler = build_optimizer(
-        chunks, OptimizerSettings(lr=args.lr, warmup_steps=0, decay_steps=args.steps * 2),
-        bf16=False, distributed_optimizer=layout.distributed_optimizer)
-
+def _run(args, plan: RunPlan) -> None:
+    initialize_parallel(plan.layout, seed=plan.seed, timeout_s=plan.collective_timeout_s)
+    state = build_training_state(plan)
     tokens, doc_lengths, token_masks = synthetic_global_batch(
-        model.vocab_size, args.global_batch, args.seq_length, args.seed,
+        plan.model.vocab_size, plan.global_batch, plan.seq_length, plan.seed,
         masked_prompt_tokens=args.masked_prompt_tokens)
+    samples = SampleSource(InMemorySequences(tokens, doc_lengths, token_masks), plan.seq_length)
     dp_rank = parallel_state.get_data_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()
-    micro_batches = []
-    for start in range(dp_rank * per_rank, (dp_rank + 1) * per_rank, args.micro_batch):
-        rows = range(start, start + args.micro_batch)
-        full = build_micro_batch(
-            [tokens[r] for r in rows], [doc_lengths[r] for r in rows],
-            [token_masks[r] for r in rows], position_mode=args.positions)
-        # Each context-parallel rank keeps its load-balanced chunks (and the global positions).
-        micro_batches.append(slice_micro_batch(full, cp_rank, layout.context_parallel))
+    # The training data path: the same global batch whatever the layout, each rank reading its
+    # own share (DP slice, CP chunks).
+    micro_batches, _ = rank_micro_batches(
+        samples, global_batch_indices(0, plan.global_batch),
+        data_parallel=plan.layout.data_parallel, dp_rank=dp_rank,
+        cp_size=plan.layout.context_parallel, cp_rank=cp_rank,
+        num_microbatches=plan.num_microbatches, micro_batch=plan.micro_batch,
+        position_mode=args.positions, mask_cross_document=True, balance_attention=False)
     history = []
     for step in range(args.steps):
-        result = train_step(chunks, optimizer, scheduler, micro_batches, num_microbatches,
-                            args.seq_length, args.micro_batch)
+        result = train_step(state.chunks, state.optimizer, state.scheduler, micro_batches,
+                            plan.num_microbatches, plan.seq_length, plan.micro_batch)
         history.append({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                         "num_tokens": result.num_tokens, "lr": result.lr})
         if torch.distributed.get_rank() == 0:
-            print(f"[{layout.describe()}] step {step} loss {result.loss:.6f} "
+            print(f"[{plan.layout.describe()}] step {step} loss {result.loss:.6f} "
                   f"grad_norm {result.grad_norm:.6f} tokens {result.num_tokens}", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = {name: param.detach().clone() for chunk in chunks
+    shards = {name: param.detach().float().clone() for chunk in state.chunks
               for name, param in canonical_named_parameters(chunk.module)}
     rank = torch.distributed.get_rank()
     torch.save({"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-                "tp_size": layout.tensor_parallel, "dp_rank": dp_rank,
+                "tp_size": plan.layout.tensor_parallel, "dp_rank": dp_rank,
                 "cp_rank": cp_rank, "shards": shards},
                out / f"weights_rank{rank}.pt")
     if rank == 0:
         (out / "steps.json").write_text(json.dumps(
-            {"layout": layout.describe(), "kernels": args.kernels.describe(),
-             "steps": history}, indent=1))
+            {"layout": plan.layout.describe(), "kernels": plan.kernels.describe(),
+             "bf16": plan.bf16, "steps": history}, indent=1))
     torch.distributed.barrier()
     destroy_parallel()
 
@@ -141,8 +139,6 @@ def load_full_weights(run_dir: Path) -> dict[str, list[torch.Tensor]]:
 
     Returns name -> one full tensor per replica, so replicas can be checked against each other.
     """
-    from engine.model.sharding import merge_shards
-
     by_replica: dict[tuple, dict[str, dict[int, torch.Tensor]]] = {}
     for path in sorted(Path(run_dir).glob("weights_rank*.pt")):
         record = torch.load(path, weights_only=True)
@@ -207,19 +203,21 @@ def main(argv=None) -> int:
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--cp", type=int, default=1,
                         help="context-parallel size (seq-length must divide by 2 x cp)")
-    parser.add_argument("--cp-algorithm", choices=("all-gather", "ulysses", "transformer-engine"),
+    parser.add_argument("--cp-algorithm", choices=CP_ALGORITHMS,
                         default="all-gather", help="how attention crosses the CP group")
     parser.add_argument("--kernels", default="",
                         help="kernel choices, e.g. 'all=ours' or 'attention=torch,rope=ours' "
-                             "(engine.model.kernels.KernelChoices.parse; default all auto)")
+                             "(engine.model.kernel_choices.KernelChoices.parse; default all auto)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=32)
     parser.add_argument("--masked-prompt-tokens", type=int, default=0, metavar="N",
                         help="targets of every sequence's first N positions do not count")
-    parser.add_argument("--recompute", choices=("selective", "full"), default=None,
+    parser.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
                         help="activation recompute (results must not change)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 weights and activations (default fp32: layouts compare to 1e-5)")
     parser.add_argument("--positions", choices=("continuous", "document"), default="continuous",
                         help="RoPE positions across packed documents")
     # 1e-4 moves the smallest-init weights (std 0.02/sqrt(2 x layers)) ~1% a step. Much larger
@@ -237,15 +235,13 @@ def main(argv=None) -> int:
         return 0 if worst <= args.tolerance else 1
     if not args.out:
         parser.error("--out is required when training")
-    # Checked before any process group exists: a bad choice fails at once on every rank.
-    from engine.model.kernels import KernelChoices, default_device
-
+    # Checked before any process group exists: a bad layout or kernel fails at once on every
+    # rank. The plan resolves the kernels, so steps.json records what ran rather than "auto".
     try:
-        # Resolved here, so steps.json records the kernels that ran rather than "auto".
-        args.kernels = KernelChoices.parse(args.kernels).resolve(default_device())
-    except ValueError as error:
+        plan = _plan(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, LayoutError, ValueError) as error:
         parser.error(str(error))
-    _run(args)
+    _run(args, plan)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Check context-parallel attention against single-process attention on this machine.
 
-    torchrun --nproc-per-node 4 -m engine.parallel.context.selfcheck [--out results.json]
+    torchrun --nproc-per-node 4 -m engine.tools.cp_attention_check [--out results.json]
 
 Every rank builds the same packed sequences (documents longer than a chunk, spanning chunk and
 rank borders, of one token) and the same Q/K/V; the reference is document-masked attention over
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import timedelta
 
@@ -46,7 +45,7 @@ def _attend_full(q, k, v, cu_seqlens, max_seqlen):
     seq, batch = q.shape[:2]
     tokens = [x.transpose(0, 1).reshape(seq * batch, x.shape[2], x.shape[3]) for x in (q, k, v)]
     out, _ = varlen_attention(*tokens, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                              impl="reference")
+                              impl="torch")
     return out.reshape(batch, seq, -1).transpose(0, 1)
 
 

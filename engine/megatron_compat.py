@@ -1,0 +1,166 @@
+"""Every change this engine makes to megatron-core's behaviour, and every private megatron API
+it calls, in one place.
+
+megatron-core is used as a library through its public API (specs, configs, schedules, DDP,
+optimizers, dist checkpointing). Where that is not enough, the patch lives here, with the
+releases it was checked on and a test (tests/engine/test_megatron_compat.py) that fails when
+megatron changes under it: each test runs megatron's own code without the patch and asserts that
+the problem the patch exists for is still there, so a fixed upstream release shows up as a
+failing test that says "drop the patch", not as a silent double fix.
+
+Patches:
+
+1. ``enable_cpu_support``: megatron-core has no CPU path. Its CUDA assumptions are routed to the
+   CPU when no GPU is present (device placement, CUDA RNG state, the optimizer's CUDA type
+   checks), so every layout runs on a laptop with gloo. Process-wide, and only without a GPU.
+2. ``patch_reshardable_optimizer_load``: loading the "fully_reshardable" distributed-optimizer
+   checkpoint format copies every destination state key, including torch Adam's per-parameter
+   ``step``, which the checkpoint does not hold (KeyError 'step'). The patched copy takes the
+   keys the checkpoint holds; the step is restored from the param groups.
+3. ``allocate_distributed_optimizer_state``: the distributed optimizer can describe its state for
+   loading only once Adam's state exists; megatron's private
+   ``_init_optimizer_states_with_dummy_values`` allocates it (the load then overwrites it).
+
+Checked on: megatron-core 0.16.1 (the newest for Python 3.11) by the CPU suite. In 0.17.0,
+0.18.0 and 0.19.2 (Python >= 3.12) the functions both patches replace still behave the same
+(read from their wheels, not run).
+"""
+from __future__ import annotations
+
+import sys
+
+from importlib.metadata import version
+
+import torch
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel import random as megatron_random
+from torch.overrides import TorchFunctionMode
+
+CHECKED_VERSIONS = ("0.16.1",)
+
+_cpu_support_enabled = False
+
+_CPU_TYPE_AS_CUDA = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def megatron_version() -> str:
+    return version("megatron-core")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. CPU support
+# ---------------------------------------------------------------------------------------------
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means a CUDA ordinal in torch's factory functions and in Tensor.to.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to the CPU for every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            # megatron's optimizers accept only torch.cuda.*Tensor parameters.
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("megatron.core.optimizer"):
+                return _CPU_TYPE_AS_CUDA.get(name, name)
+            return name
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_get_state(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_rng_set_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def cpu_support_enabled() -> bool:
+    return _cpu_support_enabled
+
+
+def enable_cpu_support(force: bool = False) -> bool:
+    """Route megatron-core's CUDA assumptions to the CPU when no GPU is usable.
+
+    Idempotent. Returns True when CPU support is (now) active. With ``force`` it turns on even
+    when CUDA is available (tests use this to compare).
+    """
+    global _cpu_support_enabled
+    if _cpu_support_enabled:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    # A device rather than an ordinal: megatron passes it as ``device=`` also inside autograd
+    # backward functions, where no TorchFunctionMode is active.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.synchronize = lambda device=None: None
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which must stay a no-op here.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.memory_allocated = lambda device=None: 0
+    torch.cuda.max_memory_allocated = lambda device=None: 0
+    # megatron's model-parallel RNG tracker saves and restores CUDA generator states.
+    megatron_random._get_cuda_rng_state = _cpu_rng_get_state
+    megatron_random._set_cuda_rng_state = _cpu_rng_set_state
+    # Pushed for the life of the process: megatron creates CUDA tensors lazily, e.g. in its
+    # gradient buffers and pipeline send/receive buffers.
+    _CudaToCpuMode().__enter__()
+    _cpu_support_enabled = True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Loading the fully reshardable distributed-optimizer format
+# ---------------------------------------------------------------------------------------------
+
+def _copy_present_states(self, model_param, tensors):
+    """DistributedOptimizer._set_main_param_and_optimizer_states copying only the keys present
+    in ``tensors`` (megatron's copies every destination key, and torch Adam's "step" is not in a
+    fully_reshardable checkpoint)."""
+    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return _copy_present_states.original(self, model_param, tensors)
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    destination = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, value in tensors.items():
+        destination[key].copy_(value)
+
+
+def patch_reshardable_optimizer_load() -> None:
+    """Install _copy_present_states on megatron's DistributedOptimizer (idempotent)."""
+    current = DistributedOptimizer._set_main_param_and_optimizer_states
+    if current is _copy_present_states:
+        return
+    _copy_present_states.original = current
+    DistributedOptimizer._set_main_param_and_optimizer_states = _copy_present_states
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Optimizer state to load into
+# ---------------------------------------------------------------------------------------------
+
+def allocate_distributed_optimizer_state(optimizer) -> None:
+    """Allocate Adam's state in every distributed optimizer of ``optimizer`` that has none yet."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
+            sub._init_optimizer_states_with_dummy_values()

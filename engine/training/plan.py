@@ -1,0 +1,202 @@
+"""The run plan: everything a run is, resolved and validated once, before any process group.
+
+    plan = plan_from_config(load_config(["stage1.yaml"]), world_size=8)   # engine.train
+    plan = RunPlan.create(model, layout, seq_length=64, global_batch=8)   # tools, tests
+
+Building it checks the layout against the model, the batch against the layout, the sequence
+length against the data and the CP split, the data's token ids against the vocabulary, the
+checkpoint to start from against the model shape, and resolves the kernels for this machine.
+Everything downstream (process groups, the model build, the data path, the training loop,
+evaluation) takes the plan and trusts it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from data_tools.packed import METADATA_FILE, PackedDataset
+from engine.checkpoint import CheckpointError, check_compatible, latest_checkpoint
+from engine.model.config import LlamaConfig, get_model_config
+from engine.model.kernel_choices import KernelChoices, default_device
+from engine.model.specs import transformer_engine_available
+from engine.parallel.layout import ParallelLayout
+from engine.training.config import (
+    CheckpointSection,
+    ConfigError,
+    LoggingSection,
+    OptimizerSettings,
+    TrainConfig,
+)
+from engine.training.data import POSITION_MODES
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Where the training samples come from and how they become micro-batches."""
+
+    path: str
+    packing_length: int  # tokens per packed sequence on disk; samples cut it into equal pieces
+    position_mode: str = "continuous"
+    mask_cross_document: bool = True
+    balance_attention: bool = False
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    model: LlamaConfig
+    layout: ParallelLayout
+    kernels: KernelChoices  # resolved for this machine: no "auto"
+    seq_length: int  # tokens per sample
+    global_batch: int  # samples per optimizer step
+    micro_batch: int = 1
+    bf16: bool = False
+    use_transformer_engine: bool = False  # transformer-engine layer specs (GPU, when installed)
+    seed: int = 1234
+    train_steps: int = 1
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    collective_timeout_s: float = 600.0
+    data: Optional[DataPlan] = None
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    max_consecutive_nan_steps: int = 3
+    inject_nan_steps: tuple = ()
+
+    def __post_init__(self):
+        if not self.kernels.resolved:
+            raise ConfigError(f"kernels {self.kernels.describe()} are not resolved; build the "
+                              f"plan with RunPlan.create or plan_from_config")
+        per_step = self.layout.data_parallel * self.micro_batch
+        if self.global_batch % per_step:
+            raise ConfigError(f"data.global_batch {self.global_batch} is not divisible by DP x "
+                              f"micro_batch = {self.layout.data_parallel} x {self.micro_batch}")
+        self.layout.validate(self.model, num_microbatches=self.num_microbatches,
+                             seq_length=self.seq_length)
+        if self.layout.context_parallel > 1 and self.kernels.attention == "transformer-engine":
+            raise ConfigError("kernels.attention 'transformer-engine' has no context-parallel "
+                              "path here: use 'ours', 'flash-attn' or 'torch' with "
+                              "context_parallel > 1")
+        if self.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"seq_length {self.seq_length} is beyond the model's max_position_embeddings "
+                f"{self.model.max_position_embeddings}: raise model.overrides."
+                f"max_position_embeddings (RoPE has no table to outgrow) or train shorter")
+
+    @classmethod
+    def create(cls, model: LlamaConfig, layout: ParallelLayout, *, seq_length: int,
+               global_batch: int, kernels: Optional[KernelChoices] = None,
+               bf16: Optional[bool] = None, device: Optional[torch.device] = None,
+               **settings) -> "RunPlan":
+        """A plan with the kernels resolved for ``device`` (default: CUDA if present, else CPU)
+        and bf16 defaulting to the device (bf16 on GPU, fp32 on CPU)."""
+        device = device or default_device()
+        try:
+            resolved = (kernels or KernelChoices()).resolve(device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return cls(model=model, layout=layout, kernels=resolved, seq_length=seq_length,
+                   global_batch=global_batch,
+                   bf16=device.type == "cuda" if bf16 is None else bf16,
+                   use_transformer_engine=transformer_engine_available() and device.type == "cuda",
+                   **settings)
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch // (self.layout.data_parallel * self.micro_batch)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.optimizer.warmup_steps(self.train_steps)
+
+    def replace(self, **changes) -> "RunPlan":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        return (f"{self.layout.describe()}, {self.global_batch} x {self.seq_length} tokens per "
+                f"step ({self.num_microbatches} micro-batches of {self.micro_batch}), "
+                f"{'bf16' if self.bf16 else 'fp32'}, kernels {self.kernels.describe()}")
+
+
+def _model_from_config(config: TrainConfig) -> LlamaConfig:
+    try:
+        return get_model_config(config.model.name, **config.model.overrides)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model: {error}") from None
+
+
+def _data_plan(config: TrainConfig, model: LlamaConfig) -> tuple[DataPlan, int]:
+    """(the data plan, the sample length) after checking the dataset against the config."""
+    d = config.data
+    if not d.path:
+        raise ConfigError("data.path is empty: point it at a packed dataset built by "
+                          "`lce-data mix RECIPE --output DIR`")
+    if not (Path(d.path) / METADATA_FILE).exists():
+        raise ConfigError(f"data.path {d.path}: no packed dataset there ({Path(d.path) / METADATA_FILE} "
+                          f"is missing); build it with `lce-data mix RECIPE --output {d.path}`")
+    try:
+        dataset = PackedDataset(d.path)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"data.path {d.path}: {error}") from None
+    if len(dataset) == 0:
+        raise ConfigError(f"data.path {d.path} holds no sequences; rebuild it with more data or "
+                          f"a shorter seq_length")
+    packing_length = dataset.seq_length
+    seq_length = d.seq_length or packing_length
+    if seq_length > packing_length:
+        raise ConfigError(f"data.seq_length {seq_length} is larger than the packing length "
+                          f"{packing_length} of {d.path}: repack with seq_length {seq_length} or "
+                          f"lower data.seq_length")
+    if packing_length % seq_length:
+        raise ConfigError(f"data.seq_length {seq_length} does not divide the packing length "
+                          f"{packing_length} of {d.path}")
+    if d.position_mode not in POSITION_MODES:
+        raise ConfigError(f"data.position_mode {d.position_mode!r} must be one of {POSITION_MODES}")
+    largest = getattr(dataset, "max_token_id", None)
+    if largest is not None and largest >= model.vocab_size:
+        raise ConfigError(
+            f"data.path {d.path} holds token id {largest}, beyond the vocabulary of "
+            f"{model.vocab_size} of model {config.model.name}: the data was tokenized for another "
+            f"model; re-tokenize it with this model's tokenizer or pick the matching model")
+    return DataPlan(d.path, packing_length, d.position_mode, d.mask_cross_document,
+                    d.balance_attention), seq_length
+
+
+def plan_from_config(config: TrainConfig, world_size: int,
+                     device: Optional[torch.device] = None) -> RunPlan:
+    """The run plan of a training config on ``world_size`` processes; raises ConfigError or
+    LayoutError naming the setting, the value and the fix."""
+    model = _model_from_config(config)
+    p = config.parallel
+    layout = ParallelLayout.for_world_size(
+        world_size, tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
+        context_parallel=p.context_parallel, virtual_stages=p.virtual_stages,
+        sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
+        cp_algorithm=p.cp_algorithm, recompute=p.recompute)
+    data, seq_length = _data_plan(config, model)
+    if not config.checkpoint.dir:
+        raise ConfigError("checkpoint.dir is empty: every run needs a directory to save into")
+    if config.checkpoint.init_from:
+        source = Path(config.checkpoint.init_from)
+        try:
+            check_compatible(latest_checkpoint(source) or source, model)
+        except CheckpointError as error:
+            raise ConfigError(f"checkpoint.init_from: {error}") from None
+    try:
+        kernels = KernelChoices(**config.kernels)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"kernels: {error}") from None
+    return RunPlan.create(
+        model, layout, seq_length=seq_length, global_batch=config.data.global_batch,
+        micro_batch=config.data.micro_batch, kernels=kernels, bf16=config.bf16, device=device,
+        seed=config.seed, train_steps=config.train_steps, optimizer=config.optimizer,
+        collective_timeout_s=config.collective_timeout_s, data=data,
+        checkpoint=config.checkpoint, logging=config.logging,
+        max_consecutive_nan_steps=config.max_consecutive_nan_steps,
+        inject_nan_steps=tuple(config.inject_nan_steps))

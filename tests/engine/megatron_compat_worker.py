@@ -1,0 +1,77 @@
+"""Worker for test_megatron_compat (one process under torchrun): is each problem that
+engine.megatron_compat patches still there in the installed megatron-core?
+
+Prints one JSON line: for the reshardable optimizer load, the error megatron's own copy raises
+and whether the patched load restores Adam's state exactly; for the optimizer state allocation,
+whether megatron can describe an empty distributed optimizer's state without it.
+"""
+import json
+import sys
+import tempfile
+
+import torch
+
+
+def main() -> None:
+    import engine.checkpoint as checkpoint
+    from engine.megatron_compat import _copy_present_states
+    from engine.model.config import get_model_config
+    from engine.model.kernel_choices import KernelChoices
+    from engine.parallel.layout import ParallelLayout
+    from engine.parallel.setup import initialize_parallel
+    from engine.training.build import build_training_state
+    from engine.training.data import build_micro_batch
+    from engine.training.plan import RunPlan
+    from engine.training.step import train_step
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    model = get_model_config("tiny", num_layers=2)
+    plan = RunPlan.create(model, ParallelLayout(distributed_optimizer=True), seq_length=16,
+                          global_batch=1, kernels=KernelChoices.parse("all=torch"),
+                          collective_timeout_s=60)
+    initialize_parallel(plan.layout, seed=plan.seed, timeout_s=60)
+    trained = build_training_state(plan)
+    batch = build_micro_batch([torch.arange(16).numpy()], [[16]])
+    train_step(trained.chunks, trained.optimizer, trained.scheduler, [batch], 1, 16, 1)
+    report = {}
+    with tempfile.TemporaryDirectory() as root:
+        path = checkpoint.save_checkpoint(root, 1, trained.chunks, trained.optimizer,
+                                          trained.scheduler, model, plan.layout, {})
+        original = DistributedOptimizer._set_main_param_and_optimizer_states
+        if original is _copy_present_states:
+            original = _copy_present_states.original
+        # 1. megatron's own copy: the load fails as the patch says it does.
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+        fresh = build_training_state(plan)
+        patch = checkpoint.patch_reshardable_optimizer_load
+        checkpoint.patch_reshardable_optimizer_load = lambda: None
+        try:
+            checkpoint.load_checkpoint(path, fresh.chunks, fresh.optimizer, model_config=model)
+            report["unpatched_error"] = None
+        except Exception as error:  # noqa: BLE001 - the kind of error is the finding
+            report["unpatched_error"] = f"{type(error).__name__}: {error}"
+        finally:
+            checkpoint.patch_reshardable_optimizer_load = patch
+        # 2. with the patch: Adam's moments come back exactly.
+        fresh = build_training_state(plan)
+        checkpoint.load_checkpoint(path, fresh.chunks, fresh.optimizer, model_config=model)
+
+        def moments(optimizer):
+            inner = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") \
+                else optimizer
+            return [state[key] for state in inner.optimizer.state.values()
+                    for key in ("exp_avg", "exp_avg_sq")]
+
+        report["patched_restores_adam_state"] = all(
+            torch.equal(a, b) for a, b in zip(moments(trained.optimizer), moments(fresh.optimizer)))
+        # 3. An empty distributed optimizer cannot describe its state for loading by itself.
+        empty = build_training_state(plan)
+        inner = empty.optimizer.chained_optimizers[0] if hasattr(
+            empty.optimizer, "chained_optimizers") else empty.optimizer
+        report["optimizer_state_empty_before_allocation"] = not inner.optimizer.state
+    print(json.dumps(report))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
