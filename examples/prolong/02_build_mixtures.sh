@@ -9,8 +9,8 @@ knobs_recipe_paths
 RECIPES="$REPO/data_tools/recipes"
 TINY_DIR="$REPO/examples/prolong/tiny"
 # ProLong's released data has its own recipes (sources named by the release's folders).
-STAGE1_RECIPE=${STAGE1_RECIPE:-$(if_tiny "$TINY_DIR/mix-stage1.yaml" "$RECIPES/prolong-$([ "$DATA_FROM" = raw ] && echo raw-)stage1-64k.yaml")}  ## stage-1 mixture recipe
-STAGE2_RECIPE=${STAGE2_RECIPE:-$(if_tiny "$TINY_DIR/mix-stage2.yaml" "$RECIPES/prolong-$([ "$DATA_FROM" = raw ] && echo raw-)stage2-512k.yaml")}  ## stage-2 mixture recipe
+STAGE1_RECIPE=${STAGE1_RECIPE:-$(if_tiny "$TINY_DIR/mix-stage1.yaml" "$RECIPES/prolong-stage1-64k$([ "$DATA_FROM" = raw ] && echo -raw).yaml")}  ## stage-1 mixture recipe
+STAGE2_RECIPE=${STAGE2_RECIPE:-$(if_tiny "$TINY_DIR/mix-stage2.yaml" "$RECIPES/prolong-stage2-512k$([ "$DATA_FROM" = raw ] && echo -raw).yaml")}  ## stage-2 mixture recipe
 STAGE1_TOTAL_TOKENS=${STAGE1_TOTAL_TOKENS:-}   ## tokens to draw for stage 1 (empty: the recipe's)
 STAGE2_TOTAL_TOKENS=${STAGE2_TOTAL_TOKENS:-}   ## tokens to draw for stage 2 (empty: the recipe's)
 parse_args "$@"
