@@ -231,44 +231,44 @@ packed_seq_length() {
 # settings) and LAYOUT_SOURCE (where the layout came from) for NNODES x GPUS_PER_NODE processes.
 resolve_layout() {
   local model=$1 seq_length=$2 global_batch=$3 micro_batch=$4
-  local gpus=$((NNODES * GPUS_PER_NODE)) tp pp cp algorithm="$CP_ALGORITHM" recompute="$RECOMPUTE"
+  local gpus=$((NNODES * GPUS_PER_NODE))
+  case $RECOMPUTE in
+    ""|none|selective|full) ;;
+    *) die "RECOMPUTE=$RECOMPUTE must be none, selective or full" ;;
+  esac
+  case $CP_ALGORITHM in
+    ""|all-gather|ulysses) ;;
+    *) die "CP_ALGORITHM=$CP_ALGORITHM must be all-gather or ulysses" ;;
+  esac
   if [ -n "$TP$PP$CP" ]; then
-    tp=${TP:-1} pp=${PP:-1} cp=${CP:-1}
     local name
     for name in TP PP CP; do
       [ -z "${!name}" ] || need_int "$name"
     done
+    local tp=${TP:-1} pp=${PP:-1} cp=${CP:-1}
     ((gpus % (tp * pp * cp) == 0)) ||
       die "TP x PP x CP = $tp x $pp x $cp does not divide NNODES x GPUS_PER_NODE = $gpus processes"
+    LAYOUT_OVERRIDES=(parallel.tensor_parallel="$tp" parallel.pipeline_parallel="$pp"
+                      parallel.context_parallel="$cp")
+    # Sequence parallelism splits activations over the TP group; without TP it does not exist.
+    [ "$tp" -gt 1 ] || LAYOUT_OVERRIDES+=(parallel.sequence_parallel=false)
     LAYOUT_SOURCE="as set (TP=$tp PP=$pp CP=$cp)"
   else
-    local planner=("$PYTHON" -m engine.planner --model "$model" --seq-length "$seq_length"
-                   --gpus "$gpus" --gpu-memory-gb "$GPU_MEMORY_GB" --global-batch "$global_batch"
-                   --micro-batch "$micro_batch")
-    [ -z "$algorithm" ] || planner+=(--cp-algorithm "$algorithm")
+    local planner=("$PYTHON" -m engine.planner --overrides --model "$model"
+                   --seq-length "$seq_length" --gpus "$gpus" --gpu-memory-gb "$GPU_MEMORY_GB"
+                   --global-batch "$global_batch" --micro-batch "$micro_batch")
+    [ -z "$CP_ALGORITHM" ] || planner+=(--cp-algorithm "$CP_ALGORITHM")
     local plan
     if ! plan=$("${planner[@]}" 2>&1); then
       printf '%s\n' "$plan" >&2
       die "the planner found no layout for $model at $seq_length tokens on $gpus x $GPU_MEMORY_GB GB (${planner[*]}); set TP, PP and CP yourself or change NNODES, GPUS_PER_NODE, GPU_MEMORY_GB"
     fi
-    local re='recommended: TP([0-9]+) PP([0-9]+) CP([0-9]+)(\(([a-z-]+)\))? DP[0-9]+ recompute=([a-z]+)'
-    [[ $plan =~ $re ]] || die "could not read the planner's recommendation from: ${planner[*]}"
-    tp=${BASH_REMATCH[1]} pp=${BASH_REMATCH[2]} cp=${BASH_REMATCH[3]}
-    [ -n "$algorithm" ] || algorithm=${BASH_REMATCH[5]}
-    [ -n "$recompute" ] || recompute=${BASH_REMATCH[6]}
+    read -r -a LAYOUT_OVERRIDES <<< "$plan"
     LAYOUT_SOURCE="recommended by: ${planner[*]}"
   fi
-  LAYOUT_OVERRIDES=(parallel.tensor_parallel="$tp" parallel.pipeline_parallel="$pp"
-                    parallel.context_parallel="$cp")
-  # Sequence parallelism splits activations over the TP group; without TP it does not exist.
-  [ "$tp" -gt 1 ] || LAYOUT_OVERRIDES+=(parallel.sequence_parallel=false)
-  [ -z "$algorithm" ] || LAYOUT_OVERRIDES+=(parallel.cp_algorithm="$algorithm")
-  case $recompute in
-    "") ;;
-    none) LAYOUT_OVERRIDES+=(recompute=null) ;;
-    selective|full) LAYOUT_OVERRIDES+=(recompute="$recompute") ;;
-    *) die "RECOMPUTE=$recompute must be none, selective or full" ;;
-  esac
+  # Set explicitly, these win over the planner's and the config's choice.
+  [ -z "$CP_ALGORITHM" ] || LAYOUT_OVERRIDES+=(parallel.cp_algorithm="$CP_ALGORITHM")
+  [ -z "$RECOMPUTE" ] || LAYOUT_OVERRIDES+=(parallel.recompute="$RECOMPUTE")
 }
 
 # --- launch ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def recipe_env(**settings) -> dict:
     """Environment for the examples/prolong scripts with TINY=1 and ``settings``."""
-    return test_env(TINY=1, **settings)
+    return test_env(**{"TINY": 1, **settings})
 
 
 class Process:
