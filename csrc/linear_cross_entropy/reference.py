@@ -128,4 +128,7 @@ def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
             dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=tp_group)
         losses.append(torch.log(sum_exp) + row_max - target)
         best.append(candidate)
+    if not losses:  # no token to score (e.g. a context-parallel rank without answer tokens)
+        return (torch.empty(0, device=hidden.device),
+                torch.empty(0, dtype=torch.int64, device=hidden.device))
     return torch.cat(losses), torch.cat(best)

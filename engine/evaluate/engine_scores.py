@@ -4,6 +4,10 @@
     scores[i].loss[t]    # -log p(token t+1 | tokens 0..t) of sample i, fp32
     scores[i].argmax[t]  # the most likely token after tokens 0..t (greedy decoding's choice)
 
+Only the positions the training data path would count are scored (the others hold NaN and -1):
+every position but a sample's last, or, when the samples carry token masks, those that predict
+a marked token (recall: the answer tokens only, so a 512K prompt's output layer costs little).
+
 One forward pass per sample, no KV cache: what teacher-forced recall scoring and loss by position
 need, at any length the training layout holds (512K on the layout the planner gives for
 training). Samples are split over data-parallel ranks, each one's tokens over the CP group (the
@@ -30,8 +34,8 @@ from engine.training.plan import RunPlan
 
 @dataclass
 class SampleScores:
-    loss: np.ndarray  # fp32 [T]: loss[t] = -log p(token t + 1 | tokens <= t); loss[T-1] unused
-    argmax: np.ndarray  # int64 [T]: the model's most likely token after tokens <= t
+    loss: np.ndarray  # fp32 [T]: loss[t] = -log p(token t + 1 | tokens <= t); NaN if unscored
+    argmax: np.ndarray  # int64 [T]: the model's most likely token after tokens <= t; -1 if unscored
 
 
 def _unwrap(chunk):
@@ -41,7 +45,7 @@ def _unwrap(chunk):
 def _score_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
-                   packed_seq_params=batch.packed_seq_params())
+                   loss_mask=batch.loss_mask, packed_seq_params=batch.packed_seq_params())
     return output, lambda scores, non_loss_data=True: scores
 
 
@@ -55,7 +59,8 @@ def scoring_rounds(num_samples: int, plan: RunPlan) -> int:
 
 
 def score_samples(chunks, plan: RunPlan, samples: SampleSource, indices: Sequence[int],
-                  position_mode: str = "continuous") -> dict[int, SampleScores]:
+                  position_mode: str = "continuous",
+                  mask_cross_document: bool = False) -> dict[int, SampleScores]:
     """Per-token loss and argmax of samples ``indices`` of ``samples``, on every rank.
 
     Collective over the whole job. ``samples.seq_length`` must divide by 2 x CP. The model's
@@ -69,7 +74,8 @@ def score_samples(chunks, plan: RunPlan, samples: SampleSource, indices: Sequenc
     mine = indices[dp_rank::layout.data_parallel] or indices[:1]
     mine = (mine + [mine[-1]] * rounds)[:rounds]
     batches = [micro_batch_for_rank(samples, [i], cp_rank, layout.context_parallel,
-                                    position_mode=position_mode, mask_cross_document=False)
+                                    position_mode=position_mode,
+                                    mask_cross_document=mask_cross_document)
                for i in mine]
     for chunk in chunks:
         _unwrap(chunk).scoring = True

@@ -178,3 +178,13 @@ def evaluate_teacher_forced(model, examples: Sequence, progress: bool = True) ->
         results.append(ExampleResult.of(example, output.score(example),
                                         answer_loss=float(output.token_losses.mean())))
     return results
+
+
+def token_losses(model, tokens: np.ndarray) -> np.ndarray:
+    """float64 [T - 1] (nats): -log p(token t + 1 | tokens 0..t) of one document, one forward
+    pass (transformers holds the [T, vocab] logits: this is what the engine's chunked scoring
+    avoids at long lengths)."""
+    input_ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None].to(_model_device(model))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="none").double().cpu().numpy()

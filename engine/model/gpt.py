@@ -102,7 +102,7 @@ class LlamaGPTModel(GPTModel):
     def _postprocess(self, hidden_states, *args, labels=None, loss_mask=None,
                      inference_context=None, **kwargs):
         if self.scoring and labels is not None and self.post_process:
-            return self._token_scores(hidden_states, labels)
+            return self._token_scores(hidden_states, labels, loss_mask)
         if (self.cross_entropy == "torch" or labels is None or not self.post_process
                 or inference_context is not None):
             return super()._postprocess(hidden_states, *args, labels=labels, loss_mask=loss_mask,
@@ -119,16 +119,24 @@ class LlamaGPTModel(GPTModel):
         return weight, (tp_group if tp_size > 1 else None)
 
     @torch.no_grad()
-    def _token_scores(self, hidden_states, labels) -> TokenScores:
+    def _token_scores(self, hidden_states, labels, loss_mask) -> TokenScores:
+        """Scores of the positions where ``loss_mask`` is nonzero (every position without one);
+        the others get loss NaN and argmax -1. Scoring only the answer tokens of a recall
+        prompt is what keeps a 512K-token prompt's output layer cheap."""
         weight, tp_group = self._output_shard()
         if self.output_layer.sequence_parallel:
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False,
                 group=self.output_layer.tp_group)
         seq, batch = hidden_states.shape[:2]
-        loss, argmax = linear_token_scores(
-            hidden_states.reshape(-1, hidden_states.shape[-1]), weight,
-            labels.transpose(0, 1).reshape(-1), tp_group=tp_group,
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # s-major, as labels below
+        labels = labels.transpose(0, 1).reshape(-1)
+        loss = torch.full((seq * batch,), float("nan"), device=hidden.device)
+        argmax = torch.full((seq * batch,), -1, dtype=torch.int64, device=hidden.device)
+        rows = (torch.arange(seq * batch, device=hidden.device) if loss_mask is None
+                else torch.nonzero(loss_mask.transpose(0, 1).reshape(-1)).squeeze(1))
+        loss[rows], argmax[rows] = linear_token_scores(
+            hidden[rows], weight, labels[rows], tp_group=tp_group,
             vocab_size=self.scored_vocab_size)
         return TokenScores(loss.view(seq, batch).t(), argmax.view(seq, batch).t())
 

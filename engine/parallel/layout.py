@@ -156,6 +156,11 @@ class ParallelLayout:
             raise LayoutError("sequence_parallel needs tensor_parallel > 1; turn one of them off")
         if cp > 1 and seq_length is not None:
             check_sequence_split(seq_length, cp)
+        if self.sequence_parallel and seq_length is not None and (seq_length // cp) % tp:
+            raise LayoutError(
+                f"sequence parallelism splits each rank's {seq_length // cp} tokens (seq_length "
+                f"{seq_length} / context_parallel {cp}) over tensor_parallel {tp}, which does "
+                f"not divide them: use a seq_length that is a multiple of {cp * tp}")
         if cp > 1 and self.cp_algorithm == "ulysses":
             local_heads = model.num_attention_heads // tp
             if local_heads % cp:

@@ -139,6 +139,49 @@ class LoggingSection:
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    """Long-context evaluation (engine.evaluate): during training every ``interval`` steps, of a
+    run's final checkpoint with ``final``, and by ``python -m engine.evaluate``."""
+
+    # Validation loss during training: held-out packed data (`lce-data mix`), batches of
+    # data.global_batch samples, every `interval` steps (0: never).
+    data: str = ""
+    interval: int = 0
+    batches: int = 1
+    # The recall suite: tokenizer file or folder (the model's own), tasks (default all six),
+    # prompt lengths in tokens, depths (a count swept over 0..1, or a list of fractions),
+    # examples per (task, length, depth), haystack ("noise", an indexed dataset prefix, or a
+    # folder of text files), seed. During training only `lengths` are run (keep them short).
+    tokenizer: str = ""
+    tasks: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    depths: Any = 3
+    samples: int = 1
+    haystack: str = "noise"
+    seed: int = 0
+    # Loss by position: the first `position_length` tokens of up to `max_documents` documents of
+    # at least that length from an indexed dataset; and the mean loss of up to
+    # `max_short_documents` short documents (< position_length tokens) of another.
+    long_documents: str = ""
+    position_length: int = 0
+    max_documents: int = 8
+    short_documents: str = ""
+    max_short_documents: int = 64
+    # Evaluate the final checkpoint of a training run with everything above, at `final_lengths`
+    # (default `lengths`), into LOG_DIR/eval/ (report.json, report.md, PNG plots).
+    final: bool = False
+    final_lengths: list = field(default_factory=list)
+
+    RANGES = {"interval": _NON_NEGATIVE, "batches": _AT_LEAST_ONE, "samples": _AT_LEAST_ONE,
+              "seed": _NON_NEGATIVE, "position_length": _NON_NEGATIVE,
+              "max_documents": _AT_LEAST_ONE, "max_short_documents": _AT_LEAST_ONE}
+
+    @property
+    def recall(self) -> bool:
+        return bool(self.lengths or self.final_lengths)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -146,6 +189,7 @@ class TrainConfig:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     train_steps: int = 10
     seed: int = 1234
     bf16: Optional[bool] = None  # default: bf16 on GPU, fp32 on CPU
@@ -165,6 +209,8 @@ class TrainConfig:
 
 
 def _type_matches(value: Any, hint) -> bool:
+    if hint is Any:
+        return True
     origin = typing.get_origin(hint)
     if origin is typing.Union:
         return any(_type_matches(value, arg) for arg in typing.get_args(hint))

@@ -1,0 +1,296 @@
+"""python -m engine.evaluate: long-context evaluation of engine checkpoints (in any parallel
+layout, under torchrun) and Hugging Face folders, side by side in one report.
+
+    python -m engine.evaluate --checkpoint base=ckpt/llama3 --checkpoint stage1=runs/stage1 \\
+        --tokenizer Meta-Llama-3-8B/tokenizer.model --lengths 8192 32768 --depths 5 --out eval/
+    torchrun --nproc-per-node 8 -m engine.evaluate --checkpoint runs/stage2 --lengths 524288 \\
+        parallel.tensor_parallel=2 parallel.context_parallel=4 --tokenizer ... --out eval/
+    python -m engine.evaluate --hf hf/prolong-64k --tokenizer hf/prolong-64k --lengths 4096 --out eval/
+
+Engine checkpoints are scored teacher-forced (one forward pass, no KV cache, so any length the
+layout holds); Hugging Face folders by real greedy generation through transformers
+(``--hf-scoring teacher-forced`` for the same one-pass scoring there). Writes report.json,
+report.md and PNG plots into --out. The flags set the config's ``eval`` section; ``--config``
+files and ``section.key=value`` overrides (parallel.*, kernels.*, bf16, eval.*) are read as
+engine.train reads them. Bad input exits with code 2 before any process group exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from data_tools.indexed import IndexedReader
+from data_tools.tokenizer import TokenizerError, load_tokenizer
+from engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state
+from engine.convert.export import model_config_from_state, resolve_checkpoint
+from engine.convert.hf_mapping import ConversionError
+from engine.evaluate import hf_model
+from engine.evaluate.engine_eval import (long_documents, padded_length, position_losses,
+                                         short_document_loss, teacher_forced_results)
+from engine.evaluate.errors import EvaluationError
+from engine.evaluate.haystack import load_haystack
+from engine.evaluate.position_loss import MeanLossAccumulator, PositionLossAccumulator
+from engine.evaluate.report import CheckpointReport, EvaluationReport, write_report
+from engine.evaluate.scoring import recall_cells
+from engine.evaluate.tasks import TASKS, RecallSuite, check_tokenizer_vocabulary, depth_sweep
+from engine.model.config import LlamaConfig
+from engine.model.kernel_choices import KernelChoices
+from engine.parallel.layout import LayoutError, ParallelLayout
+from engine.parallel.setup import destroy_parallel, initialize_parallel
+from engine.training.build import build_model
+from engine.training.config import ConfigError, EvalSection, TrainConfig, load_config
+from engine.training.plan import RunPlan
+
+
+# Short documents are those below eval.position_length tokens, or this many without one.
+SHORT_LENGTH = 4096
+
+
+@dataclass
+class Target:
+    name: str
+    path: str
+    kind: str  # "engine" | "hf"
+    model: Optional[LlamaConfig] = None  # engine checkpoints: the shape it was saved with
+
+
+def _named(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    return (name, path) if sep and name and "/" not in name else (Path(value).name, value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
+                        help="engine checkpoint (a run directory or a step_* directory)")
+    parser.add_argument("--hf", action="append", default=[], metavar="[NAME=]FOLDER",
+                        help="Hugging Face folder (e.g. from engine.convert export)")
+    parser.add_argument("--out", required=True, help="folder for report.json, report.md, PNGs")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config whose parallel/kernels/eval sections apply")
+    parser.add_argument("--tokenizer", help="the model's tokenizer (file or folder)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all six")
+    parser.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens")
+    parser.add_argument("--depths", nargs="+", type=float,
+                        help="needle depths in [0, 1], or one count to sweep (default 3)")
+    parser.add_argument("--samples", type=int, help="examples per (task, length, depth)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--haystack", help="'noise' (RULER's), an indexed dataset prefix, or a "
+                                           "folder of text files")
+    parser.add_argument("--long-documents", metavar="PREFIX",
+                        help="indexed dataset for loss by position")
+    parser.add_argument("--position-length", type=int, help="tokens per long document")
+    parser.add_argument("--max-documents", type=int)
+    parser.add_argument("--short-documents", metavar="PREFIX",
+                        help="indexed dataset for the short-document loss")
+    parser.add_argument("--hf-scoring", choices=("generation", "teacher-forced"),
+                        default="generation")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser
+
+
+def _config(args) -> TrainConfig:
+    flags = {"tokenizer": args.tokenizer, "tasks": args.tasks, "lengths": args.lengths,
+             "samples": args.samples, "seed": args.seed, "haystack": args.haystack,
+             "long_documents": args.long_documents, "position_length": args.position_length,
+             "max_documents": args.max_documents, "short_documents": args.short_documents}
+    if args.depths is not None:
+        depths = args.depths
+        flags["depths"] = int(depths[0]) if len(depths) == 1 and depths[0] >= 1 else depths
+    overrides = [f"eval.{k}={v!r}" if isinstance(v, str) else f"eval.{k}={v}"
+                 for k, v in flags.items() if v is not None]
+    return load_config(args.config, [*args.overrides, *overrides])
+
+
+def _depths(section: EvalSection) -> list[float]:
+    if isinstance(section.depths, int) and not isinstance(section.depths, bool):
+        return depth_sweep(section.depths)
+    if not isinstance(section.depths, list) or not section.depths:
+        raise EvaluationError(f"eval.depths {section.depths!r}: give a count (e.g. 5) or a list "
+                              f"of fractions in [0, 1]")
+    return [float(d) for d in section.depths]
+
+
+def _targets(args) -> list[Target]:
+    targets = []
+    for value in args.checkpoint:
+        name, path = _named(value)
+        try:
+            step = resolve_checkpoint(path)
+        except ConversionError as error:
+            raise CheckpointError(f"--checkpoint {path}: {error}; give a run directory of "
+                                  f"engine.train or engine.convert import") from None
+        model = model_config_from_state(read_checkpoint_state(step), step)
+        targets.append(Target(name, str(step), "engine", model))
+    for value in args.hf:
+        name, path = _named(value)
+        if not (Path(path) / "config.json").is_file():
+            raise EvaluationError(f"--hf {path}: no config.json there: not a Hugging Face model "
+                                  f"folder; export one with `python -m engine.convert export`")
+        targets.append(Target(name, path, "hf"))
+    if not targets:
+        raise EvaluationError("nothing to evaluate: give --checkpoint PATH and/or --hf FOLDER")
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"two targets are named alike ({names}): name them, e.g. "
+                              f"--checkpoint stage1=runs/stage1")
+    return targets
+
+
+def _hf_vocab_size(folder: str) -> int:
+    return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config = _config(args)
+        section = config.eval
+        targets = _targets(args)
+        examples, suite = [], None
+        if section.lengths:
+            if not section.tokenizer:
+                raise EvaluationError("--lengths needs --tokenizer: the recall suite is built "
+                                      "with the model's own tokenizer")
+            tokenizer = load_tokenizer(section.tokenizer)
+            for target in targets:
+                vocab = target.model.vocab_size if target.model else _hf_vocab_size(target.path)
+                check_tokenizer_vocabulary(tokenizer, vocab, f"{target.name} ({target.path})")
+            suite = RecallSuite(tokenizer, load_haystack(section.haystack, tokenizer),
+                                seed=section.seed)
+            # Every example is made now, before any process group: a haystack too small for a
+            # length fails here, in seconds.
+            examples = list(suite.examples(section.tasks or TASKS, section.lengths,
+                                           _depths(section), section.samples))
+        long_reader = IndexedReader(section.long_documents) if section.long_documents else None
+        short_reader = IndexedReader(section.short_documents) if section.short_documents else None
+        if long_reader is not None and section.position_length < 2:
+            raise EvaluationError("--long-documents needs --position-length (tokens per document)")
+        if not (examples or long_reader or short_reader):
+            raise EvaluationError("nothing to measure: give --lengths (recall), "
+                                  "--long-documents (loss by position) or --short-documents")
+        engine_targets = [t for t in targets if t.kind == "engine"]
+        if world_size > 1 and any(t.kind == "hf" for t in targets) and not engine_targets:
+            raise EvaluationError("Hugging Face folders are evaluated in one process: run "
+                                  "without torchrun")
+        layout = ParallelLayout.for_world_size(world_size, **{
+            k: getattr(config.parallel, k) for k in (
+                "tensor_parallel", "pipeline_parallel", "virtual_stages", "context_parallel",
+                "cp_algorithm", "sequence_parallel")})
+        # The longest sample any measure runs: the plan is checked at that length.
+        longest = padded_length(max([len(e.prompt_ids) + len(e.answer_ids) for e in examples]
+                                    + [section.position_length, SHORT_LENGTH if short_reader else 2]),
+                                layout)
+        kernels = KernelChoices(**config.kernels)
+        plans = {target.name: RunPlan.create(
+            target.model.replace(max_position_embeddings=max(
+                longest, target.model.max_position_embeddings)),
+            layout, seq_length=longest,
+            global_batch=layout.data_parallel * layout.pipeline_parallel, kernels=kernels,
+            bf16=config.bf16, seed=config.seed, collective_timeout_s=config.collective_timeout_s)
+            for target in engine_targets}
+    except (ConfigError, LayoutError, CheckpointError, EvaluationError, TokenizerError,
+            TypeError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+    progress = not args.no_progress
+    reports = []
+    if engine_targets:
+        first = plans[engine_targets[0].name]
+        initialize_parallel(first.layout, seed=first.seed, timeout_s=first.collective_timeout_s)
+        for target in engine_targets:
+            plan = plans[target.name]
+            chunks = build_model(plan)
+            load_checkpoint(target.path, chunks, model_config=target.model)
+            reports.append(_engine_report(target, chunks, plan, examples, suite, section,
+                                          long_reader, short_reader, progress))
+            del chunks
+        destroy_parallel()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        return 0
+    for target in targets:
+        if target.kind == "hf":
+            reports.append(_hf_report(target, examples, suite, section, args.hf_scoring,
+                                      long_reader, short_reader, progress))
+    order = {t.name: i for i, t in enumerate(targets)}
+    reports.sort(key=lambda r: order[r.name])
+    files = write_report(EvaluationReport(reports), args.out)
+    print("wrote " + ", ".join(str(path) for path in files.values()), flush=True)
+    return 0
+
+
+def _report(target, scoring, suite, section, results, buckets, short) -> CheckpointReport:
+    described = suite.describe() if suite else {}
+    return CheckpointReport(
+        name=target.name, checkpoint=target.path, scoring=scoring,
+        tokenizer=described.get("tokenizer", {}), seed=section.seed if suite else None,
+        haystack=described.get("haystack"), recall=recall_cells(results),
+        position_loss=buckets.buckets() if buckets is not None else [],
+        short_document_loss=short.result() if short is not None and short.tokens else None)
+
+
+def _engine_report(target, chunks, plan, examples, suite, section, long_reader, short_reader,
+                   progress) -> CheckpointReport:
+    trained = target.model.max_position_embeddings
+    results = (teacher_forced_results(chunks, plan, examples, trained, progress)
+               if examples else [])
+    buckets = short = None
+    if long_reader is not None:
+        buckets, _ = position_losses(chunks, plan, long_reader, section.position_length,
+                                     section.max_documents, trained)
+    if short_reader is not None:
+        short = short_document_loss(chunks, plan, short_reader, SHORT_LENGTH if not
+                                    section.position_length else section.position_length,
+                                    section.max_short_documents)
+    if dist.get_rank() == 0:
+        print(f"{target.name}: recall {_mean(results):.3f} over {len(results)} examples",
+              flush=True)
+    return _report(target, "teacher_forced", suite, section, results, buckets, short)
+
+
+def _hf_report(target, examples, suite, section, scoring, long_reader, short_reader,
+               progress) -> CheckpointReport:
+    model = hf_model.load_hf_model(target.path)
+    results = []
+    if examples:
+        if scoring == "generation":
+            results = hf_model.evaluate_generation(model, suite.tokenizer, examples,
+                                                   progress=progress)
+        else:
+            results = hf_model.evaluate_teacher_forced(model, examples, progress=progress)
+    buckets = short = None
+    if long_reader is not None:
+        buckets = PositionLossAccumulator(section.position_length)
+        for i in long_documents(long_reader, section.position_length, section.max_documents):
+            buckets.add(hf_model.token_losses(model, long_reader.get(i, 0,
+                                                                     section.position_length)))
+    if short_reader is not None:
+        short = MeanLossAccumulator()
+        limit = section.position_length or SHORT_LENGTH
+        for i in [int(i) for i in range(len(short_reader))
+                  if 2 <= short_reader.lengths[i] < limit][:section.max_short_documents]:
+            short.add(hf_model.token_losses(model, short_reader.get(i)))
+    print(f"{target.name}: recall {_mean(results):.3f} over {len(results)} examples "
+          f"({scoring})", flush=True)
+    return _report(target, scoring.replace("-", "_"), suite, section, results, buckets, short)
+
+
+def _mean(results) -> float:
+    return sum(r.score for r in results) / len(results) if results else float("nan")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
