@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from megatron.core import parallel_state
 
 from data_tools.packed import PackedDataset
 from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.evaluate.validation import Validation
 from engine.parallel.layout import LayoutError
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import TrainingState, build_training_state
@@ -81,8 +83,9 @@ def _start(plan: RunPlan, state: TrainingState) -> tuple[int, int]:
     return 0, 0
 
 
-def train(plan: RunPlan, config: TrainConfig) -> int:
-    """Run ``plan`` to its last step (``config`` is recorded beside the logs as resolved)."""
+def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] = None) -> int:
+    """Run ``plan`` to its last step (``config`` is recorded beside the logs as resolved),
+    evaluating as ``validation`` (the config's eval section) asks."""
     samples = SampleSource(PackedDataset(plan.data.path), plan.seq_length)
     stop_requested = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.__setitem__("flag", True))
@@ -154,6 +157,13 @@ def train(plan: RunPlan, config: TrainConfig) -> int:
             if stop:
                 print0(f"SIGTERM received: checkpoint saved at step {step}, exiting")
                 break
+            if validation is not None and validation.due(step, plan.train_steps):
+                logger.log_eval(step, validation.run(state.chunks))
+        if validation is not None and validation.section.final and step == plan.train_steps:
+            files = validation.final_report(state.chunks, ckpt_dir.name,
+                                            str(latest_checkpoint(ckpt_dir)), log_dir / "eval")
+            if files:
+                print0(f"final evaluation: {files['report.md']}")
     finally:
         logger.close()
     destroy_parallel()
@@ -172,7 +182,7 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
         # Every check that needs no process group, first.
         plan = plan_from_config(config, int(os.environ.get("WORLD_SIZE", "1")))
-        return train(plan, config)
+        return train(plan, config, Validation.prepare(config.eval, plan))
     except (ConfigError, LayoutError, CheckpointError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -164,15 +164,17 @@ def validation_loss(chunks, plan: RunPlan, samples: SampleSource,
                     indices: Sequence[int]) -> tuple[float, int]:
     """(token-averaged loss, tokens) over held-out samples, with the training loss's masking:
     padding and SFT-masked targets, and (data.mask_cross_document) cross-document targets."""
-    scores = score_samples(chunks, plan, samples, indices,
-                           position_mode=plan.data.position_mode if plan.data else "continuous")
-    loss_sum, tokens = 0.0, 0
     mask_cross_document = plan.data.mask_cross_document if plan.data else True
+    scores = score_samples(chunks, plan, samples, indices,
+                           position_mode=plan.data.position_mode if plan.data else "continuous",
+                           mask_cross_document=mask_cross_document)
+    loss_sum, tokens = 0.0, 0
     for i in indices:
         window = samples.window(i, 0, samples.seq_length)
         token_mask = None if window.loss_mask is None else window.loss_mask.astype(np.float32)
         _, mask = targets_and_mask(np.asarray(window.tokens, np.int64), window.doc_lengths,
                                    token_mask, mask_cross_document)
-        loss_sum += float((scores[i].loss * mask).sum())
-        tokens += int(mask.sum())
+        counted = mask > 0  # exactly the positions score_samples scored
+        loss_sum += float(scores[i].loss[counted].sum())
+        tokens += int(counted.sum())
     return loss_sum / max(tokens, 1), tokens
