@@ -329,13 +329,19 @@ train_stage() {
     --rdzv-conf "timeout=$RDZV_TIMEOUT_S,is_host=$([ "$NODE_RANK" = 0 ] && echo true || echo false)"
     --max-restarts 0)
   [ -z "$LOCAL_ADDR" ] || command+=(--local-addr "$LOCAL_ADDR")
-  command+=(-m engine.train "${config_args[@]}" "${LAYOUT_OVERRIDES[@]}" "${settings[@]}"
-            "${OVERRIDES[@]}" "${overrides[@]}")
+  local train_args=("${config_args[@]}" "${LAYOUT_OVERRIDES[@]}" "${settings[@]}"
+                    "${OVERRIDES[@]}" "${overrides[@]}")
+  command+=(-m engine.train "${train_args[@]}")
 
   note "node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes per node; layout ${LAYOUT_OVERRIDES[*]}"
   note "layout $LAYOUT_SOURCE"
   printf '%q ' "${command[@]}"; printf '\n'
   [ "$MODE" = run ] || return 0
+  # The trainer's own checks (config, data, layout, checkpoints) in one process first: a
+  # refused run stops here with one message, before torchrun starts any process.
+  "$PYTHON" -m engine.train --check --world-size "$((NNODES * GPUS_PER_NODE))" \
+    "${train_args[@]}" ||
+    die "engine.train refused the run (the error above); nothing was launched"
   run_torchrun "$checkpoint_dir" "${command[@]}"
 }
 
