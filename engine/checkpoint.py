@@ -30,6 +30,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from engine.megatron_compat import (
     allocate_distributed_optimizer_state,
     patch_reshardable_optimizer_load,
+    untie_adam_steps,
 )
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import ParallelLayout
@@ -201,6 +202,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
         _unwrap(chunk).load_state_dict(chunk_state)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        untie_adam_steps(optimizer)
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank{_rank():05d}.pt"
