@@ -330,7 +330,7 @@ train_stage() {
     --max-restarts 0)
   [ -z "$LOCAL_ADDR" ] || command+=(--local-addr "$LOCAL_ADDR")
   local train_args=("${config_args[@]}" "${LAYOUT_OVERRIDES[@]}" "${settings[@]}"
-                    "${OVERRIDES[@]}" "${overrides[@]}")
+                    "${overrides[@]}" "${OVERRIDES[@]}")
   command+=(-m engine.train "${train_args[@]}")
 
   note "node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes per node; layout ${LAYOUT_OVERRIDES[*]}"

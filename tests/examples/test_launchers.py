@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -47,7 +46,7 @@ def test_help_lists_every_setting_of_the_script_with_its_default(script):
 @pytest.fixture
 def fake_work(tmp_path):
     """A WORK whose stage inputs exist as far as the checks look (packed.json, latest)."""
-    for stage, length in (("stage1", 65536), ("stage2", 524288), ("sft", 65536)):
+    for stage, length in (("stage1", 65536), ("stage2", 524288)):
         folder = tmp_path / "data" / "packed" / stage
         folder.mkdir(parents=True)
         (folder / "packed.json").write_text(json.dumps({"seq_length": length}))
@@ -73,7 +72,17 @@ BAD_INPUT = [
     ("06", dict(TINY=0, HF_MODEL="/m"), "SFT_DATA is not set"),
     ("06", dict(SFT_DATA="/nonexistent/*.jsonl"), "SFT_DATA: '/nonexistent/*.jsonl' matches no file"),
     ("07", dict(), "EXPORT_FROM="),
-    ("08", dict(EVAL_MODEL="/nonexistent/hf"), "EVAL_MODEL=/nonexistent/hf: no such file or folder"),
+    ("08", dict(), "EVAL_CHECKPOINTS: no engine checkpoint at "),  # no SFT run in fake_work
+    ("08", dict(EVAL_CHECKPOINTS="none", EVAL_HF="x=/nonexistent/hf"),
+     "EVAL_HF: no Hugging Face model at /nonexistent/hf ('x=/nonexistent/hf'; no config.json)"),
+    ("08", dict(EVAL_CHECKPOINTS="none", EVAL_HF="none"), "EVAL_CHECKPOINTS and EVAL_HF are both none"),
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="/nonexistent/docs"),
+     "EVAL_SHORT_DOCUMENTS=/nonexistent/docs: no indexed dataset there"),
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none", EVAL_TP=4),
+     "EVAL_TP x EVAL_PP x EVAL_CP = 4 x 1 x 1 does not divide EVAL_GPUS=2"),
+    ("04", dict(RECOMPUTE="some"), "RECOMPUTE=some must be none, selective or full"),
     ("04", dict(TINY=2), "TINY=2 must be 0 or 1"),
 ]
 
@@ -84,6 +93,8 @@ def test_bad_input_stops_with_exit_2_naming_it_before_anything_runs(fake_work, s
                                                                     message):
     before = sorted(p.relative_to(fake_work) for p in fake_work.rglob("*"))
     started = time.monotonic()
+    env = {key: value.replace("$WORK", str(fake_work)) if isinstance(value, str) else value
+           for key, value in env.items()}
     result = _run(_script(stage), **{"WORK": fake_work, **env})
     assert result.returncode == 2, result.stdout
     assert message in result.stdout and "error: examples/prolong/" in result.stdout
@@ -103,32 +114,26 @@ def test_a_bad_manifest_line_is_named_with_its_number(tmp_path):
     assert not (tmp_path / "work").exists()  # line 2 was not tokenized before line 3 failed
 
 
-def _planner_layout(*args) -> dict:
-    out = subprocess.run(["python3", "-m", "engine.planner", *args], cwd=REPO,
-                         capture_output=True, text=True, check=True,
-                         env=recipe_env()).stdout
-    tp, pp, cp, algorithm, recompute = re.search(
-        r"recommended: TP(\d+) PP(\d+) CP(\d+)(?:\(([a-z-]+)\))? DP\d+ recompute=(\w+)",
-        out).groups()
-    return dict(tp=tp, pp=pp, cp=cp, algorithm=algorithm, recompute=recompute)
+def _planner_overrides(*args) -> str:
+    return subprocess.run(["python3", "-m", "engine.planner", "--overrides", *args], cwd=REPO,
+                          capture_output=True, text=True, check=True,
+                          env=recipe_env()).stdout.strip()
 
 
 @pytest.mark.parametrize("stage,seq_length,batch,nodes", [
     ("04", 65536, 64, 8), ("05", 524288, 16, 8), ("05", 524288, 16, 16)])
 def test_the_layout_is_the_planners_for_the_cluster(fake_work, stage, seq_length, batch, nodes):
-    expected = _planner_layout("--model", "llama3-8b", "--seq-length", str(seq_length),
-                               "--gpus", str(nodes * 8), "--gpu-memory-gb", "80",
-                               "--global-batch", str(batch), "--micro-batch", "1")
+    expected = _planner_overrides("--model", "llama3-8b", "--seq-length", str(seq_length),
+                                  "--gpus", str(nodes * 8), "--gpu-memory-gb", "80",
+                                  "--global-batch", str(batch), "--micro-batch", "1")
+    assert re.fullmatch(r"parallel\.tensor_parallel=\d+ parallel\.pipeline_parallel=\d+ "
+                        r"parallel\.context_parallel=\d+ .*parallel\.recompute=\w+", expected)
     result = _run(_script(stage), "--check", TINY=0, WORK=fake_work, NNODES=nodes,
                   NODE_RANK=3, MASTER_ADDR="node0", MASTER_PORT=29400)
     assert result.returncode == 0, result.stdout
     command = result.stdout
-    assert (f"parallel.tensor_parallel={expected['tp']} parallel.pipeline_parallel="
-            f"{expected['pp']} parallel.context_parallel={expected['cp']}") in command
-    if expected["algorithm"]:
-        assert f"parallel.cp_algorithm={expected['algorithm']}" in command
-    recompute = "null" if expected["recompute"] == "none" else expected["recompute"]
-    assert f"recompute={recompute}" in command
+    assert f"-m engine.train --config {REPO}/engine/configs/" in command
+    assert f" {expected} " in command  # every setting of the layout, as the planner gave them
     assert (f"--nnodes {nodes} --node-rank 3 --nproc-per-node 8 --rdzv-backend c10d "
             f"--rdzv-endpoint node0:29400") in command
     assert "is_host=false" in command  # node 3 joins the rendezvous node 0 hosts
@@ -136,12 +141,13 @@ def test_the_layout_is_the_planners_for_the_cluster(fake_work, stage, seq_length
 
 def test_tp_pp_cp_when_set_replace_the_planner(fake_work):
     result = _run(_script("05"), "--check", "optimizer.lr=3e-6", TINY=0, WORK=fake_work,
-                  TP=8, CP=8, CP_ALGORITHM="ulysses", GLOBAL_BATCH=32, TRAIN_STEPS=100)
+                  TP=2, CP=4, CP_ALGORITHM="ulysses", RECOMPUTE="selective", GLOBAL_BATCH=32,
+                  TRAIN_STEPS=100)
     assert result.returncode == 0, result.stdout
-    assert "layout as set (TP=8 PP=1 CP=8)" in result.stdout
-    assert ("parallel.tensor_parallel=8 parallel.pipeline_parallel=1 "
-            "parallel.context_parallel=8 parallel.cp_algorithm=ulysses "
-            "data.global_batch=32 train_steps=100") in result.stdout
+    assert "layout as set (TP=2 PP=1 CP=4)" in result.stdout
+    assert ("parallel.tensor_parallel=2 parallel.pipeline_parallel=1 "
+            "parallel.context_parallel=4 parallel.cp_algorithm=ulysses "
+            "parallel.recompute=selective data.global_batch=32 train_steps=100") in result.stdout
     assert "parallel.sequence_parallel=false" not in result.stdout
     # Overrides come last, so they win over the settings.
     assert result.stdout.rstrip().endswith(
@@ -157,3 +163,39 @@ def test_shellcheck_passes_on_every_script():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert len(scripts) >= 14
+
+
+SBATCH = "examples/train_slurm.sbatch"
+
+
+@pytest.mark.parametrize("args,env,message", [
+    ((), {}, "submit it with sbatch (SLURM_JOB_ID is not set)"),
+    ((), {"SLURM_JOB_ID": "7"}, "usage: sbatch [options] examples/train_slurm.sbatch"),
+    (("examples/prolong/09_missing.sh",), {"SLURM_JOB_ID": "7"}, "no launcher script"),
+    (("notes.txt",), {"SLURM_JOB_ID": "7"}, "notes.txt is neither a launcher script (.sh) nor"),
+])
+def test_the_sbatch_wrapper_refuses_what_it_cannot_launch(args, env, message):
+    result = run_command(["bash", SBATCH, *args], timeout=30, env=recipe_env(**env))
+    assert result.returncode == 2, result.stdout
+    assert f"error: train_slurm.sbatch: {message}" in result.stdout
+
+
+def test_the_generic_launcher_takes_the_configs_layout_and_checks_its_data(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {name: tiny}\nparallel: {tensor_parallel: 2, "
+                      "pipeline_parallel: 2}\ndata: {path: " + str(tmp_path / "packed") + "}\n"
+                      "checkpoint: {dir: " + str(tmp_path / "run") + "}\n")
+    script = "examples/train_torchrun.sh"
+    assert run_command(["bash", script], timeout=30, env=recipe_env()).returncode == 2
+    result = _run(script, str(config), "--check")
+    assert result.returncode == 2
+    assert f"no packed dataset at data.path={tmp_path}/packed (no packed.json)" in result.stdout
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "packed.json").write_text(json.dumps({"seq_length": 256}))
+    result = _run(script, str(config), "--check", "optimizer.lr=1e-4", GPUS_PER_NODE=8)
+    assert result.returncode == 0, result.stdout
+    assert "layout as set (TP=2 PP=2 CP=1)" in result.stdout
+    assert "--nproc-per-node 8" in result.stdout
+    assert result.stdout.rstrip().endswith(f"--config {config} parallel.tensor_parallel=2 "
+                                           "parallel.pipeline_parallel=2 "
+                                           "parallel.context_parallel=1 optimizer.lr=1e-4")
