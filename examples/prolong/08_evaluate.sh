@@ -17,7 +17,7 @@ knobs_tokenizer
 EVAL_CHECKPOINTS=${EVAL_CHECKPOINTS:-base=$IMPORT_CKPT stage1=$STAGE1_CKPT stage2=$STAGE2_CKPT sft=$SFT_CKPT}  ## engine checkpoints, space-separated NAME=PATH (none: no engine checkpoint)
 EVAL_HF=${EVAL_HF:-hf=$HF_OUT}                          ## Hugging Face folders, space-separated NAME=FOLDER (none: no folder)
 EVAL_LENGTHS=${EVAL_LENGTHS:-$(if_tiny "256 512" "32768 65536 131072")}  ## recall prompt lengths in tokens (HELMET: 32K/64K development, 128K final)
-EVAL_DEPTHS=${EVAL_DEPTHS:-$(if_tiny 2 5)}              ## needle depths: a count swept over 0..1, or fractions
+EVAL_DEPTHS=${EVAL_DEPTHS:-$(if_tiny 1 5)}              ## needle depths: a count swept over 0..1, or fractions
 EVAL_TASKS=${EVAL_TASKS:-all}                           ## recall tasks, space-separated (all: the six of engine.evaluate)
 EVAL_SAMPLES=${EVAL_SAMPLES:-1}                         ## examples per (task, length, depth)
 EVAL_LONG_DOCUMENTS=${EVAL_LONG_DOCUMENTS:-$(if_tiny "$TOKENIZED_DIR/code-repos" none)}  ## held-out long documents (indexed dataset prefix) for loss by position (none: skip)

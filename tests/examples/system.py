@@ -213,8 +213,12 @@ class SlurmCluster:
             f"RealMemory=1000 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
-        _run("slurmctld", "-f", str(self.conf))
-        _run("slurmd", "-f", str(self.conf), "-N", self.NODE)
+        # SLURM_CONF in the daemons' environment too: every process of a job inherits it, which
+        # is how __exit__ finds what a job left behind.
+        subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env, check=True,
+                       capture_output=True)
+        subprocess.run(["slurmd", "-f", str(self.conf), "-N", self.NODE], env=self.env,
+                       check=True, capture_output=True)
         deadline = time.time() + 60
         while time.time() < deadline:
             state = self.slurm("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
@@ -227,6 +231,10 @@ class SlurmCluster:
     def __exit__(self, *exc) -> None:
         if self.conf.exists():
             self.slurm("scancel", "--full", "--signal=KILL", "--user=root", check=False)
+            deadline = time.time() + 60
+            while time.time() < deadline and self.slurm(
+                    "squeue", "-h", "-o", "%i", check=False).stdout.strip():
+                time.sleep(0.5)
         for pidfile in self._pidfiles:  # slurmd, slurmctld, then munged
             if not pidfile.exists():
                 continue
@@ -239,6 +247,26 @@ class SlurmCluster:
                 os.kill(pid, signal.SIGKILL)
             except (ValueError, ProcessLookupError):
                 pass
+        # Whatever a job left (its step daemons and processes carry this cluster's SLURM_CONF).
+        for pid in self._processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _processes(self) -> list[int]:
+        """Processes whose environment names this cluster's slurm.conf."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
 
     def slurm(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check)
