@@ -199,3 +199,32 @@ def test_the_generic_launcher_takes_the_configs_layout_and_checks_its_data(tmp_p
     assert result.stdout.rstrip().endswith(f"--config {config} parallel.tensor_parallel=2 "
                                            "parallel.pipeline_parallel=2 "
                                            "parallel.context_parallel=1 optimizer.lr=1e-4")
+
+
+def test_prolong_released_data_is_imported_and_mixed_by_01_and_02(tmp_path):
+    """DATA_FROM=prolong: 01 imports every source folder of both downloads (MDS shards written
+    by mosaicml-streaming's MDSWriter, tests/data_tools/fixtures/mds), 02 mixes them."""
+    fixture = REPO / "tests" / "data_tools" / "fixtures" / "mds" / "fineweb-edu"
+    downloads = {}
+    for name in ("64K", "512K"):
+        downloads[name] = tmp_path / f"prolong-data-{name}"
+        shutil.copytree(fixture, downloads[name] / "fineweb-edu")
+    work = tmp_path / "work"
+    env = dict(TINY=0, WORK=work, DATA_FROM="prolong", PROLONG_DATA_64K=downloads["64K"],
+               PROLONG_DATA_512K=downloads["512K"])
+    result = _run(_script("01"), **env)
+    assert result.returncode == 0, result.stdout
+    for name in ("64K", "512K"):
+        summary = json.loads((work / "data" / "tokenized" / f"prolong-{name}" /
+                              "fineweb-edu.summary.json").read_text())
+        assert (summary["parts"], summary["samples"]) == (["proc00-64", "proc01-64"], 14)
+    again = _run(_script("01"), **env)
+    assert again.returncode == 0 and again.stdout.count("kept ") == 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: released\nseq_length: 128\nseed: 1\nsources:\n"
+                      "  - {name: fw, path: fineweb-edu, weight: 1.0, prepacked: true}\n")
+    result = _run(_script("02"), **env, STAGE1_RECIPE=recipe, STAGE2_RECIPE=recipe)
+    assert result.returncode == 0, result.stdout
+    for stage in ("stage1", "stage2"):
+        packed = json.loads((work / "data" / "packed" / stage / "packed.json").read_text())
+        assert packed["num_sequences"] == 14 and packed["seq_length"] == 128

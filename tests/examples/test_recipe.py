@@ -44,6 +44,8 @@ def test_the_tiny_recipe_trains_every_stage_exports_and_evaluates(tiny_work):
     assert not stage1.exists()
 
     output = _stage("04_train_stage1_64k.sh", env)
+    # The planner's layout for 2 CPU processes, checked in one process first.
+    assert "run plan ok: TP1 x PP1 x CP1 x DP2 +DistOpt, 2 x 128 tokens per step" in output
     assert f"initialized from {checkpoints}/llama3-8b-instruct/step_00000000 (optimizer state: " \
            f"False); new RoPE base 8e+06" in output
     output = _stage("05_train_stage2_512k.sh", env)
