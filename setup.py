@@ -37,8 +37,10 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        # GPU extras: used when present, never required.
-        "gpu": ["flash-attn", "transformer-engine[pytorch]", "triton"],
+        # GPU extras: used when present, never required. flash-attn >= 2.1 aligns the causal
+        # mask bottom-right when a document has fewer queries than keys; the all-gather CP
+        # attention relies on it (older versions align top-left: wrong attention, no error).
+        "gpu": ["flash-attn>=2.1", "transformer-engine[pytorch]", "triton"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.44", "triton>=3.1",
                  "ruff>=0.6"],
     },

@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from data_tools.atomic import discard, publish, temporary_path
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 DTYPE_CODES = {
@@ -58,9 +60,8 @@ class IndexedWriter:
             raise ValueError(f"dtype {dtype} has no code in Megatron's indexed format")
         parent = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(parent, exist_ok=True)
-        suffix = f".tmp{os.getpid()}"
-        self._bin_tmp = bin_path(prefix) + suffix
-        self._idx_tmp = idx_path(prefix) + suffix
+        self._bin_tmp = temporary_path(bin_path(prefix))
+        self._idx_tmp = temporary_path(idx_path(prefix))
         self._bin = open(self._bin_tmp, "wb")
         self._length_chunks: list[np.ndarray] = []
         self.num_documents = 0
@@ -111,15 +112,13 @@ class IndexedWriter:
         # paired with an old .idx.
         if os.path.exists(idx_path(self.prefix)):
             os.remove(idx_path(self.prefix))
-        os.replace(self._bin_tmp, bin_path(self.prefix))
-        os.replace(self._idx_tmp, idx_path(self.prefix))
+        publish(self._bin_tmp, bin_path(self.prefix))
+        publish(self._idx_tmp, idx_path(self.prefix))
 
     def abort(self) -> None:
         """Close and delete the temporary files."""
         self._bin.close()
-        for path in (self._bin_tmp, self._idx_tmp):
-            if os.path.exists(path):
-                os.remove(path)
+        discard(self._bin_tmp, self._idx_tmp)
 
     def __enter__(self) -> "IndexedWriter":
         return self

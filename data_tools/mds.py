@@ -35,6 +35,7 @@ import numpy as np
 
 from data_tools.indexed import IndexedWriter, token_dtype
 from data_tools.preprocess import ProgressBar
+from data_tools.summary import write_summary
 from data_tools.tokenizer import LLAMA3_NUM_BPE_RANKS, llama3_special_tokens, load_tokenizer
 
 INDEX_FILE = "index.json"
@@ -467,8 +468,5 @@ def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = 
         "seconds": round(seconds, 3),
         "tokens_per_second": round(writer.num_tokens / max(seconds, 1e-9), 1),
     }
-    summary_path = output_prefix + ".summary.json"
-    with open(summary_path + f".tmp{os.getpid()}", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(summary_path + f".tmp{os.getpid()}", summary_path)
+    write_summary(output_prefix, summary)
     return summary

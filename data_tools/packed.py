@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from data_tools.atomic import discard, publish_directory, temporary_path
 from data_tools.indexed import IndexedReader
 from data_tools.packing import PackedIndex
 
@@ -152,7 +152,7 @@ class PackedDataset:
 
 def write_packed(folder: str, metadata: dict, sources: list[tuple[dict, np.ndarray, PackedIndex]],
                  order: np.ndarray, staging: Optional[str] = None) -> None:
-    """Write a packed dataset atomically: build in FOLDER.tmp-PID, then rename into place.
+    """Write a packed dataset atomically: build in FOLDER.tmpPID, then rename into place.
 
     staging: an existing folder to build in instead, already holding files that belong
     to the dataset (SFT's tokens); it becomes FOLDER.
@@ -161,7 +161,7 @@ def write_packed(folder: str, metadata: dict, sources: list[tuple[dict, np.ndarr
     """
     tmp = staging or staging_folder(folder)
     if staging is None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         os.makedirs(tmp)
     try:
         infos = []
@@ -174,16 +174,12 @@ def write_packed(folder: str, metadata: dict, sources: list[tuple[dict, np.ndarr
         np.save(os.path.join(tmp, "order.npy"), np.asarray(order, dtype=np.int64).reshape(-1, 2))
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump({"format": FORMAT, **metadata, "sources": infos}, f, indent=2)
-        if os.path.exists(folder):
-            old = f"{folder.rstrip(os.sep)}.old-{os.getpid()}"
-            os.replace(folder, old)
-            shutil.rmtree(old)
-        os.replace(tmp, folder)
+        publish_directory(tmp, folder)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 
 def staging_folder(folder: str) -> str:
     """The temporary name a packed dataset is built under before it is renamed to `folder`."""
-    return f"{os.path.abspath(folder).rstrip(os.sep)}.tmp-{os.getpid()}"
+    return temporary_path(os.path.abspath(folder).rstrip(os.sep))

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from data_tools.atomic import write_text_atomically
+
 from data_tools.indexed import IndexedReader
 
 SUMMARY_SUFFIX = ".summary.json"
@@ -46,16 +48,7 @@ def read_summary(prefix: str) -> Optional[dict]:
 
 def write_summary(prefix: str, summary: dict) -> None:
     """Write PREFIX.summary.json under a temporary name, then rename it into place."""
-    path = summary_path(prefix)
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_text_atomically(summary_path(prefix), json.dumps(summary, indent=2))
 
 
 def remove_stale_summary(prefix: str) -> None:

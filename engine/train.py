@@ -2,9 +2,9 @@
 
 Reads YAML configs (engine/configs/), builds and validates the run plan before any process
 group exists, trains with megatron-core's schedules under the planned TP/PP/CP/DP layout, logs to
-the console, metrics.jsonl and TensorBoard, checkpoints atomically, resumes from the latest
-checkpoint of its directory at the saved data position, skips NaN steps, and on SIGTERM saves
-and exits 0.
+the console, metrics.jsonl and TensorBoard, checkpoints atomically, resumes from the newest
+intact checkpoint of its directory at the saved data position, skips NaN steps, and on SIGTERM
+saves and exits 0.
 """
 from __future__ import annotations
 
@@ -22,13 +22,25 @@ import yaml
 from megatron.core import parallel_state
 
 from data_tools.packed import PackedDataset
-from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.checkpoint import (
+    CheckpointError,
+    good_checkpoint_hint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_newest_intact,
+    save_checkpoint,
+)
 from engine.evaluate.validation import Validation
-from engine.parallel.layout import LayoutError
+from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import TrainingState, build_training_state
 from engine.training.config import ConfigError, TrainConfig, load_config
-from engine.training.data import SampleSource, global_batch_indices, rank_micro_batches
+from engine.training.data import (
+    SampleSource,
+    attention_imbalance,
+    global_batch_indices,
+    rank_micro_batches,
+)
 from engine.training.metrics import (
     MetricsLogger,
     is_logging_rank,
@@ -50,18 +62,25 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def _start(plan: RunPlan, state: TrainingState) -> tuple[int, int]:
-    """(step, consumed samples) to start at: resume this run, start from another run's
-    checkpoint (a new stage), or start fresh."""
+def _start(plan: RunPlan, state: TrainingState) -> tuple[int, int, int]:
+    """(step, consumed samples, skipped steps so far) to start at: resume this run from its
+    newest intact checkpoint, start from another run's checkpoint (a new stage), or start
+    fresh."""
     ckpt_dir = Path(plan.checkpoint.dir)
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        saved = load_checkpoint(latest, state.chunks, state.optimizer, state.scheduler,
-                                plan.model, layout=plan.layout)
+    resumed = load_newest_intact(ckpt_dir, state.chunks, state.optimizer, state.scheduler,
+                                 plan.model, plan.layout)
+    if resumed is not None:
+        path, saved = resumed
         step = saved["step"]
         consumed = saved["train_state"].get("consumed_samples", step * plan.global_batch)
-        print0(f"resumed from {latest} at step {step} ({consumed} samples consumed)")
-        return step, consumed
+        print0(f"resumed from {path} at step {step} ({consumed} samples consumed)")
+        if not saved["rng_restored"]:
+            saved_layout = ParallelLayout.from_dict(saved.get("layout", {}))
+            # Each rank's saved RNG belongs to its position in the saving layout.
+            print0(f"RNG states not restored (checkpoint layout {saved_layout.describe()}, this "
+                   f"run {plan.layout.describe()}; restored only for equal sizes): weights, "
+                   f"optimizer and data position resume exactly, random streams from the seed")
+        return step, consumed, saved.get("skipped_steps_total", 0)
     if plan.checkpoint.init_from:
         init = latest_checkpoint(plan.checkpoint.init_from) or Path(plan.checkpoint.init_from)
         # megatron keeps each group's max_lr/min_lr inside the optimizer state; the loaded ones
@@ -80,7 +99,7 @@ def _start(plan: RunPlan, state: TrainingState) -> tuple[int, int]:
         state.scheduler.step(increment=0)  # sets this run's first learning rate
         print0(f"initialized from {init} (optimizer state: "
                f"{plan.checkpoint.init_load_optimizer}); new RoPE base {plan.model.rope_base:g}")
-    return 0, 0
+    return 0, 0, 0
 
 
 def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] = None) -> int:
@@ -100,7 +119,8 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
         (log_dir / "config.yaml").write_text(resolved)
 
     state = build_training_state(plan)
-    step, consumed = _start(plan, state)
+    step, consumed, skipped_total = _start(plan, state)
+    skipped_since_save = 0
     dp_rank = parallel_state.get_data_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()
     logger = MetricsLogger(log_dir, plan.train_steps, plan.logging.tensorboard)
@@ -115,7 +135,7 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
                 print0(f"warning: step {step + 1} starts pass {new_pass} over {plan.data.path} "
                        f"({samples.num_samples} samples of {plan.seq_length} tokens per pass): "
                        f"samples repeat from here on")
-            micro_batches, doc_lengths = rank_micro_batches(
+            micro_batches, doc_lengths, slots = rank_micro_batches(
                 samples, indices, data_parallel=plan.layout.data_parallel, dp_rank=dp_rank,
                 cp_size=plan.layout.context_parallel, cp_rank=cp_rank,
                 num_microbatches=plan.num_microbatches, micro_batch=plan.micro_batch,
@@ -135,24 +155,30 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
                     "step": step, "loss": result.loss, "lr": result.lr,
                     "grad_norm": result.grad_norm, "valid_tokens": result.num_tokens,
                     "consumed_samples": consumed,
+                    "attention_imbalance": attention_imbalance(doc_lengths, slots),
                     "tokens_per_s": plan.global_batch * plan.seq_length / elapsed,
                     "tflops_per_gpu": flops / elapsed / world_size / 1e12,
                     "memory_gb": peak_memory_gb(), "step_time_s": elapsed,
                     "skipped": result.skipped,
                 })
             consecutive_nan = consecutive_nan + 1 if result.skipped else 0
+            skipped_since_save += result.skipped
+            skipped_total += result.skipped
             if consecutive_nan >= plan.max_consecutive_nan_steps:
                 raise TrainingStopped(
                     f"{consecutive_nan} consecutive steps had a non-finite loss (last: step "
-                    f"{step}); stopping. Check the data at these steps and lower optimizer.lr, "
-                    f"or resume from {latest_checkpoint(ckpt_dir)}")
+                    f"{step}); stopping. Check the data at these steps and lower optimizer.lr. "
+                    f"{good_checkpoint_hint(ckpt_dir)}")
             interval = plan.checkpoint.save_interval
             stop = _any_rank(stop_requested["flag"])
             if stop or step == plan.train_steps or (interval and step % interval == 0):
                 path = save_checkpoint(ckpt_dir, step, state.chunks, state.optimizer,
                                        state.scheduler, plan.model, plan.layout,
                                        {"consumed_samples": consumed},
-                                       keep_last=plan.checkpoint.keep_last)
+                                       keep_last=plan.checkpoint.keep_last,
+                                       skipped_steps=skipped_since_save,
+                                       skipped_steps_total=skipped_total)
+                skipped_since_save = 0
                 print0(f"saved {path}")
             if stop:
                 print0(f"SIGTERM received: checkpoint saved at step {step}, exiting")

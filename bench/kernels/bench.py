@@ -9,7 +9,8 @@ Each sub-command times forward+backward (and forward alone for the element-wise 
 available candidate with CUDA events (warmup, then the median of --iters), records the peak
 memory allocated during the step, and prints ratios against our kernel from the same run, plus
 TFLOP/s (attention: only the FLOPs the causal document mask keeps) or GB/s (minimum bytes moved)
-as a fraction of the H100 figures measured for docs/anchors.md: 798 TFLOP/s bf16, 3.0 TB/s.
+as a fraction of the datasheet peaks of the GPU the run found (H100 / H200 SXM: 989 TFLOP/s dense
+bf16; 3.35 / 4.8 TB/s HBM).
 Candidates whose library is missing (FlexAttention, flash-attn, Liger-Kernel) are skipped and
 named in the output. Every run appends one JSON line (device, date, command, rows) to --out.
 """
@@ -36,8 +37,14 @@ from csrc.rmsnorm import rms_norm  # noqa: E402
 from csrc.rope import apply_rope, apply_rope_cos_sin, rope_cos_sin  # noqa: E402
 from csrc.swiglu import swiglu  # noqa: E402
 
-H100_PEAK_TFLOPS = 798.0  # bf16 GEMM 8192^3, measured (docs/anchors.md)
-H100_PEAK_GBPS = 3000.0  # device-to-device copy, measured (docs/anchors.md)
+# NVIDIA datasheet peaks (dense bf16 TFLOP/s, HBM GB/s) by device name; H100 when unknown.
+DATASHEET_PEAKS = {"H200": (989.0, 4800.0), "H100": (989.0, 3350.0)}
+
+
+def device_peaks() -> tuple[float, float]:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((peaks for key, peaks in DATASHEET_PEAKS.items() if key in name),
+                DATASHEET_PEAKS["H100"])
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -364,13 +371,15 @@ SMOKE_SIZES = dict(tokens=96, heads=4, kv_heads=2, head_dim=16, hidden=32, vocab
 def format_table(rows: list[Row]) -> str:
     """Markdown: one line per candidate and pass, with ratios to our kernel's time from this run."""
     ours_ms = {(r.op, r.pass_): r.ms for r in rows if r.candidate.startswith(("ours", "reference (ours")) and r.ms}
-    lines = ["| op | candidate | pass | ms | ms / ours ms (>1: ours faster) | peak MiB | TFLOP/s (% of 798) | GB/s (% of 3000) | note |",
+    peak_tflops, peak_gbps = device_peaks()
+    lines = ["| op | candidate | pass | ms | ms / ours ms (>1: ours faster) | peak MiB | "
+             f"TFLOP/s (% of {peak_tflops:.0f}) | GB/s (% of {peak_gbps:.0f}) | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = ours_ms.get((r.op, r.pass_))
         ratio = f"{r.ms / base:.2f}x" if r.ms and base else ""
-        tflops = f"{r.tflops:.1f} ({100 * r.tflops / H100_PEAK_TFLOPS:.0f}%)" if r.tflops else ""
-        gbps = f"{r.gbps:.0f} ({100 * r.gbps / H100_PEAK_GBPS:.0f}%)" if r.gbps else ""
+        tflops = f"{r.tflops:.1f} ({100 * r.tflops / peak_tflops:.0f}%)" if r.tflops else ""
+        gbps = f"{r.gbps:.0f} ({100 * r.gbps / peak_gbps:.0f}%)" if r.gbps else ""
         note = r.note + "".join(f" {k}={v:.2f}" for k, v in r.extra.items())
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else ""
         lines.append(f"| {r.op} | {r.candidate} | {r.pass_} | {f'{r.ms:.3f}' if r.ms else ''} | {ratio} | {peak} "

@@ -83,10 +83,15 @@ def reference_linear_cross_entropy(
     return loss_sum, valid.sum()
 
 
+# Logits elements per scoring chunk: 128 MiB of fp32 whatever the vocabulary shard, so memory
+# stays flat in the sequence length (261 tokens per chunk at Llama-3's 128,256 ids).
+SCORE_CHUNK_ELEMENTS = 1 << 25
+
+
 @torch.no_grad()
 def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         tp_group=None, vocab_size: int | None = None,
-                        chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy and argmax of logits = hidden @ weight.T, chunk by chunk, for
     evaluation (no gradient; never more than one [chunk, V_local] block of logits).
 
@@ -96,6 +101,7 @@ def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         tp_group: group over which the vocabulary is split, or None.
         vocab_size: ids at or beyond it (tensor-parallel padding rows) are never predicted and do
             not enter the softmax; default every row.
+        chunk_size: tokens per logits block (default: SCORE_CHUNK_ELEMENTS / V_local).
 
     Returns:
         token_loss fp32 [T] (natural log), argmax int64 [T]: the most likely id over the whole
@@ -105,6 +111,7 @@ def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     vocab_local = weight.shape[0]
     vocab_start = vocab_shard_start(weight, tp_group)
     usable = vocab_local if vocab_size is None else max(0, min(vocab_local, vocab_size - vocab_start))
+    chunk_size = chunk_size or max(16, SCORE_CHUNK_ELEMENTS // vocab_local)
     losses, best = [], []
     for c0 in range(0, hidden.shape[0], chunk_size):
         logits = (hidden[c0:c0 + chunk_size] @ weight.t()).float()  # [C, V_local]
@@ -118,7 +125,7 @@ def linear_token_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         row_max = local_max.clone()
         if tp_group is not None:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-        sum_exp = torch.exp(logits - row_max.unsqueeze(1)).sum(dim=1)
+        sum_exp = logits.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)  # in place: one block
         # The lowest global id among the ranks holding the maximum.
         candidate = torch.where(local_max == row_max, local_arg + vocab_start,
                                 torch.full_like(local_arg, torch.iinfo(torch.int64).max))

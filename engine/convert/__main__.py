@@ -1,14 +1,16 @@
 """Command line: ``python -m engine.convert {export,import,verify} ...`` (``--help`` on each).
 
 Bad input (not a Llama folder, a missing shard, shapes that disagree with the config, a layout
-that does not divide the model) prints one line naming the file or tensor and the fix, and
-exits with code 2, leaving no output folder behind.
+that does not divide the model, a damaged checkpoint or one holding NaN/Inf weights) prints one
+line naming the file or tensor and the fix, and exits with code 2, leaving no output folder
+behind.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from engine.checkpoint import CheckpointError
 from engine.convert.export import export_checkpoint
 from engine.convert.hf_mapping import ConversionError
 from engine.convert.importer import import_checkpoint, parse_overrides
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
             print(f"logits max abs diff {result['max_abs_diff']:.3e} "
                   f"(tolerance {args.tolerance:g}, {result['tokens']} tokens)")
             return 0 if result["max_abs_diff"] <= args.tolerance else 1
-    except ConversionError as error:
+    except (ConversionError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -3,17 +3,29 @@
 Weights are read from the megatron dist checkpoint one layer of one tensor at a time, converted
 and appended to the open safetensors shard, so peak memory is about one layer's weights whatever
 the model size. The folder is built under ``.OUT.tmp-export`` and renamed when complete.
+
+The blocks holding the weights are checked against the checkpoint's manifest first (not the
+optimizer state: export does not read it), and a weight holding NaN or Inf stops the export.
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 
-from engine.checkpoint import STATE_FILE, latest_checkpoint, read_checkpoint_state
+from engine.checkpoint import (
+    CheckpointError,
+    good_checkpoint,
+    model_config_from_state,
+    read_checkpoint_state,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from engine.convert.dist_checkpoint import DistCheckpointReader
 from engine.convert.hf_mapping import (
     LLAMA3_BOS_ID,
@@ -41,39 +53,6 @@ class ExportResult:
     num_shards: int
     total_bytes: int
     peak_rss_bytes: int
-
-
-def resolve_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> Path:
-    """A step directory from a checkpoint root (newest, or ``step``) or a step directory."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise ConversionError(f"{path}: no such checkpoint directory")
-    if step is not None:
-        candidate = path / f"step_{step:08d}"
-        if not (candidate / STATE_FILE).exists():
-            steps = sorted(p.name for p in path.glob("step_*"))
-            raise ConversionError(f"{candidate}: no complete checkpoint for step {step} "
-                                  f"(found: {', '.join(steps) or 'none'})")
-        return candidate
-    if (path / STATE_FILE).exists():
-        return path
-    try:
-        latest = latest_checkpoint(path)
-    except RuntimeError as error:
-        raise ConversionError(str(error)) from None
-    if latest is None:
-        raise ConversionError(f"{path}: neither a checkpoint ({STATE_FILE}) nor a checkpoint "
-                              f"root with a 'latest' pointer; pass a step_* directory or --step")
-    return latest
-
-
-def model_config_from_state(state: dict, source: Path) -> LlamaConfig:
-    known = {f.name for f in fields(LlamaConfig)}
-    saved = state.get("model_config") or {}
-    try:
-        return LlamaConfig(**{k: v for k, v in saved.items() if k in known})
-    except TypeError as error:
-        raise ConversionError(f"{source}: model_config is incomplete ({error})") from None
 
 
 def _token_id(tokenizer_dir: Path, token) -> Optional[int]:
@@ -136,7 +115,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
                       max_shard_size: str = "5GB", log=print) -> ExportResult:
     """Write the Hugging Face folder ``out`` from an engine checkpoint. See module docstring."""
     source = resolve_checkpoint(checkpoint, step)
-    state = read_checkpoint_state(source)
+    try:
+        if not verify_checkpoint(source, tensors=_is_weight):
+            log(f"note: {source} has no manifest.json (saved before checkpoints had one): its "
+                f"files cannot be checked, exporting them as they are")
+        state = read_checkpoint_state(source)
+    except CheckpointError as error:
+        raise ConversionError(f"{error}{_another_checkpoint(source)}") from None
     config = model_config_from_state(state, source)
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
@@ -156,6 +141,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
         for layer_mappings in _group_by_layer(mappings):
             tensors = reader.read_layers([checkpoint_key(m.engine_name) for m in layer_mappings])
             for mapping, tensor in zip(layer_mappings, tensors):
+                _check_finite(tensor, mapping, source)
                 for name, hf_tensor in zip(mapping.hf_names, mapping.to_hf(tensor, config)):
                     writer.write(name, hf_tensor)
             del tensors
@@ -175,6 +161,28 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
     log(f"exported {source} (step {state.get('step')}) -> {out}: {result.num_shards} shard(s), "
         f"{result.total_bytes / 1e6:.1f} MB {dtype}; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
     return result
+
+
+def _is_weight(key: str) -> bool:
+    """Whether a dist checkpoint key is the model's (export reads no optimizer state)."""
+    return not key.startswith("optimizer.")
+
+
+def _check_finite(tensor: torch.Tensor, mapping, source: Path) -> None:
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        key, layer = checkpoint_key(mapping.engine_name)
+        raise ConversionError(
+            f"{source}: tensor {key}{'' if layer is None else f' (layer {layer})'} holds {bad} "
+            f"NaN or Inf values of {tensor.numel()}; refusing to export non-finite weights"
+            f"{_another_checkpoint(source)}")
+
+
+def _another_checkpoint(source: Path) -> str:
+    """'; the newest good checkpoint before it is X' when ``source`` is a step of a run."""
+    match = re.fullmatch(r"step_(\d+)", source.name)
+    good = good_checkpoint(source.parent, before=int(match.group(1))) if match else None
+    return f"; the newest good checkpoint before it is {good}" if good is not None else ""
 
 
 def _group_by_layer(mappings):

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from engine.checkpoint import LATEST, STATE_FILE
+from engine.checkpoint import LATEST, MANIFEST_FILE, STATE_FILE, write_manifest
 from engine.convert.dist_checkpoint import DistCheckpointWriter
 from engine.convert.hf_mapping import (
     CHECKPOINT_NORM_LAYOUT,
@@ -157,8 +157,10 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
                                  "generation_config": _read_optional_json(
                                      hf / "generation_config.json"),
                                  "norm_layout": CHECKPOINT_NORM_LAYOUT},
+                "manifest": MANIFEST_FILE,
             }
             (step_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+            write_manifest(step_dir)
             (tmp / LATEST).write_text(step_dir.name + "\n")
     finally:
         weights.close()

@@ -1,15 +1,14 @@
 """What both directions share about their output: atomic publication, dtype names, peak memory."""
 from __future__ import annotations
 
-import os
 import resource
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from data_tools.atomic import staged_directory
 from engine.convert.hf_mapping import ConversionError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -34,15 +33,6 @@ def staged_folder(out: Path, purpose: str) -> Iterator[Path]:
     next attempt), never a folder at ``out`` that looks complete.
     """
     check_new_folder(out)
-    tmp = out.parent / f".{out.name}.tmp-{purpose}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # debris of an interrupted run
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_directory(out, out.parent / f".{out.name}.tmp-{purpose}") as tmp:
+        yield Path(tmp)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.checkpoint import load_checkpoint, read_checkpoint_state
-from engine.convert.export import model_config_from_state, resolve_checkpoint
+from engine.checkpoint import (load_checkpoint, model_config_from_state, read_checkpoint_state,
+                               resolve_checkpoint)
 from engine.convert.importer import check_hf_folder
 from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import ParallelLayout

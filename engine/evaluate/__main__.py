@@ -28,9 +28,8 @@ import torch.distributed as dist
 
 from data_tools.indexed import IndexedReader
 from data_tools.tokenizer import TokenizerError, load_tokenizer
-from engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state
-from engine.convert.export import model_config_from_state, resolve_checkpoint
-from engine.convert.hf_mapping import ConversionError
+from engine.checkpoint import (CheckpointError, load_checkpoint, model_config_from_state,
+                               read_checkpoint_state, resolve_checkpoint)
 from engine.evaluate import hf_model
 from engine.evaluate.engine_eval import (long_documents, padded_length, position_losses,
                                          short_document_loss, teacher_forced_results)
@@ -127,7 +126,7 @@ def _targets(args) -> list[Target]:
         name, path = _named(value)
         try:
             step = resolve_checkpoint(path)
-        except ConversionError as error:
+        except CheckpointError as error:
             raise CheckpointError(f"--checkpoint {path}: {error}; give a run directory of "
                                   f"engine.train or engine.convert import") from None
         model = model_config_from_state(read_checkpoint_state(step), step)

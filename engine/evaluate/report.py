@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from data_tools.atomic import discard, publish, temporary_path, write_text_atomically
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.position_loss import PositionBucket, ShortDocumentLoss
 from engine.evaluate.scoring import RecallCell
@@ -334,21 +335,14 @@ def _loss_by_position(report: EvaluationReport):
     return figure
 
 
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+def _write_png(figure, path: str) -> None:
+    temporary = temporary_path(path)
     try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _write_text(text: str) -> Callable[[str], None]:
-    def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    return write
+        _save_png(figure, temporary)
+        publish(temporary, path)
+    except BaseException:
+        discard(temporary)
+        raise
 
 
 def write_report(report: EvaluationReport, out_dir: str) -> dict[str, str]:
@@ -369,9 +363,9 @@ def write_report(report: EvaluationReport, out_dir: str) -> dict[str, str]:
     for name, build in figures.items():
         figure = build()
         written[name] = os.path.join(out_dir, name)
-        _write_atomic(written[name], lambda path: _save_png(figure, path))
+        _write_png(figure, written[name])
     written["report.md"] = os.path.join(out_dir, "report.md")
-    _write_atomic(written["report.md"], _write_text(markdown))
+    write_text_atomically(written["report.md"], markdown)
     written["report.json"] = os.path.join(out_dir, "report.json")
-    _write_atomic(written["report.json"], _write_text(json.dumps(data, indent=2) + "\n"))
+    write_text_atomically(written["report.json"], json.dumps(data, indent=2) + "\n")
     return written

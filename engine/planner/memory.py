@@ -14,8 +14,8 @@ Llama: RMSNorm, GQA, SwiGLU, no dropout), with h hidden, g = KV heads x head_dim
   Q, K, V (h + 2g) and the attention output (h),
   SwiGLU input (2f) and output (f)                      -> all split over TP.
 Recompute "selective" recomputes the core attention (drops its internal copies: all-gathered
-K/V or the Ulysses head-sharded sequence); "full" keeps only each layer's input and recomputes
-one layer at a time in backward.
+K/V or the Ulysses head-sharded sequence); "full" keeps only each layer's input (and the RoPE
+angles its checkpoint is given) and recomputes one layer at a time in backward.
 """
 from __future__ import annotations
 
@@ -125,10 +125,14 @@ def cp_attention_extra_elements(model: LlamaConfig, layout: ParallelLayout, toke
 
 
 def activation_elements(model: LlamaConfig, layout: ParallelLayout, work: Workload) -> tuple[float, float]:
-    """(elements the decoder saves in forward, extra elements live while backward recomputes).
+    """(elements the decoder saves in forward, extra elements live while backward recomputes
+    plus the final norm's output, which the output layer keeps).
 
     1F1B: the first stage holds PP micro-batches of L / PP layers, i.e. one micro-batch of all
-    L layers, whatever PP is.
+    L layers, whatever PP is. Besides its layers the decoder keeps the final norm's input (and,
+    unfused, its normalized tensor); under full recompute every layer's checkpoint also keeps
+    the RoPE angles it was given, one fp32 [tokens, head_dim] table that all layers share
+    (engine.planner.measure counts each of these tensors).
     """
     tokens = work.seq_length * work.micro_batch // layout.context_parallel
     per_token = activation_elements_per_token(model, layout, work.kernels)
@@ -137,6 +141,7 @@ def activation_elements(model: LlamaConfig, layout: ParallelLayout, work: Worklo
     h_local = model.hidden_size / (
         layout.tensor_parallel if layout.sequence_parallel and layout.tensor_parallel > 1 else 1)
     layers = model.num_layers
+    final_norm = tokens * h_local * (2 if work.kernels == "unfused" else 1)
     if layout.recompute == "none":
         saved, transient = layers * (layer_full + extra), 0.0
     elif layout.recompute == "selective":
@@ -144,9 +149,9 @@ def activation_elements(model: LlamaConfig, layout: ParallelLayout, work: Worklo
         saved, transient = layers * layer_full, extra
     else:
         # Each layer's input; backward recomputes one layer in full at a time.
-        saved, transient = layers * tokens * h_local, layer_full + extra
-    # Embedding output and the final norm's input/output on the last stage.
-    return saved, transient + 2 * tokens * h_local
+        rope_angles = tokens * model.head_dim * 4 / work.weight_bytes  # fp32, in activation width
+        saved, transient = layers * tokens * h_local + rope_angles, layer_full + extra
+    return saved + final_norm, transient + tokens * h_local
 
 
 def estimate_memory(model: LlamaConfig, layout: ParallelLayout, work: Workload) -> MemoryBreakdown:

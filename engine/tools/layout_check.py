@@ -85,8 +85,9 @@ def _plan(args, world_size: int) -> RunPlan:
         get_model_config(args.model), layout, seq_length=args.seq_length,
         global_batch=args.global_batch, micro_batch=args.micro_batch,
         kernels=KernelChoices.parse(args.kernels), bf16=args.bf16, seed=args.seed,
-        # No warm-up, and the cosine decay spread over twice the steps run.
-        train_steps=args.steps * 2, collective_timeout_s=args.timeout,
+        # No warm-up, and the cosine decay spread over twice the steps run (--steps 0 records
+        # the initial weights).
+        train_steps=max(args.steps, 1) * 2, collective_timeout_s=args.timeout,
         optimizer=OptimizerSettings(lr=args.lr, warmup_fraction=0.0))
 
 
@@ -101,7 +102,7 @@ def _run(args, plan: RunPlan) -> None:
     cp_rank = parallel_state.get_context_parallel_rank()
     # The training data path: the same global batch whatever the layout, each rank reading its
     # own share (DP slice, CP chunks).
-    micro_batches, _ = rank_micro_batches(
+    micro_batches, _, _ = rank_micro_batches(
         samples, global_batch_indices(0, plan.global_batch),
         data_parallel=plan.layout.data_parallel, dp_rank=dp_rank,
         cp_size=plan.layout.context_parallel, cp_rank=cp_rank,
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="",
                         help="kernel choices, e.g. 'all=ours' or 'attention=torch,rope=ours' "
                              "(engine.model.kernel_choices.KernelChoices.parse; default all auto)")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2,
+                        help="optimizer steps (0: record the initial weights)")
     parser.add_argument("--global-batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=32)

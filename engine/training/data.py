@@ -32,6 +32,13 @@ from engine.parallel.context.chunks import chunk_length, load_balanced_chunks
 POSITION_MODES = ("continuous", "document")
 
 
+def check_position_mode(position_mode: str) -> None:
+    """ValueError unless ``position_mode`` is one of POSITION_MODES (the one check: the run plan
+    calls it on the config, micro_batch_for_rank on what it is given)."""
+    if position_mode not in POSITION_MODES:
+        raise ValueError(f"position_mode {position_mode!r} must be one of {POSITION_MODES}")
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch on this rank. Shapes [micro_batch, seq] (seq is this rank's share)."""
@@ -191,6 +198,7 @@ def micro_batch_for_rank(samples: SampleSource, indices: Sequence[int], cp_rank:
     """This rank's MicroBatch of samples ``indices``: tokens/labels/loss_mask/position_ids
     [b, S / CP] (the rank's two chunks of each sample, or all of it without CP) and cu_seqlens
     over the b x S tokens of the full samples."""
+    check_position_mode(position_mode)
     length = samples.seq_length
     windows = ([(0, length)] if cp_size == 1 else
                [(c * chunk_length(length, cp_size), (c + 1) * chunk_length(length, cp_size))
@@ -231,8 +239,6 @@ def build_micro_batch(tokens: Sequence[np.ndarray], doc_lengths: Sequence[np.nda
                       position_mode: str = "continuous",
                       mask_cross_document: bool = True) -> MicroBatch:
     """A one-rank micro-batch from ``b`` in-memory packed sequences of equal length L."""
-    if position_mode not in POSITION_MODES:
-        raise ValueError(f"position_mode {position_mode!r} must be one of {POSITION_MODES}")
     sequences = InMemorySequences(tokens, doc_lengths, token_masks)
     return micro_batch_for_rank(SampleSource(sequences, sequences.seq_length),
                                 range(len(sequences)), position_mode=position_mode,
@@ -249,24 +255,44 @@ def rank_micro_batches(samples: SampleSource, indices: Sequence[int], *, data_pa
                        dp_rank: int, cp_size: int, cp_rank: int, num_microbatches: int,
                        micro_batch: int, position_mode: str, mask_cross_document: bool,
                        balance_attention: bool):
-    """This rank's micro-batches of the global batch ``indices`` and every sample's document
-    lengths (for FLOP counting).
+    """(this rank's micro-batches of the global batch ``indices``, every sample's document
+    lengths (for FLOP counting), the slots of every DP rank (global_batch_slots)).
 
     With ``balance_attention`` the samples are assigned to (DP rank, micro-batch) slots by
     attention cost; otherwise DP rank r takes the r-th contiguous share in order.
     """
     doc_lengths = [samples.document_lengths(i) for i in indices]
-    if balance_attention:
-        mine = balance_global_batch([attention_cost(lengths) for lengths in doc_lengths],
-                                    data_parallel, num_microbatches, micro_batch)[dp_rank]
-    else:
-        base = dp_rank * num_microbatches * micro_batch
-        mine = [list(range(base + m * micro_batch, base + (m + 1) * micro_batch))
-                for m in range(num_microbatches)]
+    slots = global_batch_slots(doc_lengths, data_parallel=data_parallel,
+                               num_microbatches=num_microbatches, micro_batch=micro_batch,
+                               balance_attention=balance_attention)
     micro_batches = [micro_batch_for_rank(samples, [indices[i] for i in group], cp_rank,
                                           cp_size, position_mode, mask_cross_document)
-                     for group in mine]
-    return micro_batches, doc_lengths
+                     for group in slots[dp_rank]]
+    return micro_batches, doc_lengths, slots
+
+
+def global_batch_slots(doc_lengths: Sequence[np.ndarray], *, data_parallel: int,
+                       num_microbatches: int, micro_batch: int,
+                       balance_attention: bool) -> list[list[list[int]]]:
+    """``slots[dp_rank][microbatch]``: positions within the global batch of the samples each
+    (DP rank, micro-batch) trains on, given every sample's document lengths: by attention cost
+    with ``balance_attention`` (balance_global_batch), else rank r's share is the r-th
+    contiguous one, in order."""
+    if balance_attention:
+        return balance_global_batch([attention_cost(lengths) for lengths in doc_lengths],
+                                    data_parallel, num_microbatches, micro_batch)
+    per_rank = num_microbatches * micro_batch
+    return [[list(range(r * per_rank + m * micro_batch, r * per_rank + (m + 1) * micro_batch))
+             for m in range(num_microbatches)] for r in range(data_parallel)]
+
+
+def attention_imbalance(doc_lengths: Sequence[np.ndarray], slots) -> float:
+    """The most loaded DP rank's attention cost over the mean rank's (1.0: even), for the
+    ``slots`` of global_batch_slots; the DP ranks wait for the slowest at every step."""
+    costs = [sum(attention_cost(doc_lengths[i]) for group in rank for i in group)
+             for rank in slots]
+    mean = sum(costs) / len(costs)
+    return max(costs) / mean if mean else 1.0
 
 
 def attention_cost(doc_lengths: np.ndarray) -> int:

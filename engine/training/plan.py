@@ -31,7 +31,7 @@ from engine.training.config import (
     OptimizerSettings,
     TrainConfig,
 )
-from engine.training.data import POSITION_MODES
+from engine.training.data import check_position_mode
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,10 @@ def _data_plan(config: TrainConfig, model: LlamaConfig) -> tuple[DataPlan, int]:
     if packing_length % seq_length:
         raise ConfigError(f"data.seq_length {seq_length} does not divide the packing length "
                           f"{packing_length} of {d.path}")
-    if d.position_mode not in POSITION_MODES:
-        raise ConfigError(f"data.position_mode {d.position_mode!r} must be one of {POSITION_MODES}")
+    try:
+        check_position_mode(d.position_mode)
+    except ValueError as error:
+        raise ConfigError(f"data.{error}") from None
     largest = getattr(dataset, "max_token_id", None)
     if largest is not None and largest >= model.vocab_size:
         raise ConfigError(

@@ -59,16 +59,56 @@ def test_positions_under_cp_match_the_full_sequence(mode):
                                           full[index])
 
 
-def test_wrong_position_mapping_is_caught():
-    """The bug users hit: a rank numbering its own tokens from 0 (or from its first chunk)."""
-    doc_lengths = np.array([3, 21, 1, 30, 9])
-    index = rank_token_indices(64, 1, 4)
-    for mode in ("continuous", "document"):
-        full = np.arange(64) if mode == "continuous" else document_positions(doc_lengths)
+def _attention_at_positions(q, k, v, positions, doc_lengths):
+    """What the model's attention computes for one packed sample whose tokens carry RoPE
+    ``positions`` (int64 [S]): q/k/v [S, 1, heads, d] rotated by the model's RoPE, then
+    document-masked causal attention (fp64 reference). Returns [S, heads, d]."""
+    from csrc.attention import reference_varlen_attention
+    from engine.model.attention import rotate_by_angles
+    from engine.model.gpt import PerTokenRotaryEmbedding
+
+    rope = PerTokenRotaryEmbedding(q.shape[-1], base=500_000.0)
+    rope.positions = torch.as_tensor(positions)[None]
+    angles = rope().double()
+    q, k = (rotate_by_angles(x, angles, "torch")[:, 0] for x in (q, k))
+    cu_seqlens = torch.from_numpy(np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int32))
+    out, _ = reference_varlen_attention(q, k, v[:, 0], cu_seqlens, cu_seqlens)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["continuous", "document"])
+def test_wrong_position_mapping_is_caught(mode):
+    """Positions the CP ranks feed the model (micro_batch_for_rank, the training data path)
+    give the single process's attention output; the bug users hit, a rank numbering its own
+    tokens from 0 (or as one contiguous shard), gives another output, which this check sees.
+
+    Under all-gather CP each rank rotates its Q and K at its positions and attends over the
+    gathered keys: the same as rotating the full sequence at the positions the ranks hold.
+    """
+    doc_lengths = np.array([3, 21, 1, 30, 9])  # spans chunk (8) and rank (16) borders
+    tokens = np.random.default_rng(0).integers(0, 500, 64)
+    samples = SampleSource(InMemorySequences([tokens], [doc_lengths]), 64)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(64, 1, 4, 16, generator=generator, dtype=torch.float64)
+               for _ in range(3))
+    single = micro_batch_for_rank(samples, [0], position_mode=mode).position_ids[0]
+    expected = _attention_at_positions(q, k, v, single, doc_lengths)
+
+    cp = 4
+    mappings = {"engine": np.zeros(64, np.int64), "local from 0": np.zeros(64, np.int64),
+                "contiguous shard": np.zeros(64, np.int64)}
+    for rank in range(cp):
+        index = rank_token_indices(64, rank, cp)
+        part = micro_batch_for_rank(samples, [0], rank, cp, position_mode=mode)
+        mappings["engine"][index] = part.position_ids[0].numpy()
         local = np.arange(len(index))
-        assert not np.array_equal(local, full[index])
-        contiguous = positions_of_tokens(np.arange(16, 32), doc_lengths, mode)
-        assert not np.array_equal(contiguous, full[index])
+        mappings["local from 0"][index] = positions_of_tokens(local, doc_lengths, mode)
+        shard = np.arange(rank * 16, (rank + 1) * 16)
+        mappings["contiguous shard"][index] = positions_of_tokens(shard, doc_lengths, mode)
+    errors = {name: ((_attention_at_positions(q, k, v, positions, doc_lengths) - expected).norm()
+                     / expected.norm()).item() for name, positions in mappings.items()}
+    assert errors["engine"] == 0.0, errors
+    assert errors["local from 0"] > 1e-2 and errors["contiguous shard"] > 1e-2, errors
 
 
 def _sequences():
@@ -166,6 +206,23 @@ def test_bad_context_parallel_input_names_values_and_fix():
     assert repeated_kv_heads(2, 4, 4) == 4 and repeated_kv_heads(8, 32, 8) == 8
     assert repeated_kv_heads(8, 32, 16) == 16  # Llama-3-8B at CP16: 8 KV heads -> 16
     ParallelLayout().validate(tiny, seq_length=7)  # no split without CP
+
+
+def test_run_plan_refuses_transformer_engine_attention_under_cp():
+    """The plan's own rule, not this CPU's lack of transformer-engine: TE attention resolved
+    for a GPU (as RunPlan.create would there) has no context-parallel path here."""
+    from engine.model.kernel_choices import KernelChoices
+    from engine.training.config import ConfigError
+    from engine.training.plan import RunPlan
+
+    tiny = get_model_config("tiny")
+    te = KernelChoices(attention="transformer-engine", rmsnorm="torch", rope="torch",
+                       swiglu="torch", cross_entropy="torch")
+    with pytest.raises(ConfigError, match="kernels.attention 'transformer-engine' has no "
+                                          "context-parallel path"):
+        RunPlan(model=tiny, layout=ParallelLayout(context_parallel=2), kernels=te,
+                seq_length=64, global_batch=2)
+    RunPlan(model=tiny, layout=ParallelLayout(), kernels=te, seq_length=64, global_batch=2)
 
 
 def test_layout_checker_rejects_bad_cp_before_any_process_group(tmp_path):

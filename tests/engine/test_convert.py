@@ -232,3 +232,33 @@ def test_rejects_nonempty_output_folder(hf_fp32, tmp_path):
     with pytest.raises(ConversionError, match="not empty"):
         import_checkpoint(hf_fp32[0], tmp_path / "out", **QUIET)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_verify_refuses_every_folder_that_import_refuses(hf_fp32, imported, tmp_path):
+    """verify checks the Hugging Face folder as import does, before loading either model."""
+    from engine.convert.__main__ import main
+
+    def breaks(folder):
+        config = json.loads((folder / "config.json").read_text())
+        yield "no config.json", lambda: (folder / "config.json").unlink()
+        yield "not llama", lambda: (folder / "config.json").write_text(
+            json.dumps({**config, "model_type": "gpt2"}))
+        yield "missing shard", lambda: (folder / "model-00003-of-00005.safetensors").unlink()
+        yield "shape", lambda: (folder / "config.json").write_text(
+            json.dumps({**config, "intermediate_size": 96}))
+
+    for name, _ in breaks(hf_fp32[0]):
+        messages = {}
+        for command in ("import", "verify"):
+            folder = tmp_path / f"{name}-{command}"
+            shutil.copytree(hf_fp32[0], folder)
+            dict(breaks(folder))[name]()
+            args = (["import", "--hf", str(folder), "--out", str(tmp_path / f"out-{name}")]
+                    if command == "import" else
+                    ["verify", "--checkpoint", str(imported), "--hf", str(folder)])
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                assert main(args) == 2, (name, command, stderr.getvalue())
+            messages[command] = stderr.getvalue().strip().splitlines()[-1].replace(
+                f"{name}-{command}", "FOLDER")
+        assert messages["verify"] == messages["import"], (name, messages)

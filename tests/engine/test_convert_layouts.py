@@ -75,7 +75,7 @@ def _train_from_imported(args) -> None:
 
     from engine.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_state,
                                    save_checkpoint)
-    from engine.convert.export import model_config_from_state, resolve_checkpoint
+    from engine.checkpoint import model_config_from_state, resolve_checkpoint
     from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import destroy_parallel, initialize_parallel

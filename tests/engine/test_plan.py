@@ -70,3 +70,24 @@ def test_the_packed_data_records_its_largest_token_id(packed_tiny_dataset):
     dataset = PackedDataset(packed_tiny_dataset)
     largest = max(int(np.max(dataset[i].tokens)) for i in range(len(dataset)))
     assert dataset.max_token_id == largest == 511
+
+
+def test_context_parallel_below_the_packing_length_trains_like_one_process(
+        train_config, packed_tiny_dataset, tmp_path):
+    """32-token samples (two per 64-token packed sequence) under CP2 match one process."""
+    import json
+
+    from tests.distributed import torchrun
+
+    runs = {}
+    for name, nproc, extra in (("one", 1, []), ("cp2", 2, ["parallel.context_parallel=2"])):
+        run = tmp_path / name
+        torchrun("engine.train", nproc, ["--config", train_config,
+                                         f"data.path={packed_tiny_dataset}",
+                                         f"checkpoint.dir={run}", "data.seq_length=32",
+                                         "train_steps=2", "optimizer.lr=1e-4", *extra])
+        runs[name] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for one, cp2 in zip(runs["one"], runs["cp2"]):
+        assert cp2["valid_tokens"] == one["valid_tokens"] and one["valid_tokens"] > 0
+        assert cp2["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert cp2["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)

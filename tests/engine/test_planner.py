@@ -15,8 +15,8 @@ from tests.distributed import run_command
 
 # Stated bounds on the prediction error of the planner (bench/planner/RESULTS.md).
 PARAMETER_ERROR = 0.0
-ACTIVATION_ERROR_NO_RECOMPUTE = 0.05
-ACTIVATION_ERROR_FULL_RECOMPUTE = 0.40
+ACTIVATION_ERROR_NO_RECOMPUTE = 0.01
+ACTIVATION_ERROR_FULL_RECOMPUTE = 0.01
 
 
 def _planner(*args):

@@ -12,7 +12,6 @@ from csrc.select import varlen_attention_function
 from engine.model.attention import causal_cu_seqlens
 from engine.parallel.context.all_gather import all_gather_kv_attention
 from engine.parallel.context.ulysses import ulysses_attention
-from engine.parallel.layout import CP_ALGORITHMS
 
 
 class ContextParallelAttention(MegatronModule):
@@ -22,7 +21,8 @@ class ContextParallelAttention(MegatronModule):
     key/value [S/CP, b, kv_heads, d] (rotated with the tokens' global positions), and
     ``packed_seq_params`` whose cu_seqlens describe the *full* sequences (b x S tokens; every
     CP rank holds the same, see engine.training.data). Returns [S/CP, b, heads * d].
-    ``backend``: a resolved attention kernel ("ours", "flash-attn" or "torch").
+    ``backend``: a resolved attention kernel ("ours", "flash-attn" or "torch"); ``algorithm``
+    one of engine.parallel.layout.CP_ALGORITHMS (validated with the layout).
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type=None,
@@ -30,9 +30,6 @@ class ContextParallelAttention(MegatronModule):
                  cp_comm_type: Optional[str] = None, pg_collection=None,
                  algorithm: str = "all-gather", backend: str = "torch"):
         super().__init__(config=config)
-        if algorithm not in CP_ALGORITHMS:
-            raise ValueError(f"context-parallel algorithm {algorithm!r} is not one of "
-                             f"{CP_ALGORITHMS}")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.algorithm = algorithm

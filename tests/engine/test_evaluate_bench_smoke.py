@@ -1,0 +1,18 @@
+"""The evaluation-forward benchmark still runs both sides and prints its ratios (tiny sizes)."""
+import re
+import subprocess
+import sys
+
+from tests.distributed import REPO, test_env
+
+
+def test_bench_eval_forward_runs_both_sides():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "evaluate" / "bench_eval_forward.py"),
+                             "--smoke"], capture_output=True, text=True, timeout=900, env=test_env(),
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| (all tokens|answer only) \|", line)]
+    assert len(rows) == 2, result.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[4].rstrip("x")) > 0 and float(cells[7]) > 0
