@@ -20,6 +20,11 @@ Patches:
 3. ``allocate_distributed_optimizer_state``: the distributed optimizer can describe its state for
    loading only once Adam's state exists; megatron's private
    ``_init_optimizer_states_with_dummy_values`` allocates it (the load then overwrites it).
+4. ``untie_adam_steps``: with torch's Adam (no Apex or transformer-engine, so on every CPU and
+   on GPUs without them), the distributed optimizer's ``load_state_dict`` gives every
+   parameter's ``state["step"]`` one shared tensor. Adam increments it once per parameter per
+   step, so after a resume the bias correction runs far ahead of the real step and the run
+   leaves the uninterrupted one from its first step on. Each parameter gets its own copy.
 
 Checked on: megatron-core 0.16.1 (the newest for Python 3.11) by the CPU suite. In 0.17.0,
 0.18.0 and 0.19.2 (Python >= 3.12) the functions both patches replace still behave the same
@@ -164,3 +169,27 @@ def allocate_distributed_optimizer_state(optimizer) -> None:
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
             sub._init_optimizer_states_with_dummy_values()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Adam's step after loading
+# ---------------------------------------------------------------------------------------------
+
+def untie_adam_steps(optimizer) -> int:
+    """Give each parameter of every distributed optimizer of ``optimizer`` its own Adam
+    ``step`` tensor where loading left one shared by several; returns how many were copied."""
+    copied = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        seen = set()
+        for state in sub.optimizer.state.values():
+            step = state.get("step")
+            if not torch.is_tensor(step):
+                continue
+            if id(step) in seen:
+                state["step"] = step.clone()
+                copied += 1
+            else:
+                seen.add(id(step))
+    return copied

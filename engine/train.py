@@ -203,12 +203,22 @@ def main(argv=None) -> int:
     parser.add_argument("--config", action="append", default=[], required=True,
                         help="YAML config; several are merged in order")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the run (config, data, layout, checkpoints, eval) for "
+                             "--world-size processes, in this one process without any process "
+                             "group, and exit: 0 if it would start, 2 naming the problem")
+    parser.add_argument("--world-size", type=int,
+                        help="with --check: processes of the run (default: WORLD_SIZE, else 1)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         # Every check that needs no process group, first.
-        plan = plan_from_config(config, int(os.environ.get("WORLD_SIZE", "1")))
-        return train(plan, config, Validation.prepare(config.eval, plan))
+        plan = plan_from_config(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        validation = Validation.prepare(config.eval, plan)
+        if args.check:
+            print(f"run plan ok: {plan.describe()}", flush=True)
+            return 0
+        return train(plan, config, validation)
     except (ConfigError, LayoutError, CheckpointError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# One node, or one node of a multi-node job started by hand on each node.
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash examples/train_torchrun.sh engine/configs/prolong-stage1-64k.yaml [k=v ...]
+# Any engine.train config on this node under torchrun (c10d rendezvous); run it once on every
+# node of a multi-node job, or let examples/train_slurm.sbatch do that under SLURM.
+#   bash examples/train_torchrun.sh CONFIG.yaml [section.key=value ...]
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash examples/train_torchrun.sh CONFIG.yaml
+# The layout is the config's `parallel` section unless TP/PP/CP are set; PLAN_LAYOUT=1 takes
+# the one `python -m engine.planner` recommends for NNODES x GPUS_PER_NODE GPUs instead.
+# The ProLong stages (examples/prolong/0[4-6]_*.sh) launch through the same code.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-CONFIG=${1:?usage: train_torchrun.sh CONFIG.yaml [section.key=value ...]}; shift
-GPUS=${GPUS_PER_NODE:-$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-# NCCL: one channel per direction keeps TP communication ordered with compute (as Megatron-LM).
-export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-exec python3 -m torch.distributed.run \
-    --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$GPUS" \
-    --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" \
-    --rdzv-conf timeout=900 \
-    -m engine.train --config "$CONFIG" "$@"
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+knobs_launch
+PLAN_LAYOUT=${PLAN_LAYOUT:-0}               ## 1: TP/PP/CP from the planner when unset (else the config's)
+case ${1:-} in
+  -h|--help) usage; exit 0 ;;
+  ""|-*) usage >&2; exit 2 ;;
+esac
+CONFIG=$1
+shift
+parse_args --allow-overrides "$@"
+if [ -z "$TP$PP$CP" ] && [ "$PLAN_LAYOUT" = 0 ]; then
+  TP=$(config_value parallel.tensor_parallel "$CONFIG"); TP=${TP:-1}
+  PP=$(config_value parallel.pipeline_parallel "$CONFIG"); PP=${PP:-1}
+  CP=$(config_value parallel.context_parallel "$CONFIG"); CP=${CP:-1}
+fi
+train_stage "$CONFIG" --

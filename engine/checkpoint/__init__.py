@@ -49,6 +49,7 @@ from engine.checkpoint.integrity import (
 from engine.megatron_compat import (
     allocate_distributed_optimizer_state,
     patch_reshardable_optimizer_load,
+    untie_adam_steps,
 )
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import ParallelLayout
@@ -374,6 +375,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
         _unwrap(chunk).load_state_dict(chunk_state)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        untie_adam_steps(optimizer)
     nonfinite = nonfinite_tensors(model_chunks, optimizer)
     if nonfinite:
         raise DamagedCheckpoint(f"{path} holds NaN or Inf in {_listing(nonfinite)}")

@@ -17,6 +17,14 @@ def _row(plan) -> str:
             + f"{plan.cost:>7.2f}")
 
 
+def layout_overrides(layout) -> str:
+    """The layout as engine.train settings, e.g. "parallel.tensor_parallel=2 ..." (data parallel
+    is what the world size leaves, so it is not one)."""
+    settings = {key: value for key, value in layout.to_dict().items() if key != "data_parallel"}
+    return " ".join(f"parallel.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                    for key, value in settings.items())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_CONFIGS))
@@ -31,6 +39,9 @@ def main(argv=None) -> int:
     parser.add_argument("--loss", choices=("fused", "megatron"), default="fused",
                         help="fused: chunked linear + cross-entropy; megatron: full logits")
     parser.add_argument("--all", action="store_true", help="list every layout that fits")
+    parser.add_argument("--overrides", action="store_true",
+                        help="print only the recommended layout, as engine.train settings "
+                             "(parallel.key=value ...); the table goes to stderr if none fits")
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.gpus & (args.gpus - 1):
         parser.error(f"--gpus {args.gpus}: the planner enumerates powers of two; round to one")
@@ -40,6 +51,11 @@ def main(argv=None) -> int:
     algorithms = ("all-gather", "ulysses") if args.cp_algorithm == "both" else (args.cp_algorithm,)
     fitting, missing = plan_layouts(model, work, args.gpus, args.gpu_memory_gb, algorithms,
                                     args.global_batch)
+    if args.overrides and fitting:
+        print(layout_overrides(fitting[0].layout))
+        return 0
+    if args.overrides:
+        sys.stdout = sys.stderr  # the diagnosis, where a caller reading the settings shows it
     budget = args.gpu_memory_gb * GIB * USABLE_FRACTION / GIB
     print(f"{args.model} ({model.num_parameters() / 1e9:.2f}B parameters), seq_length "
           f"{args.seq_length}, micro-batch {args.micro_batch}, global batch {args.global_batch}, "

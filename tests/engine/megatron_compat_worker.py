@@ -3,7 +3,9 @@ engine.megatron_compat patches still there in the installed megatron-core?
 
 Prints one JSON line: for the reshardable optimizer load, the error megatron's own copy raises
 and whether the patched load restores Adam's state exactly; for the optimizer state allocation,
-whether megatron can describe an empty distributed optimizer's state without it.
+whether megatron can describe an empty distributed optimizer's state without it; whether
+megatron's load shares one Adam step among the parameters, and the steps after the engine's
+load and one more step.
 """
 import json
 import sys
@@ -56,14 +58,32 @@ def main() -> None:
         fresh = build_training_state(plan)
         checkpoint.load_checkpoint(path, fresh.chunks, fresh.optimizer, model_config=model)
 
-        def moments(optimizer):
+        def adam_states(optimizer):
             inner = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") \
                 else optimizer
-            return [state[key] for state in inner.optimizer.state.values()
+            return list(inner.optimizer.state.values())
+
+        def moments(optimizer):
+            return [state[key] for state in adam_states(optimizer)
                     for key in ("exp_avg", "exp_avg_sq")]
 
         report["patched_restores_adam_state"] = all(
             torch.equal(a, b) for a, b in zip(moments(trained.optimizer), moments(fresh.optimizer)))
+        # 4. megatron's load gives every parameter one shared Adam step tensor; the engine's
+        # load gives each its own, so one more step counts once per parameter.
+        shared = build_training_state(plan)
+        untie = checkpoint.untie_adam_steps
+        checkpoint.untie_adam_steps = lambda optimizer: 0
+        try:
+            checkpoint.load_checkpoint(path, shared.chunks, shared.optimizer, model_config=model)
+        finally:
+            checkpoint.untie_adam_steps = untie
+        steps = [state["step"] for state in adam_states(shared.optimizer)]
+        report["megatron_load_shares_adam_step"] = (
+            len(steps) > 1 and len({id(step) for step in steps}) == 1)
+        train_step(fresh.chunks, fresh.optimizer, fresh.scheduler, [batch], 1, 16, 1)
+        report["adam_steps_after_one_more_step"] = sorted(
+            {float(state["step"]) for state in adam_states(fresh.optimizer)})
         # 3. An empty distributed optimizer cannot describe its state for loading by itself.
         empty = build_training_state(plan)
         inner = empty.optimizer.chained_optimizers[0] if hasattr(

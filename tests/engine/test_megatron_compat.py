@@ -79,3 +79,8 @@ def test_reshardable_optimizer_load_still_needs_the_patch_and_the_patch_restores
         f"drop patch_reshardable_optimizer_load if it now restores the state itself")
     assert report["patched_restores_adam_state"]
     assert report["optimizer_state_empty_before_allocation"]
+    assert report["megatron_load_shares_adam_step"], (
+        "megatron's distributed-optimizer load no longer gives every parameter one shared Adam "
+        "step tensor: drop untie_adam_steps (patch 4)")
+    # Saved after step 1; one more step after loading: every parameter is at step 2.
+    assert report["adam_steps_after_one_more_step"] == [2.0]

@@ -1,5 +1,6 @@
 """Memory planner: the CLI a user runs, its refusals, and its predictions against measurement."""
 import json
+import subprocess
 import sys
 
 import pytest
@@ -8,6 +9,7 @@ from engine.model.config import get_model_config
 from engine.parallel.layout import ParallelLayout
 from engine.planner.memory import GIB, Workload, estimate_memory
 from engine.planner.plan import PlanError, check_fits, plan_layouts
+from engine.training.config import load_config
 from tests import distributed
 from tests.distributed import run_command
 
@@ -86,3 +88,24 @@ def test_predictions_match_measured_cpu_memory(tmp_path):
         bound = (ACTIVATION_ERROR_NO_RECOMPUTE if row["recompute"] == "none"
                  else ACTIVATION_ERROR_FULL_RECOMPUTE)
         assert abs(row["activation_bytes_error"]) <= bound, row
+
+
+def test_overrides_print_the_recommended_layout_as_train_settings():
+    result = _planner("--model", "llama3-8b", "--seq-length", "524288", "--gpus", "64",
+                      "--gpu-memory-gb", "80", "--overrides")
+    assert result.returncode == 0, result.stdout
+    best = plan_layouts(get_model_config("llama3-8b"), Workload(524288), 64, 80)[0][0].layout
+    settings = dict(item.split("=", 1) for item in result.stdout.split())
+    expected = {f"parallel.{key}": str(value).lower() if isinstance(value, bool) else str(value)
+                for key, value in best.to_dict().items() if key != "data_parallel"}
+    assert settings == expected and len(result.stdout.strip().splitlines()) == 1
+    # They load as the train config's parallel section.
+    config = load_config([], list(result.stdout.split()))
+    assert config.parallel.context_parallel == best.context_parallel > 1
+    assert config.parallel.recompute == best.recompute
+    nothing = subprocess.run([sys.executable, "-m", "engine.planner", "--model", "llama3-70b",
+                              "--seq-length", "524288", "--gpus", "8", "--overrides"],
+                             capture_output=True, text=True, env=distributed.test_env(),
+                             cwd=distributed.REPO, timeout=60)
+    assert nothing.returncode == 1 and nothing.stdout == ""  # no settings a caller could take
+    assert "no layout fits" in nothing.stderr and "fix:" in nothing.stderr

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stage 04: ProLong stage 1 -- continued pre-training of the imported Llama-3-8B-Instruct at
+# 64K tokens, RoPE base 8e6, with the published hyper-parameters (engine/configs/
+# prolong-stage1-64k.yaml: 5,000 steps x 64 sequences, lr 1e-5, 10% warm-up, cosine to 10%).
+# Run it on every node (NODE_RANK 0..NNODES-1), or under SLURM:
+#   sbatch --nodes=8 --gpus-per-node=8 examples/train_slurm.sbatch examples/prolong/04_train_stage1_64k.sh
+# Relaunching resumes from the run's latest checkpoint; SIGTERM saves one and stops.
+# Extra arguments are engine.train overrides (section.key=value).
+set -euo pipefail
+# shellcheck source=../common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+knobs_recipe_paths
+knobs_launch
+CONFIG=${CONFIG:-$REPO/engine/configs/prolong-stage1-64k.yaml}  ## the stage's engine.train config
+parse_args --allow-overrides "$@"
+
+configs=("$CONFIG")
+[ "$TINY" = 0 ] || configs+=("$REPO/examples/prolong/tiny/train.yaml")
+need_packed "$PACKED_DIR/stage1" examples/prolong/02_build_mixtures.sh
+need_checkpoint "$IMPORT_CKPT" examples/prolong/03_import_model.sh
+train_stage "${configs[@]}" -- data.path="$PACKED_DIR/stage1" checkpoint.dir="$STAGE1_CKPT" \
+  checkpoint.init_from="$IMPORT_CKPT"
