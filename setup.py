@@ -17,7 +17,7 @@ setup(
         # Tested: torch 2.13.0 (CPU, this repo's CI) and 2.11 (H100 machine).
         "torch>=2.6,<2.14",
         # 0.16.1 is the newest for Python 3.11; our CPU shim patches its internals by name.
-        "megatron-core>=0.16.1,<0.17",
+        "megatron-core>=0.16.1,<0.19",
         "numpy>=1.24",
         "sentencepiece>=0.2",
         "tensorboard>=2.14",

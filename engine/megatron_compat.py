@@ -26,9 +26,18 @@ Patches:
    step, so after a resume the bias correction runs far ahead of the real step and the run
    leaves the uninterrupted one from its first step on. Each parameter gets its own copy.
 
-Checked on: megatron-core 0.16.1 (the newest for Python 3.11) by the CPU suite. In 0.17.0,
-0.18.0 and 0.19.2 (Python >= 3.12) the functions both patches replace still behave the same
-(read from their wheels, not run).
+Differences between releases that the engine bridges:
+
+5. ``mark_tensor_parallel``: the engine initializes weights itself (``perform_initialization``
+   off), and megatron's grad-norm and checkpoint code read the tensor-parallel attributes that
+   megatron sets when it initializes. Up to 0.17 megatron sets none without initializing; from
+   0.18 its parallel linears and embeddings set them anyway and refuse a second setting.
+
+Checked on (the whole CPU suite, tests/ engine and kernel selection): megatron-core 0.16.1, the
+newest for Python 3.11, with torch 2.13; and 0.17.1 and 0.18.2 on Python 3.12 with torch 2.13
+(the releases NeMo/NGC images carry). 0.19 is not supported yet: it matches the optimizer's
+param groups by their learning rate when loading, so a stage that starts from another stage's
+optimizer state with a new lr fails, and it waits on CUDA streams while reducing gradients.
 """
 from __future__ import annotations
 
@@ -39,9 +48,10 @@ from importlib.metadata import version
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import random as megatron_random
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch.overrides import TorchFunctionMode
 
-CHECKED_VERSIONS = ("0.16.1",)
+CHECKED_VERSIONS = ("0.16.1", "0.17.1", "0.18.2")
 
 _cpu_support_enabled = False
 
@@ -193,3 +203,34 @@ def untie_adam_steps(optimizer) -> int:
             else:
                 seen.add(id(step))
     return copied
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Tensor-parallel attributes of weights the engine initializes
+# ---------------------------------------------------------------------------------------------
+
+_TENSOR_PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride")
+
+
+def mark_tensor_parallel(name: str, param: torch.nn.Parameter, dim: int | None,
+                         stride: int) -> None:
+    """Give ``param`` (canonical name ``name``) megatron's tensor-parallel attributes: split
+    along ``dim`` (None: replicated) in ``stride`` interleaved blocks per rank.
+
+    megatron-core >= 0.18 has already set them on its parallel linear and embedding weights when
+    the engine gets the model (0.16 and 0.17 only when megatron initializes weights itself);
+    there they must agree with the engine's sharding, or the two disagree about what a weight
+    shard holds (RuntimeError naming the parameter).
+    """
+    wanted = (dim is not None, 0 if dim is None else dim, stride)
+    present = [hasattr(param, attribute) for attribute in _TENSOR_PARALLEL_ATTRIBUTES]
+    if not any(present):
+        set_tensor_model_parallel_attributes(param, *wanted)
+        return
+    found = tuple(getattr(param, attribute, None) for attribute in _TENSOR_PARALLEL_ATTRIBUTES)
+    # A replicated weight's dimension and stride mean nothing; megatron leaves its defaults.
+    if found != wanted and not (found[0] is False and wanted[0] is False):
+        raise RuntimeError(
+            f"megatron-core {megatron_version()} marks parameter {name} as "
+            f"(tensor_model_parallel, partition_dim, partition_stride) = {found}, the engine's "
+            f"sharding (engine/model/sharding.py) says {wanted}: make the two agree")

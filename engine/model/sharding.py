@@ -71,6 +71,12 @@ def tensor_parallel_dim(name: str):
     return {"rows": 0, "gate_up": 0, "cols": 1, "replicated": None}[_sharding_of(name)]
 
 
+def tensor_parallel_stride(name: str) -> int:
+    """megatron's ``partition_stride`` of a parameter: 2 for [gate; up], whose halves are each
+    split (megatron's MLP says the same of its fused fc1), 1 for every other parameter."""
+    return 2 if _sharding_of(name) == "gate_up" else 1
+
+
 def full_shape(name: str, local_shape: torch.Size, tp_size: int) -> torch.Size:
     kind = _sharding_of(name)
     shape = list(local_shape)

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from engine.megatron_compat import mark_tensor_parallel
 from engine.model.config import LlamaConfig
 from engine.model.gpt import LlamaGPTModel
 from engine.model.sharding import (
@@ -30,6 +30,7 @@ from engine.model.sharding import (
     full_shape,
     shard_for_rank,
     tensor_parallel_dim,
+    tensor_parallel_stride,
 )
 from engine.model.specs import core_attention_spec, llama_block_spec
 from engine.parallel.context.module import context_parallel_attention_spec
@@ -141,11 +142,9 @@ def initialize_canonically(chunk: torch.nn.Module, model: LlamaConfig, seed: int
         shape = full_shape(name, param.shape, tp_size)
         full = canonical_init(name, shape, model.init_method_std, model.num_layers, seed)
         param.copy_(shard_for_rank(name, full, tp_rank, tp_size))
-        # megatron sets these only when it initializes weights itself; its grad-norm and
-        # checkpoint code read them to tell sharded from replicated parameters.
-        dim = tensor_parallel_dim(name)
-        set_tensor_model_parallel_attributes(param, is_parallel=dim is not None,
-                                             dim=0 if dim is None else dim, stride=1)
+        # megatron's grad-norm and checkpoint code read these to tell sharded from replicated
+        # parameters; which of them megatron has set already depends on its release.
+        mark_tensor_parallel(name, param, tensor_parallel_dim(name), tensor_parallel_stride(name))
 
 
 def wrap_data_parallel(chunks: list[LlamaGPTModel], config: TransformerConfig,

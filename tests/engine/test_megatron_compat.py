@@ -84,3 +84,28 @@ def test_reshardable_optimizer_load_still_needs_the_patch_and_the_patch_restores
         "step tensor: drop untie_adam_steps (patch 4)")
     # Saved after step 1; one more step after loading: every parameter is at step 2.
     assert report["adam_steps_after_one_more_step"] == [2.0]
+
+
+def test_tensor_parallel_marks_are_set_where_missing_and_must_agree_where_megatron_set_them():
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    def marks(param):
+        return param.tensor_model_parallel, param.partition_dim, param.partition_stride
+
+    # megatron-core <= 0.17 leaves a weight it did not initialize unmarked.
+    gate_up = torch.nn.Parameter(torch.zeros(8, 4))
+    megatron_compat.mark_tensor_parallel("decoder.layers.0.mlp.linear_fc1.weight", gate_up, 0, 2)
+    assert marks(gate_up) == (True, 0, 2)
+    # >= 0.18 has marked it already: the same marks pass, and stay.
+    megatron_compat.mark_tensor_parallel("decoder.layers.0.mlp.linear_fc1.weight", gate_up, 0, 2)
+    assert marks(gate_up) == (True, 0, 2)
+    norm = torch.nn.Parameter(torch.ones(4))
+    megatron_compat.mark_tensor_parallel("decoder.final_layernorm.weight", norm, None, 1)
+    assert marks(norm) == (False, 0, 1)
+    # Marks that disagree with the engine's sharding stop the build, naming the parameter.
+    proj = torch.nn.Parameter(torch.zeros(4, 4))
+    set_tensor_model_parallel_attributes(proj, is_parallel=True, dim=0, stride=1)
+    with pytest.raises(RuntimeError, match=r"linear_proj\.weight as .*\(True, 0, 1\).* says "
+                                           r"\(True, 1, 1\)"):
+        megatron_compat.mark_tensor_parallel("decoder.layers.0.self_attention.linear_proj.weight",
+                                             proj, 1, 1)
