@@ -29,6 +29,9 @@ def test_env(**extra) -> dict:
         OMP_NUM_THREADS="1",
         PYTHONWARNINGS="ignore",
     )
+    # engine.train run without torchrun binds MASTER_PORT (29500 by default), which another
+    # job on the machine may hold.
+    env.setdefault("MASTER_PORT", str(free_port()))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -21,7 +21,7 @@ from engine.checkpoint import integrity
 from engine.convert.__main__ import main as convert_main
 from engine.convert.export import export_checkpoint
 from engine.convert.importer import import_checkpoint
-from tests.distributed import run_command, torchrun
+from tests.distributed import free_port, run_command, test_env, torchrun
 from tests.engine.conftest import TRAIN_TEST_CONFIG
 from tests.engine.test_convert_layouts import random_hf_llama
 from tests.engine.test_train import metrics, train_args
@@ -60,7 +60,9 @@ def train(run: Path, config: str, data: str, *overrides, launcher="python"):
                       *overrides)
     if launcher == "torchrun":
         return torchrun("engine.train", 1, args, check=False)
-    return run_command([sys.executable, "-m", "engine.train", *args], timeout=300)
+    # A free port: the default (29500) may be taken by another job on the machine.
+    return run_command([sys.executable, "-m", "engine.train", *args], timeout=300,
+                       env=test_env(MASTER_PORT=free_port()))
 
 
 @pytest.fixture(scope="module")

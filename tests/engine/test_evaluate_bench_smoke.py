@@ -15,4 +15,6 @@ def test_bench_eval_forward_runs_both_sides():
     assert len(rows) == 2, result.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[4].rstrip("x")) > 0 and float(cells[7]) > 0
+        # At smoke sizes a side's peak may not rise above what loading already reached: the
+        # memory ratio can be 0, never negative; the speed ratio needs both sides' times.
+        assert float(cells[4].rstrip("x")) > 0 and float(cells[7]) >= 0
