@@ -276,6 +276,13 @@ resolve_layout() {
 # train_stage [--unbuilt-seq-length N] CONFIG... -- OVERRIDE...: check the launch settings,
 # resolve the layout, and run engine.train under torchrun on this node (MODE=check: print the
 # command only; N: the packing length of data not built yet, for --check).
+# recipe_stage_configs CONFIG: the stage's config, then (TINY=1) the tiny model's, into
+# STAGE_CONFIGS: every training stage of the recipe shrinks the same way.
+recipe_stage_configs() {
+  STAGE_CONFIGS=("$1")
+  [ "$TINY" = 0 ] || STAGE_CONFIGS+=("$REPO/examples/prolong/tiny/train.yaml")
+}
+
 train_stage() {
   local configs=() overrides=() unbuilt_seq_length=""
   if [ "$1" = --unbuilt-seq-length ]; then unbuilt_seq_length=$2; shift 2; fi

@@ -14,9 +14,8 @@ knobs_launch
 CONFIG=${CONFIG:-$REPO/engine/configs/prolong-stage2-512k.yaml}  ## the stage's engine.train config
 parse_args --allow-overrides "$@"
 
-configs=("$CONFIG")
-[ "$TINY" = 0 ] || configs+=("$REPO/examples/prolong/tiny/train.yaml")
+recipe_stage_configs "$CONFIG"
 need_packed "$PACKED_DIR/stage2" examples/prolong/02_build_mixtures.sh
 need_checkpoint "$STAGE1_CKPT" examples/prolong/04_train_stage1_64k.sh
-train_stage "${configs[@]}" -- data.path="$PACKED_DIR/stage2" checkpoint.dir="$STAGE2_CKPT" \
+train_stage "${STAGE_CONFIGS[@]}" -- data.path="$PACKED_DIR/stage2" checkpoint.dir="$STAGE2_CKPT" \
   checkpoint.init_from="$STAGE1_CKPT"

@@ -18,8 +18,7 @@ SFT_OVERFLOW=${SFT_OVERFLOW:-drop}          ## a conversation that does not fit:
 CONFIG=${CONFIG:-$REPO/engine/configs/prolong-sft.yaml}  ## the stage's engine.train config
 parse_args --allow-overrides "$@"
 
-configs=("$CONFIG")
-[ "$TINY" = 0 ] || configs+=("$REPO/examples/prolong/tiny/train.yaml")
+recipe_stage_configs "$CONFIG"
 SFT_PACKED="$PACKED_DIR/sft"
 need_checkpoint "$STAGE2_CKPT" examples/prolong/05_train_stage2_512k.sh
 need_int SFT_SEQ_LENGTH
@@ -49,5 +48,5 @@ else
     done
   fi
 fi
-train_stage --unbuilt-seq-length "$SFT_SEQ_LENGTH" "${configs[@]}" -- data.path="$SFT_PACKED" checkpoint.dir="$SFT_CKPT" \
+train_stage --unbuilt-seq-length "$SFT_SEQ_LENGTH" "${STAGE_CONFIGS[@]}" -- data.path="$SFT_PACKED" checkpoint.dir="$SFT_CKPT" \
   checkpoint.init_from="$STAGE2_CKPT"
