@@ -1,7 +1,7 @@
 """The engine's packages import only downward, with no cycle, and nothing imports inside a function
 to hide one.
 
-Layers, lowest first: megatron_compat; model (what the model is, nothing about parallelism);
+Layers, lowest first: megatron_compat and device (where tensors live); model (what the model is, nothing about parallelism);
 parallel (how it is spread); checkpoint; training (plan, build, data, step); then the users of
 training side by side (convert, planner, evaluate, tools); the entry point train.py on top.
 A module may import its own package and any lower layer, never a higher or a sibling one.
@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.distributed import REPO
 
 LAYERS = {
-    "engine.megatron_compat": 0,
+    "engine.megatron_compat": 0, "engine.device": 0,
     "engine.model": 1,
     "engine.parallel": 2,
     "engine.checkpoint": 3,
