@@ -60,7 +60,9 @@ DAMAGED_PREFIX = "damaged_"
 _STEP_NAME = re.compile(r"step_(\d{8})")
 # Fields whose change makes weights incompatible; rope_base and context length may change.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "vocab_size")
+                "ffn_hidden_size", "vocab_size", "kv_channels", "untie_embeddings")
+# Shape fields that checkpoints from before the field existed do not record: their defaults.
+_SHAPE_DEFAULTS = {"kv_channels": None, "untie_embeddings": True}
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -329,8 +331,9 @@ def check_compatible(path: str | Path, model_config: LlamaConfig) -> dict:
     check_complete(path)
     state = read_checkpoint_state(path)
     saved = state["model_config"]
-    mismatches = [f"{field}: checkpoint {saved[field]} vs config {getattr(model_config, field)}"
-                  for field in SHAPE_FIELDS if saved[field] != getattr(model_config, field)]
+    mismatches = [f"{field}: checkpoint {saved.get(field, _SHAPE_DEFAULTS.get(field))} vs config "
+                  f"{getattr(model_config, field)}" for field in SHAPE_FIELDS
+                  if saved.get(field, _SHAPE_DEFAULTS.get(field)) != getattr(model_config, field)]
     if mismatches:
         raise CheckpointError(
             f"checkpoint {path} holds a different model shape ({'; '.join(mismatches)}): load it "
