@@ -338,6 +338,15 @@ def check_compatible(path: str | Path, model_config: LlamaConfig) -> dict:
         raise CheckpointError(
             f"checkpoint {path} holds a different model shape ({'; '.join(mismatches)}): load it "
             f"with the model config it was trained with")
+    saved_scaling = saved.get("rope_scaling")
+    if saved_scaling and model_config.rope_scaling is None:
+        # Dropping the scaling changes every long-wavelength frequency the weights learned;
+        # continuing with plain RoPE is a choice made at import (--rope-base), not by omission.
+        raise CheckpointError(
+            f"checkpoint {path} uses RoPE with {saved_scaling.get('rope_type')} scaling "
+            f"{saved_scaling}, the config plain RoPE: keep it with model.overrides.rope_scaling "
+            f"set to that mapping, or import the Hugging Face model again with --rope-base to "
+            f"continue with plain RoPE at a new base")
     return state
 
 

@@ -4,7 +4,8 @@ parallel layout (gloo, fp32, CPU).
     --mode logits: full-vocabulary logits of fixed random tokens, gathered over TP (vocabulary
                    shards) and CP (sequence chunks) on the last pipeline stage -> OUT/logits.pt
     --mode train:  one training step from the imported weights, then every rank's canonical
-                   weights -> OUT/weights_rank{r}.pt and a checkpoint under OUT/ckpt
+                   weights -> OUT/weights_rank{r}.pt (OUT/init_rank{r}.pt: the fresh model's,
+                   before the import is loaded) and a checkpoint under OUT/ckpt
 """
 from __future__ import annotations
 
@@ -78,9 +79,16 @@ def _logits(args, model, chunks) -> None:
                         "logits": logits[:, :model.vocab_size]}, Path(args.out) / "logits.pt")
 
 
+def _save_weights(chunks, path: Path) -> None:
+    """This rank's parameters under their canonical names."""
+    from engine.model.sharding import canonical_named_parameters
+
+    torch.save({name: param.detach().clone() for chunk in chunks
+                for name, param in canonical_named_parameters(chunk)}, path)
+
+
 def _train(args, model, plan, chunks, optimizer, scheduler) -> None:
     from engine.checkpoint import save_checkpoint
-    from engine.model.sharding import canonical_named_parameters
     from engine.training.data import MicroBatch
     from engine.training.step import train_step
 
@@ -91,10 +99,7 @@ def _train(args, model, plan, chunks, optimizer, scheduler) -> None:
                      for i in range(plan.num_microbatches)]
     train_step(chunks, optimizer, scheduler, micro_batches, plan.num_microbatches,
                args.seq_length, 1)
-    rank = torch.distributed.get_rank()
-    weights = {name: param.detach().clone() for chunk in chunks
-               for name, param in canonical_named_parameters(chunk)}
-    torch.save(weights, Path(args.out) / f"weights_rank{rank}.pt")
+    _save_weights(chunks, Path(args.out) / f"weights_rank{torch.distributed.get_rank()}.pt")
     save_checkpoint(Path(args.out) / "ckpt", 1, chunks, optimizer, scheduler, model,
                     plan.layout, {"consumed_samples": plan.global_batch})
 
@@ -129,6 +134,7 @@ def main(argv=None) -> int:
             _logits(args, model, chunks)
         else:
             state = build_training_state(plan)
+            _save_weights(state.chunks, Path(args.out) / f"init_rank{torch.distributed.get_rank()}.pt")
             load_checkpoint(source, state.chunks, optimizer=None, model_config=model)
             state.optimizer.reload_model_params()
             _train(args, model, plan, state.chunks, state.optimizer, state.scheduler)

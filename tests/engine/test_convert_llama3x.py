@@ -140,6 +140,9 @@ def test_tied_model_trains_in_pp2_with_one_matrix(models, tmp_path):
     key = "embedding.word_embeddings.weight"
     (single,) = runs["pp1"]
     first, last = runs["pp2"]
+    # A fresh tied model starts as one matrix too (canonical init names both copies alike).
+    fresh = [torch.load(tmp_path / f"pp2/init_rank{rank}.pt")[key] for rank in (0, 1)]
+    assert torch.equal(fresh[0], fresh[1])
     assert "output_layer.weight" not in single and "output_layer.weight" not in last
     assert torch.equal(first[key], last[key])  # the tie held
     imported = read_hf_tensors(models / "hf3.2")["model.embed_tokens.weight"]
@@ -151,6 +154,29 @@ def test_tied_model_trains_in_pp2_with_one_matrix(models, tmp_path):
     assert "lm_head.weight" not in exported
     assert torch.equal(exported["model.embed_tokens.weight"], first[key][:256])
     assert json.loads((tmp_path / "hf/config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_a_scaled_checkpoint_is_not_trained_as_plain_rope_by_omission(models):
+    """Training from an import names its RoPE scaling, tie and head_dim in model.overrides;
+    leaving the scaling out is refused (plain RoPE is chosen at import, with --rope-base)."""
+    from engine.checkpoint import CheckpointError, check_compatible
+    from engine.model.config import get_model_config
+    from engine.parallel.layout import ParallelLayout
+    from engine.training.plan import RunPlan
+
+    step = models / "ckpt3.2/step_00000000"
+    scaling = json.loads((step / "engine_state.json").read_text())["model_config"]["rope_scaling"]
+    shape = dict(num_layers=2, vocab_size=256, ffn_hidden_size=128, kv_channels=32,
+                 max_position_embeddings=1024, rope_base=10_000.0)
+    with pytest.raises(CheckpointError, match="model.overrides.rope_scaling"):
+        check_compatible(step, get_model_config("tiny", untie_embeddings=False, **shape))
+    with pytest.raises(CheckpointError, match="untie_embeddings: checkpoint False vs config True"):
+        check_compatible(step, get_model_config("tiny", rope_scaling=scaling, **shape))
+    model = get_model_config("tiny", rope_scaling=scaling, untie_embeddings=False, **shape)
+    assert check_compatible(step, model)["step"] == 0
+    described = RunPlan.create(model, ParallelLayout(), seq_length=64, global_batch=1).describe()
+    assert "RoPE base 10000 with llama3 scaling (factor 32" in described
+    assert "tied embeddings" in described
 
 
 # ---------------------------------------------------------------------------------------------
