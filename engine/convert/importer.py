@@ -22,10 +22,10 @@ from engine.convert.dist_checkpoint import DistCheckpointWriter
 from engine.convert.hf_mapping import (
     CHECKPOINT_NORM_LAYOUT,
     ConversionError,
-    checkpoint_key,
     checked_number,
-    read_json_object,
+    checkpoint_key,
     llama_config_from_hf,
+    read_json_object,
     rope_scaling_of,
     weight_mappings,
 )

@@ -156,6 +156,39 @@ def test_tied_model_trains_in_pp2_with_one_matrix(models, tmp_path):
     assert json.loads((tmp_path / "hf/config.json").read_text())["tie_word_embeddings"] is True
 
 
+def test_published_config_spellings_are_read():
+    """Llama-3.1-8B's and Llama-3.2-1B's config.json as published (transformers 4 spelling:
+    rope_theta beside rope_scaling)."""
+    from engine.convert.hf_mapping import llama_config_from_hf
+
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    llama31 = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+               "rope_scaling": scaling, "tie_word_embeddings": False, "rms_norm_eps": 1e-05}
+    config = llama_config_from_hf(llama31, "config.json")
+    assert config.rope_base == 500000.0 and config.rope_scaling.to_dict() == {
+        "rope_type": "llama3", **{k: v for k, v in scaling.items() if k != "rope_type"}}
+    assert config.untie_embeddings and config.kv_channels is None and config.head_dim == 128
+    llama32 = {**llama31, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+               "head_dim": 64, "tie_word_embeddings": True,
+               "rope_scaling": {**scaling, "factor": 32.0}}
+    config = llama_config_from_hf(llama32, "config.json")
+    assert not config.untie_embeddings and config.rope_scaling.factor == 32.0
+    assert config.kv_channels is None and config.head_dim == 64  # 2048 / 32: nothing to carry
+    plain = llama_config_from_hf(llama32, "config.json", rope_base=8e6)
+    assert plain.rope_scaling is None and plain.rope_base == 8e6
+
+
+def test_untying_on_purpose_gives_the_output_layer_a_copy(models, tmp_path):
+    import_checkpoint(models / "hf3.2", tmp_path / "ckpt", untie_embeddings=True, **QUIET)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "out", dtype="float32", **QUIET)
+    exported = read_hf_tensors(tmp_path / "out")
+    assert torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])
+    assert json.loads((tmp_path / "out/config.json").read_text())["tie_word_embeddings"] is False
+
+
 def test_a_scaled_checkpoint_is_not_trained_as_plain_rope_by_omission(models):
     """Training from an import names its RoPE scaling, tie and head_dim in model.overrides;
     leaving the scaling out is refused (plain RoPE is chosen at import, with --rope-base)."""
