@@ -60,7 +60,9 @@ DAMAGED_PREFIX = "damaged_"
 _STEP_NAME = re.compile(r"step_(\d{8})")
 # Fields whose change makes weights incompatible; rope_base and context length may change.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "vocab_size")
+                "ffn_hidden_size", "vocab_size", "kv_channels", "untie_embeddings")
+# Shape fields that checkpoints from before the field existed do not record: their defaults.
+_SHAPE_DEFAULTS = {"kv_channels": None, "untie_embeddings": True}
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -329,12 +331,22 @@ def check_compatible(path: str | Path, model_config: LlamaConfig) -> dict:
     check_complete(path)
     state = read_checkpoint_state(path)
     saved = state["model_config"]
-    mismatches = [f"{field}: checkpoint {saved[field]} vs config {getattr(model_config, field)}"
-                  for field in SHAPE_FIELDS if saved[field] != getattr(model_config, field)]
+    mismatches = [f"{field}: checkpoint {saved.get(field, _SHAPE_DEFAULTS.get(field))} vs config "
+                  f"{getattr(model_config, field)}" for field in SHAPE_FIELDS
+                  if saved.get(field, _SHAPE_DEFAULTS.get(field)) != getattr(model_config, field)]
     if mismatches:
         raise CheckpointError(
             f"checkpoint {path} holds a different model shape ({'; '.join(mismatches)}): load it "
             f"with the model config it was trained with")
+    saved_scaling = saved.get("rope_scaling")
+    if saved_scaling and model_config.rope_scaling is None:
+        # Dropping the scaling changes every long-wavelength frequency the weights learned;
+        # continuing with plain RoPE is a choice made at import (--rope-base), not by omission.
+        raise CheckpointError(
+            f"checkpoint {path} uses RoPE with {saved_scaling.get('rope_type')} scaling "
+            f"{saved_scaling}, the config plain RoPE: keep it with model.overrides.rope_scaling "
+            f"set to that mapping, or import the Hugging Face model again with --rope-base to "
+            f"continue with plain RoPE at a new base")
     return state
 
 

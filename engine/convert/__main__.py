@@ -1,9 +1,9 @@
 """Command line: ``python -m engine.convert {export,import,verify} ...`` (``--help`` on each).
 
-Bad input (not a Llama folder, a missing shard, shapes that disagree with the config, a layout
-that does not divide the model, a damaged checkpoint or one holding NaN/Inf weights) prints one
-line naming the file or tensor and the fix, and exits with code 2, leaving no output folder
-behind.
+Bad input (not a Llama folder, a missing shard, shapes that disagree with the config, a RoPE
+scaling the engine does not implement, a layout that does not divide the model, a damaged
+checkpoint or one holding NaN/Inf weights, an --out that cannot be written) prints one line
+naming the file or tensor and the fix, and exits with code 2, leaving no output folder behind.
 """
 from __future__ import annotations
 
@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
     imp.add_argument("--out", required=True, help="checkpoint root to create")
     imp.add_argument("--rope-base", type=float,
-                     help="RoPE base to continue training with (ProLong: 8e6)")
+                     help="continue with plain RoPE at this base (ProLong: 8e6), replacing the "
+                     "checkpoint's RoPE scaling if it has one; default: keep the checkpoint's "
+                     "RoPE (plain, or Llama-3.1's llama3 scaling)")
+    imp.add_argument("--untie-embeddings", action="store_true",
+                     help="give a model with tied embeddings (Llama-3.2-1B/3B) an output layer of "
+                     "its own, starting as a copy of the embedding; default: keep them tied")
     imp.add_argument("--model-config-overrides", nargs="*", default=[], metavar="FIELD=VALUE",
                      help="e.g. max_position_embeddings=65536 (rope_base, "
                      "max_position_embeddings, norm_eps, init_method_std)")
@@ -67,7 +72,8 @@ def main(argv=None) -> int:
             import_checkpoint(args.hf, args.out, rope_base=args.rope_base,
                               overrides=parse_overrides(args.model_config_overrides),
                               tensor_parallel=args.tensor_parallel,
-                              pipeline_parallel=args.pipeline_parallel, dtype=args.dtype)
+                              pipeline_parallel=args.pipeline_parallel, dtype=args.dtype,
+                              untie_embeddings=args.untie_embeddings)
         else:
             result = verify_logits(args.checkpoint, args.hf, seq_length=args.seq_length,
                                    batch=args.batch, seed=args.seed)

@@ -34,6 +34,7 @@ from engine.convert.hf_mapping import (
     checkpoint_key,
     detect_norm_layout,
     hf_config_from_llama,
+    read_json_object,
     weight_mappings,
 )
 from engine.convert.safetensors_io import ShardedSafetensorsWriter, parse_size
@@ -61,16 +62,26 @@ def _token_id(tokenizer_dir: Path, token) -> Optional[int]:
         token = token.get("content")
     if token is None:
         return None
-    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    for token_id, entry in config.get("added_tokens_decoder", {}).items():
-        if entry.get("content") == token:
-            return int(token_id)
-    tokenizer_json = tokenizer_dir / "tokenizer.json"
-    if tokenizer_json.exists():
-        for entry in json.loads(tokenizer_json.read_text()).get("added_tokens", []):
+    config = _tokenizer_json(tokenizer_dir / "tokenizer_config.json")
+    try:
+        for token_id, entry in config.get("added_tokens_decoder", {}).items():
             if entry.get("content") == token:
-                return int(entry["id"])
+                return int(token_id)
+        tokenizer_json = tokenizer_dir / "tokenizer.json"
+        if tokenizer_json.exists():
+            for entry in _tokenizer_json(tokenizer_json).get("added_tokens", []):
+                if entry.get("content") == token:
+                    return int(entry["id"])
+    except (AttributeError, TypeError, ValueError, KeyError):
+        raise ConversionError(f"--tokenizer {tokenizer_dir}: the added tokens of "
+                              f"tokenizer_config.json or tokenizer.json are not the mappings a "
+                              f"Hugging Face tokenizer writes; re-save the tokenizer") from None
     return None
+
+
+def _tokenizer_json(path: Path) -> dict:
+    return read_json_object(path, "re-save the tokenizer with save_pretrained or pass another "
+                                  "--tokenizer")
 
 
 def special_token_ids(tokenizer_dir: Optional[Path], hf_state: dict, vocab_size: int) -> tuple:
@@ -80,7 +91,7 @@ def special_token_ids(tokenizer_dir: Optional[Path], hf_state: dict, vocab_size:
     bos = imported.get("bos_token_id", LLAMA3_BOS_ID if LLAMA3_BOS_ID < vocab_size else None)
     eos = imported.get("eos_token_id", LLAMA3_EOS_ID if LLAMA3_EOS_ID < vocab_size else None)
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").exists():
-        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        config = _tokenizer_json(tokenizer_dir / "tokenizer_config.json")
         bos = _token_id(tokenizer_dir, config.get("bos_token")) or bos
         eos = _token_id(tokenizer_dir, config.get("eos_token")) or eos
     return bos, eos
@@ -129,6 +140,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     out = Path(out)
     check_new_folder(out)
+    hf_state = state.get("hugging_face") or {}
+    bos, eos = special_token_ids(tokenizer_dir, hf_state, config.vocab_size)
 
     reader = DistCheckpointReader(source)
     mappings = weight_mappings(config, detect_norm_layout(reader.tensors))
@@ -146,8 +159,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, step: Optional[in
                     writer.write(name, hf_tensor)
             del tensors
         writer.finish()
-        hf_state = state.get("hugging_face") or {}
-        bos, eos = special_token_ids(tokenizer_dir, hf_state, config.vocab_size)
         hf_config = hf_config_from_llama(config, DTYPES[dtype], bos, eos)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = generation_config(hf_state.get("generation_config"), bos, eos)

@@ -16,25 +16,42 @@ maps its input_layernorm / pre_mlp_layernorm there); checkpoints from before tha
 used the local names, are still read.
 
 plus embedding.word_embeddings.weight <-> model.embed_tokens.weight, decoder.final_layernorm.weight
-<-> model.norm.weight and output_layer.weight <-> lm_head.weight (Llama-3 does not tie them).
+<-> model.norm.weight and output_layer.weight <-> lm_head.weight (Llama-3 and 3.1 do not tie
+them; Llama-3.2-1B/3B do, and then neither side has an output weight of its own).
 Both sides rotate half of each head (non-interleaved RoPE), so Q and K need no permutation.
 The engine's vocabulary may be padded for tensor-parallel divisibility; the padding rows are
 added on import and cut on export.
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from engine.model.config import LlamaConfig
+from engine.model.config import ROPE_SCALING_TYPES, LlamaConfig, RopeScaling
 from engine.model.sharding import NORM_CHECKPOINT_PREFIXES, tensor_parallel_dim
 
 
 class ConversionError(ValueError):
     """Input that cannot be converted; the message names the file or tensor and the fix."""
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON file that must hold one object; ConversionError naming the file and ``fix``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path}: not valid JSON ({error}); {fix}") from None
+    except OSError as error:
+        raise ConversionError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: holds a {type(value).__name__}, not a JSON object; {fix}")
+    return value
 
 
 # Where a checkpoint keeps the two per-layer norm weights.
@@ -158,10 +175,11 @@ def weight_mappings(config: LlamaConfig,
             TensorMapping(ours + "mlp.linear_fc2.weight", (theirs + "mlp.down_proj.weight",),
                           ((h, f),)),
         ]
-    mappings += [
-        TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",), ((h,),)),
-        TensorMapping("output_layer.weight", ("lm_head.weight",), ((v, h),), vocab_rows=True),
-    ]
+    mappings.append(TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",),
+                                  ((h,),)))
+    if config.untie_embeddings:  # tied: the embedding is the output layer, no lm_head
+        mappings.append(TensorMapping("output_layer.weight", ("lm_head.weight",), ((v, h),),
+                                      vocab_rows=True))
     for mapping in mappings:
         # Every engine name must be one the sharding rules know, or a layout could not load it.
         tensor_parallel_dim(mapping.engine_name)
@@ -200,22 +218,63 @@ def detect_norm_layout(checkpoint_keys) -> str:
 # Config mapping
 # ---------------------------------------------------------------------------------------------
 
-def rope_theta_of(hf_config: dict) -> float:
+# Why a Hugging Face RoPE scaling the engine does not implement can still be trained.
+PLAIN_ROPE_CHOICE = ("or continue with plain RoPE at a new base by passing --rope-base (ProLong "
+                     "continues Llama-3-8B with 8e6)")
+
+
+def _mapping(hf_config: dict, key: str, source: str) -> dict:
+    """hf_config[key] as a dict ({} when absent or null); ConversionError for anything else."""
+    value = hf_config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConversionError(f"{source}: {key} is {value!r}, not a mapping; Llama configs give "
+                              f"it as {{\"rope_type\": ..., ...}} or null")
+    return value
+
+
+def checked_number(value, key: str, source: str, whole: bool = False, minimum: float = 0.0,
+            example: str = "") -> float | int:
+    """``value`` checked as a (whole) finite number above ``minimum``; ConversionError naming
+    the key, the value and the fix otherwise."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and value > minimum and (not whole or value == int(value)))
+    if not ok:
+        kind = "a whole number" if whole else "a number"
+        raise ConversionError(f"{source}: {key} is {value!r}; it must be {kind} above "
+                              f"{minimum:g}{f', e.g. {example}' if example else ''}")
+    return int(value) if whole else float(value)
+
+
+def rope_theta_of(hf_config: dict, source: str = "config.json") -> float:
     """RoPE base from a config.json (transformers 4 'rope_theta' or 5 'rope_parameters')."""
-    params = hf_config.get("rope_parameters") or {}
+    params = _mapping(hf_config, "rope_parameters", source)
     theta = params.get("rope_theta", hf_config.get("rope_theta"))
-    return float(theta) if theta is not None else 10_000.0
+    if theta is None:
+        return 10_000.0
+    return checked_number(theta, "rope_theta", source, minimum=1.0, example="500000.0")
 
 
-def rope_scaling_of(hf_config: dict) -> Optional[dict]:
+def rope_scaling_of(hf_config: dict, source: str = "config.json") -> Optional[dict]:
     """The config's RoPE scaling if it is anything but plain RoPE, else None."""
-    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    scaling = (_mapping(hf_config, "rope_scaling", source)
+               or _mapping(hf_config, "rope_parameters", source))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     return None if kind in (None, "default") else scaling
 
 
-def llama_config_from_hf(hf_config: dict, source: str) -> LlamaConfig:
-    """The engine's LlamaConfig for a Hugging Face config.json (``source`` names it in errors)."""
+def llama_config_from_hf(hf_config: dict, source: str,
+                         rope_base: Optional[float] = None) -> LlamaConfig:
+    """The engine's LlamaConfig for a Hugging Face config.json (``source`` names it in errors).
+
+    RoPE: the config's own (plain, or llama3 scaling, which the engine implements), unless
+    ``rope_base`` is given: then plain RoPE at that base, whatever the config's scaling (the
+    explicit choice ProLong made). Tied embeddings and an explicit head_dim are carried.
+    """
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{source}: holds a {type(hf_config).__name__}, not a JSON object; "
+                              f"a Hugging Face config.json is one object of settings")
     if hf_config.get("model_type") != "llama":
         raise ConversionError(
             f"{source}: model_type is {hf_config.get('model_type')!r}, not 'llama': only Llama "
@@ -232,28 +291,64 @@ def llama_config_from_hf(hf_config: dict, source: str) -> LlamaConfig:
     if hf_config.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{source}: hidden_act {hf_config['hidden_act']!r} is not silu "
                               f"(the engine's SwiGLU)")
-    heads = hf_config["num_attention_heads"]
+    sizes = {key: checked_number(hf_config[key], key, source, whole=True, example="64")
+             for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "vocab_size")}
+    heads = sizes["num_attention_heads"]
+    groups = hf_config.get("num_key_value_heads")
+    groups = heads if groups is None else checked_number(groups, "num_key_value_heads", source,
+                                                  whole=True, example=str(heads))
+    max_positions = checked_number(hf_config.get("max_position_embeddings", 8192),
+                            "max_position_embeddings", source, whole=True, example="8192")
+    norm_eps = checked_number(hf_config.get("rms_norm_eps", 1e-5), "rms_norm_eps", source,
+                       example="1e-05")
+    init_std = checked_number(hf_config.get("initializer_range", 0.02), "initializer_range", source,
+                       example="0.02")
+    tied = hf_config.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ConversionError(f"{source}: tie_word_embeddings is {tied!r}; it must be true or "
+                              f"false")
+    head_dim = hf_config.get("head_dim")
+    if head_dim is not None:
+        head_dim = checked_number(head_dim, "head_dim", source, whole=True, example="128")
+    derived = sizes["hidden_size"] // heads if sizes["hidden_size"] % heads == 0 else None
+    theta = rope_theta_of(hf_config, source)
+    scaling = rope_scaling_of(hf_config, source)
+    if rope_base is not None:
+        theta, rope_scaling = float(rope_base), None
+    elif scaling is None:
+        rope_scaling = None
+    else:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ROPE_SCALING_TYPES:
+            raise ConversionError(
+                f"{source}: RoPE scaling type {kind!r} is not implemented by the engine, which "
+                f"implements plain RoPE and {', '.join(ROPE_SCALING_TYPES)} scaling: implement "
+                f"{kind!r} in csrc.rope (reference.py) and engine.model.config, {PLAIN_ROPE_CHOICE}")
+        try:
+            rope_scaling = RopeScaling.from_dict(scaling)
+        except ValueError as error:
+            raise ConversionError(f"{source}: {error}; fix config.json's RoPE scaling, "
+                                  f"{PLAIN_ROPE_CHOICE}") from None
     config = LlamaConfig(
-        num_layers=hf_config["num_hidden_layers"],
-        hidden_size=hf_config["hidden_size"],
+        num_layers=sizes["num_hidden_layers"],
+        hidden_size=sizes["hidden_size"],
         num_attention_heads=heads,
-        num_query_groups=hf_config.get("num_key_value_heads") or heads,
-        ffn_hidden_size=hf_config["intermediate_size"],
-        vocab_size=hf_config["vocab_size"],
-        rope_base=rope_theta_of(hf_config),
-        max_position_embeddings=hf_config.get("max_position_embeddings", 8192),
-        norm_eps=hf_config.get("rms_norm_eps", 1e-5),
-        init_method_std=hf_config.get("initializer_range", 0.02),
+        num_query_groups=groups,
+        ffn_hidden_size=sizes["intermediate_size"],
+        vocab_size=sizes["vocab_size"],
+        rope_base=theta,
+        max_position_embeddings=max_positions,
+        norm_eps=norm_eps,
+        init_method_std=init_std,
+        untie_embeddings=not tied,
+        rope_scaling=rope_scaling,
+        kv_channels=head_dim if head_dim is not None and head_dim != derived else None,
     )
     try:
         config.validate()
     except ValueError as error:
         raise ConversionError(f"{source}: {error}") from None
-    head_dim = hf_config.get("head_dim")
-    if head_dim is not None and head_dim != config.head_dim:
-        raise ConversionError(
-            f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads = "
-            f"{config.head_dim}; the engine derives the head dimension from those")
     return config
 
 
@@ -261,9 +356,10 @@ def hf_config_from_llama(config: LlamaConfig, dtype: torch.dtype, bos_token_id, 
                          extra: Optional[dict] = None) -> dict:
     """config.json for a LlamaForCausalLM of ``config``'s shape.
 
-    Both spellings of the RoPE base are written: 'rope_theta' (transformers 4, the published
-    Llama-3 configs) and 'rope_parameters' (transformers 5).
+    Both spellings of the RoPE base and scaling are written: 'rope_theta' and 'rope_scaling'
+    (transformers 4, the published Llama-3.1 configs) and 'rope_parameters' (transformers 5).
     """
+    scaling = config.rope_scaling.to_dict() if config.rope_scaling else {"rope_type": "default"}
     hf = dict(extra or {})
     hf.update(
         architectures=[HF_ARCHITECTURE],
@@ -278,8 +374,8 @@ def hf_config_from_llama(config: LlamaConfig, dtype: torch.dtype, bos_token_id, 
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_base,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_base},
-        rope_scaling=None,
+        rope_parameters={**scaling, "rope_theta": config.rope_base},
+        rope_scaling=scaling if config.rope_scaling else None,
         vocab_size=config.vocab_size,
         tie_word_embeddings=not config.untie_embeddings,
         attention_bias=False,

@@ -22,8 +22,10 @@ from engine.convert.dist_checkpoint import DistCheckpointWriter
 from engine.convert.hf_mapping import (
     CHECKPOINT_NORM_LAYOUT,
     ConversionError,
+    checked_number,
     checkpoint_key,
     llama_config_from_hf,
+    read_json_object,
     rope_scaling_of,
     weight_mappings,
 )
@@ -56,22 +58,33 @@ def read_hf_config(folder: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path}: missing; --hf must be a Hugging Face model folder "
                               f"(config.json and *.safetensors)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+    return read_json_object(path, "re-download it or re-save the model with save_pretrained")
 
 
-def check_hf_folder(hf: Path) -> LlamaConfig:
+def check_hf_folder(hf: Path, rope_base: Optional[float] = None,
+                    untie_embeddings: bool = False) -> LlamaConfig:
     """The LlamaConfig of Hugging Face folder ``hf`` after the checks import makes (config.json,
-    every shard the index names, every tensor's presence and shape); ConversionError naming the
-    file or tensor and the fix otherwise."""
-    config = llama_config_from_hf(read_hf_config(hf), str(hf / "config.json"))
+    every shard the index names, every tensor's presence and shape, tied matrices equal);
+    ConversionError naming the file or tensor and the fix otherwise."""
+    config = hf_folder_config(hf, read_hf_config(hf), rope_base, untie_embeddings)
     weights = HFWeightReader(hf)
     try:
         _check_hf_tensors(weights, weight_mappings(config, CHECKPOINT_NORM_LAYOUT), hf, config)
     finally:
         weights.close()
+    return config
+
+
+def hf_folder_config(hf: Path, hf_config: dict, rope_base: Optional[float] = None,
+                     untie_embeddings: bool = False) -> LlamaConfig:
+    """The engine config of folder ``hf`` as import makes it: its own RoPE unless ``rope_base``
+    (plain RoPE at that base), its own embedding tie unless ``untie_embeddings``."""
+    if rope_base is not None:
+        checked_number(rope_base, "--rope-base", "the command line", minimum=1.0, example="8e6")
+    config = llama_config_from_hf(hf_config, str(hf / "config.json"), rope_base=rope_base)
+    if untie_embeddings and not config.untie_embeddings:
+        # Untied on purpose: the output layer starts as a copy of the embedding.
+        config = config.replace(untie_embeddings=True)
     return config
 
 
@@ -99,8 +112,12 @@ def parse_overrides(items: list[str]) -> dict:
 def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float] = None,
                       overrides: Optional[dict] = None, tensor_parallel: int = 1,
                       pipeline_parallel: int = 1, dtype: Optional[str] = None,
-                      log=print) -> ImportResult:
+                      untie_embeddings: bool = False, log=print) -> ImportResult:
     """Write an engine checkpoint root ``out`` (``out/step_00000000`` and ``out/latest``).
+
+    RoPE stays the checkpoint's own (plain, or Llama-3.1's llama3 scaling) unless ``rope_base``
+    (or a rope_base override) is given: then plain RoPE at that base, ProLong's choice. Tied
+    embeddings (Llama-3.2-1B/3B) stay one matrix unless ``untie_embeddings``.
 
     ``tensor_parallel`` / ``pipeline_parallel``: the layout training will use; checked against
     the model now, and the vocabulary padded for it. The checkpoint loads with either layer spec
@@ -109,17 +126,23 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
     """
     hf = Path(hf)
     hf_config = read_hf_config(hf)
-    config = llama_config_from_hf(hf_config, str(hf / "config.json"))
     overrides = dict(overrides or {})
-    if rope_base is not None:
-        overrides["rope_base"] = float(rope_base)
-    scaling = rope_scaling_of(hf_config)
-    if scaling is not None and "rope_base" not in overrides:
-        raise ConversionError(
-            f"{hf / 'config.json'}: rope scaling {scaling} is not implemented by the engine (plain "
-            f"RoPE); pass --rope-base (ProLong continues Llama-3-8B with 8e6) to train with "
-            f"plain RoPE at a new base")
+    override_base = overrides.pop("rope_base", None)
+    if None not in (rope_base, override_base) and rope_base != override_base:
+        raise ConversionError(f"--rope-base {rope_base:g} and the override rope_base="
+                              f"{override_base:g} disagree; give one")
+    rope_base = override_base if rope_base is None else rope_base
+    config = hf_folder_config(hf, hf_config, rope_base, untie_embeddings)
     config = config.replace(**overrides)
+    try:
+        config.validate()
+    except ValueError as error:
+        raise ConversionError(f"--model-config-overrides: {error}") from None
+    scaling = rope_scaling_of(hf_config, str(hf / "config.json"))
+    if scaling is not None and config.rope_scaling is None:
+        log(f"note: {hf / 'config.json'} has {scaling.get('rope_type', scaling.get('type'))} "
+            f"RoPE scaling; the checkpoint uses plain RoPE at base {config.rope_base:g} as asked")
+    generation = _read_optional_json(hf / "generation_config.json")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
     layout = ParallelLayout(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
@@ -154,8 +177,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
                 # No optimizer state: load with optimizer=None and start a fresh optimizer.
                 "weights_only": True,
                 "hugging_face": {"source": str(hf.resolve()), "config": hf_config,
-                                 "generation_config": _read_optional_json(
-                                     hf / "generation_config.json"),
+                                 "generation_config": generation,
                                  "norm_layout": CHECKPOINT_NORM_LAYOUT},
                 "manifest": MANIFEST_FILE,
             }
@@ -165,7 +187,8 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
     finally:
         weights.close()
     result = ImportResult(out / "step_00000000", config, peak_rss_bytes())
-    log(f"imported {hf} -> {result.checkpoint} (rope_base {config.rope_base:g}, "
+    log(f"imported {hf} -> {result.checkpoint} ({config.describe_rope()}, "
+        f"{'untied' if config.untie_embeddings else 'tied'} embeddings, "
         f"{str(stored_dtype).removeprefix('torch.')}, loadable in any layout dividing the model"
         f"{f' with TP{tensor_parallel}' if padded_vocab != config.vocab_size else ''}); "
         f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
@@ -173,7 +196,9 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
 
 
 def _read_optional_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists():
+        return None
+    return read_json_object(path, "fix or delete it (it is optional)")
 
 
 def _check_hf_tensors(weights: HFWeightReader, mappings, folder: Path,
@@ -182,10 +207,19 @@ def _check_hf_tensors(weights: HFWeightReader, mappings, folder: Path,
     expected = {}
     for mapping in mappings:
         expected.update(zip(mapping.hf_names, mapping.hf_shapes))
-    if "lm_head.weight" not in weights.shapes and "model.embed_tokens.weight" in weights.shapes:
-        # Tied checkpoints (e.g. Llama-3.2-1B) store no lm_head: the engine's untied output
-        # layer starts as a copy of the embedding.
+    config_file = folder / "config.json"
+    has_head = "lm_head.weight" in weights.shapes
+    if config.untie_embeddings and not has_head and not _source_tied(folder):
+        raise ConversionError(
+            f"{config_file}: tie_word_embeddings is false, but the safetensors files hold no "
+            f"lm_head.weight; if the model ties its output layer to the embedding, set "
+            f"tie_word_embeddings to true, else the folder is incomplete: re-download it")
+    if "lm_head.weight" in expected and not has_head:
+        # Tied source untied on purpose: the output layer starts as a copy of the embedding.
         expected.pop("lm_head.weight")
+    if not config.untie_embeddings and has_head:
+        _check_tied_head(weights, folder)
+        expected["lm_head.weight"] = weights.shapes["lm_head.weight"]
     for name, shape in expected.items():
         if name not in weights.shapes:
             raise ConversionError(f"{folder}: tensor {name} is missing from the safetensors "
@@ -201,6 +235,24 @@ def _check_hf_tensors(weights: HFWeightReader, mappings, folder: Path,
         raise ConversionError(f"{folder / weights.file_of(unknown[0])}: tensor {unknown[0]} is "
                               f"not part of a Llama model ({len(unknown)} unknown tensors); "
                               f"only LlamaForCausalLM checkpoints can be imported")
+
+
+def _source_tied(folder: Path) -> bool:
+    return read_hf_config(folder).get("tie_word_embeddings") is True
+
+
+def _check_tied_head(weights: HFWeightReader, folder: Path) -> None:
+    """A tied config whose folder also stores lm_head.weight: it must equal the embedding."""
+    embedding, head = weights.get("model.embed_tokens.weight"), weights.get("lm_head.weight")
+    if embedding.shape != head.shape or not torch.equal(embedding, head):
+        differ = (f"shapes {tuple(embedding.shape)} and {tuple(head.shape)}"
+                  if embedding.shape != head.shape else
+                  f"max |difference| {(embedding.float() - head.float()).abs().max().item():.3g}")
+        raise ConversionError(
+            f"{folder / 'config.json'}: tie_word_embeddings is true, but "
+            f"{folder / weights.file_of('lm_head.weight')} holds an lm_head.weight that differs "
+            f"from model.embed_tokens.weight ({differ}); set tie_word_embeddings to false to "
+            f"keep both matrices, or import with --untie-embeddings")
 
 
 def _plan_checkpoint(weights: HFWeightReader, mappings, config: LlamaConfig, padded_vocab: int,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from engine.convert.hf_mapping import ConversionError
+from engine.convert.hf_mapping import ConversionError, read_json_object
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -141,11 +141,12 @@ class HFWeightReader:
         self.folder = Path(folder)
         index_path, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (ValueError, KeyError) as error:
-                raise ConversionError(f"{index_path}: not a safetensors index ({error}); "
-                                      f"re-save the model with save_pretrained") from None
+            fix = "re-save the model with save_pretrained or re-download the folder"
+            weight_map = read_json_object(index_path, fix).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(name, str) for name in weight_map.values()):
+                raise ConversionError(f"{index_path}: weight_map is {str(weight_map)[:80]!r}, not "
+                                      f"a mapping of tensor names to shard files; {fix}")
             files = sorted(set(weight_map.values()))
         elif single.exists():
             weight_map, files = None, [SINGLE_FILE]

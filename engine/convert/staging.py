@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from data_tools.atomic import staged_directory
+from data_tools.outputs import OutputError, check_output_location
 from engine.convert.hf_mapping import ConversionError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -20,9 +21,15 @@ def peak_rss_bytes() -> int:
 
 
 def check_new_folder(out: Path) -> None:
+    """``out`` can be created as a new folder: nothing there yet (or an empty folder), its
+    parents folders, and they writable."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"--out {out} exists and is not empty; choose a new folder or "
                               f"remove it")
+    try:
+        check_output_location(str(out), "--out")
+    except OutputError as error:
+        raise ConversionError(str(error)) from None
 
 
 @contextmanager

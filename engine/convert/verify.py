@@ -22,7 +22,10 @@ import torch
 
 from engine.checkpoint import (load_checkpoint, model_config_from_state, read_checkpoint_state,
                                resolve_checkpoint)
+from engine.checkpoint import SHAPE_FIELDS
+from engine.convert.hf_mapping import ConversionError
 from engine.convert.importer import check_hf_folder
+from engine.model.config import LlamaConfig
 from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
@@ -45,6 +48,27 @@ def _random_doc_lengths(total: int, generator: torch.Generator) -> np.ndarray:
     return np.diff(edges)
 
 
+def check_same_model(model: LlamaConfig, folder: LlamaConfig, checkpoint: Path,
+                     hf_folder: Path) -> None:
+    """ConversionError unless the checkpoint and the folder are the same architecture with the
+    same kind of RoPE (a different base alone is left to the logits to show)."""
+    differences = [f"{field} {getattr(model, field)} vs {getattr(folder, field)}"
+                   for field in (*SHAPE_FIELDS, "rope_scaling")
+                   if getattr(model, field) != getattr(folder, field)]
+    if not differences:
+        return
+    rope = ""
+    if model.rope_scaling != folder.rope_scaling:
+        rope = (f" The checkpoint uses {model.describe_rope()}, the folder {folder.describe_rope()}:"
+                f" their logits agree at short lengths and part beyond the original context, so"
+                f" no logit check compares them (an import with --rope-base replaces the"
+                f" folder's scaling on purpose).")
+    raise ConversionError(
+        f"{hf_folder / 'config.json'} describes another model than {checkpoint} "
+        f"({'; '.join(differences)}: checkpoint vs folder).{rope} Verify the checkpoint against "
+        f"its own export (python -m engine.convert export --checkpoint {checkpoint} --out DIR)")
+
+
 def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int = 64,
                   batch: int = 2, seed: int = 0) -> dict:
     """Max |engine - transformers| logit difference per case, and the worst one.
@@ -54,8 +78,12 @@ def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int
     """
     from transformers import LlamaForCausalLM  # a test extra, not an engine dependency
 
-    # The folder import would refuse is refused here too, before either model is loaded.
-    vocab = check_hf_folder(Path(hf_folder)).vocab_size
+    # The folder import would refuse is refused here too, before either model is loaded, and
+    # so is a folder of another model than the checkpoint's.
+    path = resolve_checkpoint(checkpoint)
+    model = model_config_from_state(read_checkpoint_state(path), path)
+    check_same_model(model, check_hf_folder(Path(hf_folder)), path, Path(hf_folder))
+    vocab = model.vocab_size
     generator = torch.Generator().manual_seed(seed)
     unpacked = torch.randint(0, vocab, (batch, seq_length), generator=generator)
     packed_tokens = torch.randint(0, vocab, (seq_length,), generator=generator).numpy()
@@ -78,8 +106,6 @@ def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int
             theirs[f"packed_{mode}_positions"] = torch.cat(pieces, dim=1)
     del hf_model
 
-    path = resolve_checkpoint(checkpoint)
-    model = model_config_from_state(read_checkpoint_state(path), path)
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     plan = RunPlan.create(model, ParallelLayout(), seq_length=seq_length, global_batch=1,

@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from csrc.linear_cross_entropy import fused_linear_cross_entropy, linear_token_scores
+from csrc.rope import scale_inv_freq
 
 
 class SummedTokenLoss(NamedTuple):
@@ -35,13 +36,16 @@ class PerTokenRotaryEmbedding(torch.nn.Module):
     """RoPE angles for explicit positions, in the form megatron's apply_rotary_pos_emb takes.
 
     megatron's own RotaryEmbedding knows only positions 0..s-1; this one returns the angles of
-    the positions the model was last called with: [s, b, 1, head_dim].
+    the positions the model was last called with: [s, b, 1, head_dim]. ``scaling``: None (plain
+    RoPE) or Llama-3.1's frequency scaling as a mapping (csrc.rope's reference defines it).
     """
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, base: float, scaling: Optional[dict] = None):
         super().__init__()
         self.base = float(base)
+        self.scaling = scaling
         inv_freq = 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv_freq = scale_inv_freq(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.positions: Optional[torch.Tensor] = None
 
@@ -71,7 +75,9 @@ class LlamaGPTModel(GPTModel):
     ``cross_entropy``: "torch" (megatron's output layer, then its vocab-parallel cross-entropy;
     returns per-token losses [b, s]) or "ours" (csrc.linear_cross_entropy on the output layer's
     weight shard, never holding the [tokens, vocab] logits; returns SummedTokenLoss over the
-    tokens where ``loss_mask`` is nonzero). Without labels both return logits. With
+    tokens where ``loss_mask`` is nonzero). Without labels both return logits.
+    ``rope_frequency_scaling``: Llama-3.1's RoPE scaling as a mapping, or None for plain RoPE
+    (megatron's own ``rope_scaling`` flag hard-codes Llama-3.1's numbers; this takes any). With
     ``scoring`` set (evaluation), a call with labels returns TokenScores instead, computed chunk
     by chunk over the vocabulary shard (csrc.linear_cross_entropy.linear_token_scores) so no
     [tokens, vocab] logits exist even at 512K tokens; ids at or beyond ``scored_vocab_size``
@@ -79,7 +85,8 @@ class LlamaGPTModel(GPTModel):
     """
 
     def __init__(self, *args, rotary_base: float, cross_entropy: str = "torch",
-                 scored_vocab_size: Optional[int] = None, **kwargs):
+                 scored_vocab_size: Optional[int] = None,
+                 rope_frequency_scaling: Optional[dict] = None, **kwargs):
         super().__init__(*args, rotary_base=rotary_base, **kwargs)
         if cross_entropy not in ("torch", "ours"):
             raise ValueError(f"cross_entropy={cross_entropy!r} must be 'torch' or 'ours' "
@@ -90,7 +97,8 @@ class LlamaGPTModel(GPTModel):
         self.cross_entropy = cross_entropy
         self.scored_vocab_size = scored_vocab_size
         self.scoring = False
-        self.rotary_pos_emb = PerTokenRotaryEmbedding(self.config.kv_channels, rotary_base)
+        self.rotary_pos_emb = PerTokenRotaryEmbedding(self.config.kv_channels, rotary_base,
+                                                      rope_frequency_scaling)
 
     def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
         self.rotary_pos_emb.positions = position_ids

@@ -14,6 +14,8 @@ from typing import Iterator, Sequence
 import torch
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+# The one matrix of tied embeddings (input embedding and output layer).
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
 
 # Checkpoint key prefixes of the two per-layer norms: the local spec's module -> the name
 # transformer-engine's fused norm-linear gives it, which every layer spec checkpoints under.
@@ -91,8 +93,13 @@ def canonical_named_parameters(module: torch.nn.Module) -> Iterator[tuple[str, t
     """(canonical name, parameter) for every parameter of one model chunk.
 
     Local layer indices (``decoder.layers.0`` on every pipeline stage) become global ones, read
-    from each megatron TransformerLayer's 1-based ``layer_number``.
+    from each megatron TransformerLayer's 1-based ``layer_number``. With tied embeddings the last
+    pipeline stage's copy of the embedding (megatron's ``output_layer.weight`` there, kept equal
+    to the first stage's by megatron) is named as the one matrix it is,
+    ``embedding.word_embeddings.weight``.
     """
+    model = getattr(module, "module", module)
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
     global_index = {}
     for mod_name, mod in module.named_modules():
         match = re.search(r"decoder\.layers\.(\d+)$", mod_name)
@@ -101,6 +108,8 @@ def canonical_named_parameters(module: torch.nn.Module) -> Iterator[tuple[str, t
     for name, param in module.named_parameters():
         name = name.removeprefix("module.")
         name = _LAYER.sub(lambda m: f"decoder.layers.{global_index[m.group(1)]}.", name)
+        if tied and name == "output_layer.weight":
+            name = TIED_EMBEDDING
         yield name, param
 
 

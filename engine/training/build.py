@@ -125,6 +125,7 @@ def build_model_chunks(plan: RunPlan, config: TransformerConfig) -> list[LlamaGP
             share_embeddings_and_output_weights=not model.untie_embeddings,
             position_embedding_type="rope",
             rotary_base=model.rope_base,
+            rope_frequency_scaling=model.rope_scaling.to_dict() if model.rope_scaling else None,
             vp_stage=stage,
             cross_entropy=kernels.cross_entropy,
             scored_vocab_size=model.vocab_size,

@@ -121,7 +121,9 @@ class RunPlan:
     def describe(self) -> str:
         return (f"{self.layout.describe()}, {self.global_batch} x {self.seq_length} tokens per "
                 f"step ({self.num_microbatches} micro-batches of {self.micro_batch}), "
-                f"{'bf16' if self.bf16 else 'fp32'}, kernels {self.kernels.describe()}")
+                f"{'bf16' if self.bf16 else 'fp32'}, kernels {self.kernels.describe()}, "
+                f"{self.model.describe_rope()}"
+                f"{'' if self.model.untie_embeddings else ', tied embeddings'}")
 
 
 def _model_from_config(config: TrainConfig) -> LlamaConfig:
