@@ -150,7 +150,30 @@ def _hf_vocab_size(folder: str) -> int:
     return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
 
 
+PROTOCOLS = ("ours", "ruler")
+
+
+def _protocol(argv) -> tuple[str, list[str]]:
+    """(--protocol's value, the other arguments); "ours" when it is not given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, item in enumerate(argv):
+        if item == "--protocol" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if item.startswith("--protocol="):
+            return item.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return "ours", argv
+
+
 def main(argv=None) -> int:
+    protocol, argv = _protocol(argv)
+    if protocol not in PROTOCOLS:
+        print(f"error: unknown --protocol {protocol!r}; choose from {', '.join(PROTOCOLS)} "
+              f"(ours: this suite at exact lengths and depths; ruler: RULER's tasks and metrics)",
+              file=sys.stderr, flush=True)
+        return 2
+    if protocol == "ruler":
+        from engine.evaluate import ruler_command
+        return ruler_command.main(argv)
     args = _parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
