@@ -150,7 +150,7 @@ def _hf_vocab_size(folder: str) -> int:
     return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
 
 
-PROTOCOLS = ("ours", "ruler")
+PROTOCOLS = ("ours", "ruler", "helmet-recall")
 
 
 def _protocol(argv) -> tuple[str, list[str]]:
@@ -168,12 +168,13 @@ def main(argv=None) -> int:
     protocol, argv = _protocol(argv)
     if protocol not in PROTOCOLS:
         print(f"error: unknown --protocol {protocol!r}; choose from {', '.join(PROTOCOLS)} "
-              f"(ours: this suite at exact lengths and depths; ruler: RULER's tasks and metrics)",
+              f"(ours: this suite at exact lengths and depths; ruler: RULER's tasks and metrics; "
+              f"helmet-recall: HELMET's Recall tasks on its data)",
               file=sys.stderr, flush=True)
         return 2
-    if protocol == "ruler":
+    if protocol != "ours":
         from engine.evaluate import ruler_command
-        return ruler_command.main(argv)
+        return ruler_command.main(argv, protocol)
     args = _parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

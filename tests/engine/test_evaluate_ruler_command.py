@@ -51,8 +51,14 @@ def test_generated_report_round_trips_to_the_examples(tokenizer_path, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--protocol", "helmet"], "unknown --protocol 'helmet'; choose from ours, ruler"),
-    (["--protocol", "ruler", "--tasks", "niah_single"], "unknown RULER task 'niah_single'"),
+    (["--protocol", "helmet"], "unknown --protocol 'helmet'; choose from ours, ruler, "
+                               "helmet-recall"),
+    (["--protocol", "helmet-recall", "--tasks", "json_kv"], "needs --helmet-data"),
+    (["--protocol", "helmet-recall", "--tasks", "json_kv", "--helmet-data", "nowhere",
+      "--lengths", "8192"], "download_data.sh"),
+    (["--protocol", "helmet-recall", "--tasks", "json_kv", "--helmet-data", "d", "--lengths",
+      "5000"], "json_kv has files for lengths"),
+    (["--protocol", "ruler", "--tasks", "niah_single"], "unknown ruler task 'niah_single'"),
     (["--protocol", "ruler", "--tasks", "niah_single_2"], "download_paulgraham_essay.py"),
     (["--protocol", "ruler", "--tasks", "niah_single_1", "--lengths", "200"],
      "too short for RULER's niah_single_1"),
