@@ -157,6 +157,72 @@ class RulerExample:
         return self.prompt_tokens + self.tokens_to_generate
 
 
+LLAMA3_CHAT = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+_SENTINEL = "\u2063TASK\u2063"
+_SPECIAL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template as RULER applies one: the text before the task's template and after it
+    (the answer prefix follows, in the assistant's turn)."""
+    before: str
+    after: str
+    source: str
+
+    def wrap(self, text: str, answer_prefix: str) -> str:
+        cut = text.rfind(answer_prefix[:10])
+        return self.before + text[:cut] + self.after + text[cut:]
+
+
+def chat_template_for(tokenizer: TextTokenizer) -> ChatTemplate:
+    """The tokenizer's own chat template for one user turn and the assistant's reply: the
+    `chat_template` of its tokenizer_config.json (rendered by transformers), or, for a Llama-3
+    tokenizer.model, Llama-3's header format (RULER's meta-llama3 template)."""
+    path = tokenizer.path
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    if config.get("chat_template") and (os.path.isdir(path) or tokenizer.kind == "huggingface"):
+        from transformers import AutoTokenizer
+
+        rendered = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+            [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True)
+        before, _, after = rendered.partition(_SENTINEL)
+        return ChatTemplate(before, after, config_path)
+    if tokenizer.kind == "tiktoken":
+        try:
+            for special in _SPECIAL.findall("".join(LLAMA3_CHAT)):
+                tokenizer.token_id(special)
+        except (KeyError, ValueError):
+            pass
+        else:
+            return ChatTemplate(*LLAMA3_CHAT, "Llama-3 header format")
+    raise EvaluationError(
+        f"tokenizer {path} has no chat template (no chat_template in {config_path}, and it is "
+        f"not a Llama-3 tokenizer.model); drop --chat-template for a base model, or pass the "
+        f"instruct model's tokenizer folder")
+
+
+def encode_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
+    """Token ids of a prompt whose chat markers ("<|eot_id|>", ...) are one special token each,
+    as Hugging Face tokenizers read them; the text between them is encoded as plain text."""
+    ids: list[int] = []
+    cursor = 0
+    for match in _SPECIAL.finditer(text):
+        try:
+            special = tokenizer.token_id(match.group(0))
+        except (KeyError, ValueError):
+            continue
+        ids += tokenizer.encode(text[cursor:match.start()]) + [special]
+        cursor = match.end()
+    return ids + tokenizer.encode(text[cursor:])
+
+
 def string_match_all(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """RULER's metric: per example the fraction of gold strings in the prediction
     (case-insensitive), averaged, x 100, rounded to 2 places."""
@@ -465,8 +531,11 @@ def _rng(seed: int, task: str, length: int, what) -> random.Random:
 
 
 def build_ruler_example(task: str, tokenizer: TextTokenizer, length: int, index: int = 0,
-                        seed: int = 42, sources: Optional[RulerSources] = None) -> RulerExample:
-    """One RULER example of `task` whose prompt plus generation budget fits `length` tokens."""
+                        seed: int = 42, sources: Optional[RulerSources] = None,
+                        chat: Optional[ChatTemplate] = None) -> RulerExample:
+    """One RULER example of `task` whose prompt plus generation budget fits `length` tokens;
+    with `chat`, the task's template is wrapped in it and the answer prefix follows (RULER's
+    model templates), its markers counted as the special tokens they are."""
     if task not in FAMILY:
         raise EvaluationError(f"unknown RULER task {task!r}; choose from {', '.join(RULER_TASKS)}")
     sources = sources or RulerSources()
@@ -475,10 +544,16 @@ def build_ruler_example(task: str, tokenizer: TextTokenizer, length: int, index:
     room = length - budget
 
     def tokens(text: str) -> int:
-        return len(tokenizer.encode(text))
+        return len(encode_prompt(tokenizer, text))
+
+    prefix = {"variable_tracking": VT_ANSWER_PREFIX, "qa": QA_ANSWER_PREFIX,
+              "freq_words_extraction": FWE_ANSWER_PREFIX}.get(family, NIAH_ANSWER_PREFIX)
+
+    def wrapped(text: str) -> str:
+        return chat.wrap(text, prefix) if chat is not None else text
 
     if family == "freq_words_extraction":
-        return _fwe_example(task, tokenizer, length, index, seed, budget)
+        return _fwe_example(task, tokenizer, length, index, seed, budget, wrapped)
     shape = NIAH_TASKS.get(task)
     step = _increment(task, length, shape)
     one_shot, shot_tokens = "", 0
@@ -500,8 +575,9 @@ def build_ruler_example(task: str, tokenizer: TextTokenizer, length: int, index:
     def draw(size, what):
         rng = _rng(seed, task, length, what)
         # QA: RULER sizes the context on question 0, then asks question `index`.
-        return make(size, rng, 0 if what == "search" else index) if family == "qa" else \
-            make(size, rng)
+        text, outputs = (make(size, rng, 0 if what == "search" else index) if family == "qa"
+                         else make(size, rng))
+        return wrapped(text), outputs
 
     first = tokens(draw(step, "search")[0])
     if first + shot_tokens > room:
@@ -524,14 +600,12 @@ def build_ruler_example(task: str, tokenizer: TextTokenizer, length: int, index:
     if count + budget > length:
         raise EvaluationError(f"length {length} is too short for RULER's {task}: the prompt "
                               f"takes {count} tokens and {budget} are generated")
-    prefix = VT_ANSWER_PREFIX if family == "variable_tracking" else (
-        QA_ANSWER_PREFIX if family == "qa" else NIAH_ANSWER_PREFIX)
     cut = text.rfind(prefix[:10])
     return RulerExample(task, length, index, text[:cut], text[cut:], outputs, budget, count, size,
                         "string_match_part" if family == "qa" else "string_match_all")
 
 
-def _fwe_example(task, tokenizer, length, index, seed, budget) -> RulerExample:
+def _fwe_example(task, tokenizer, length, index, seed, budget, wrapped) -> RulerExample:
     """RULER's sys_kwext: vocabulary (length - budget) // 50 words; the word count grows by
     room // 32 from room // 6 until the prompt exceeds room, then steps back once."""
     room = length - budget
@@ -539,16 +613,20 @@ def _fwe_example(task, tokenizer, length, index, seed, budget) -> RulerExample:
     step = max(room // 32, 1)
     example_seed = _rng(seed, task, length, index).getrandbits(32)
 
+    def text_of(n):
+        text, outputs = fwe_text(n, vocab_size, example_seed)
+        return wrapped(text), outputs
+
     def count(n):
-        return len(tokenizer.encode(fwe_text(n, vocab_size, example_seed)[0]))
+        return len(encode_prompt(tokenizer, text_of(n)[0]))
     num_words = room // FWE_WORD_LENGTH
     while count(num_words) < room:
         num_words += step
     num_words -= step
     while num_words > step and count(num_words) > room:
         num_words -= step
-    text, outputs = fwe_text(num_words, vocab_size, example_seed)
-    tokens = len(tokenizer.encode(text))
+    text, outputs = text_of(num_words)
+    tokens = len(encode_prompt(tokenizer, text))
     if vocab_size < 4 or tokens > room:
         raise EvaluationError(f"length {length} is too short for RULER's fwe; give at least 4096")
     cut = text.rfind(FWE_ANSWER_PREFIX[:10])

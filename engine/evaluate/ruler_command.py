@@ -28,7 +28,8 @@ from data_tools.tokenizer import TokenizerError, load_tokenizer
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.helmet import HELMET_RECALL_TASKS, helmet_score, load_helmet_examples
 from engine.evaluate.ruler import (RULER_TASKS, RulerSources, build_ruler_example,
-                                   clean_prediction, example_score)
+                                   chat_template_for, clean_prediction, encode_prompt,
+                                   example_score)
 from engine.evaluate.statistics import confidence_interval
 
 # RULER and lm-evaluation-harness score 500 examples per task and length; 100 keeps the 95%
@@ -55,6 +56,10 @@ def _parser(protocol: str) -> argparse.ArgumentParser:
     parser.add_argument("--ruler-essays", help="RULER's PaulGrahamEssays.json")
     parser.add_argument("--ruler-squad", help="SQuAD v2 dev set (RULER's squad.json)")
     parser.add_argument("--ruler-hotpotqa", help="HotpotQA distractor dev set (hotpotqa.json)")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="ruler: wrap each prompt in the tokenizer's chat template (its "
+                             "tokenizer_config.json's, or Llama-3's for a tokenizer.model), as "
+                             "RULER does for instruct models")
     parser.add_argument("--helmet-data", help="HELMET's data folder (scripts/download_data.sh)")
     return parser
 
@@ -71,9 +76,16 @@ def main(argv=None, protocol: str = "ruler") -> int:
             raise EvaluationError(f"--samples {args.samples}; give at least 1")
         tokenizer = load_tokenizer(args.tokenizer)
         # Every prompt is built before a model is loaded or a file written.
+        chat = None
+        if args.chat_template:
+            if protocol != "ruler":
+                raise EvaluationError("--chat-template: HELMET's recall configs set "
+                                      "use_chat_template false; drop it for helmet-recall")
+            chat = chat_template_for(tokenizer)
         if protocol == "ruler":
             sources = RulerSources(args.ruler_essays, args.ruler_squad, args.ruler_hotpotqa)
-            examples = [build_ruler_example(task, tokenizer, length, index, args.seed, sources)
+            examples = [build_ruler_example(task, tokenizer, length, index, args.seed, sources,
+                                            chat)
                         for task in args.tasks for length in args.lengths
                         for index in range(args.samples)]
         else:
@@ -90,16 +102,18 @@ def main(argv=None, protocol: str = "ruler") -> int:
     except (EvaluationError, TokenizerError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    rows = [_row(e, protocol) for e in examples]
+    rows = [dict(_row(e, protocol), chat_template=chat.source if chat else None)
+            for e in examples]
     if model is not None:
         from engine.evaluate.hf_model import greedy_generate
 
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         for example, row in zip(examples, rows):
             # RULER's Hugging Face client tokenizes input + answer prefix with the model's
-            # tokenizer, which puts BOS first.
-            new = greedy_generate(model, [bos + tokenizer.encode(example.prompt)],
-                                  example.tokens_to_generate)[0]
+            # tokenizer, which puts BOS first (once: a chat template's own BOS is kept alone).
+            ids = encode_prompt(tokenizer, example.prompt)
+            ids = ids if ids[:1] == bos else bos + ids
+            new = greedy_generate(model, [ids], example.tokens_to_generate)[0]
             text = tokenizer.decode([int(t) for t in new])
             if protocol == "ruler":
                 row["output"] = clean_prediction(text)

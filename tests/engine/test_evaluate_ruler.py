@@ -185,3 +185,34 @@ def test_bad_input_names_the_file_and_the_fix(tokenizer, tmp_path):
         build_ruler_example("niah_single", tokenizer, 4096)
     with pytest.raises(EvaluationError, match="too short for RULER's niah_single_1.*at least"):
         build_ruler_example("niah_single_1", tokenizer, 300)
+
+
+def test_chat_template_wraps_the_task_and_keeps_the_answer_prefix_in_the_reply(tokenizer):
+    from engine.evaluate.ruler import chat_template_for, encode_prompt
+
+    chat = chat_template_for(tokenizer)  # a Llama-3 tokenizer.model: Llama-3's header format
+    example = build_ruler_example("niah_single_1", tokenizer, 4096, seed=3, chat=chat)
+    head = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    tail = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert example.input.startswith(head + SINGLE_HEAD + NOISE + "\n")
+    assert example.input.endswith(" mentioned in the provided text?" + tail)
+    assert example.answer_prefix.startswith(" The special magic number for ")
+    ids = encode_prompt(tokenizer, example.prompt)
+    assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.token_id("<|eot_id|>")) == 1
+    assert example.prompt_tokens == len(ids) and example.counted_length <= 4096
+    vt = build_ruler_example("vt", tokenizer, 4096, seed=3, chat=chat)
+    assert vt.input.startswith(head + VT_HEAD)  # the one-shot example right after the header
+    assert vt.input.count(VT_HEAD) == 2 and vt.input.endswith(tail)
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(tokenizer):
+    import os
+
+    from data_tools.tokenizer import load_tokenizer
+    from engine.evaluate.ruler import chat_template_for
+
+    folder = load_tokenizer(os.path.dirname(tokenizer.path))  # tokenizer.json, no chat_template
+    if folder.kind != "huggingface":
+        pytest.skip("the folder loads as another kind of tokenizer")
+    with pytest.raises(EvaluationError, match="has no chat template.*drop --chat-template"):
+        chat_template_for(folder)
