@@ -34,6 +34,7 @@ from engine.evaluate import hf_model
 from engine.evaluate.engine_eval import (long_documents, padded_length, position_losses,
                                          short_document_loss, teacher_forced_results)
 from engine.evaluate.errors import EvaluationError
+from engine.evaluate.examples_file import write_examples
 from engine.evaluate.haystack import load_haystack
 from engine.evaluate.position_loss import MeanLossAccumulator, PositionLossAccumulator
 from engine.evaluate.report import CheckpointReport, EvaluationReport, write_report
@@ -94,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-scoring", choices=("generation", "teacher-forced"),
                         default="generation")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--write-examples", action="store_true",
+                        help="also write examples.jsonl into --out: every prompt as text with "
+                             "each checkpoint's output or teacher-forced result and score")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser
 
@@ -251,18 +255,23 @@ def main(argv=None) -> int:
     order = {t.name: i for i, t in enumerate(targets)}
     reports.sort(key=lambda r: order[r.name])
     files = write_report(EvaluationReport(reports), args.out)
+    if args.write_examples and examples:
+        files["examples.jsonl"] = write_examples(os.path.join(args.out, "examples.jsonl"),
+                                                 examples, reports, suite.tokenizer)
     print("wrote " + ", ".join(str(path) for path in files.values()), flush=True)
     return 0
 
 
 def _report(target, scoring, suite, section, results, buckets, short) -> CheckpointReport:
     described = suite.describe() if suite else {}
-    return CheckpointReport(
+    report = CheckpointReport(
         name=target.name, checkpoint=target.path, scoring=scoring,
         tokenizer=described.get("tokenizer", {}), seed=section.seed if suite else None,
         haystack=described.get("haystack"), recall=recall_cells(results),
         position_loss=buckets.buckets() if buckets is not None else [],
         short_document_loss=short.result() if short is not None and short.tokens else None)
+    report.results = results  # per example, for --write-examples (not part of report.json)
+    return report
 
 
 def _engine_report(target, chunks, plan, examples, suite, section, long_reader, short_reader,
