@@ -24,6 +24,9 @@ What matches RULER (read side by side with its generators):
   trailing space, no period), each its own line in the noise haystack, after a one-shot example
   (built at 500 tokens with 3-letter variables and value 12345, then renamed and revalued as
   RULER's randomize_icl does) and a newline.
+- cwe: a numbered list where 10 common words appear 30 times and the others 3 (6 and 1 below
+  4096 tokens), after one solved example of 40 words (20 below 4096); words from wonderwords'
+  lists, and from RULER's english_words.json when more are needed (both user-supplied).
 - fwe: coded 6-letter words drawn with Zipf (alpha 2) counts, the most frequent replaced by
   "...", the answer the next three. qa_1/qa_2: SQuAD v2 (answerable questions) / HotpotQA
   (distractor dev set) documents as "Document i:\\n..." blocks joined by blank lines, the gold
@@ -38,8 +41,7 @@ What matches RULER (read side by side with its generators):
 What differs: random draws come from Python's `random` seeded per (seed, task, length, index),
 not from RULER's one global stream, so the same seed does not give RULER's exact samples (their
 distribution is the same). The key words are our adjective and noun lists (engine.evaluate.words),
-not the wonderwords package's. cwe (common words extraction) is not built: it needs the
-wonderwords and english_words.json word lists.
+not the wonderwords package's (cwe does use wonderwords', as RULER does).
 """
 from __future__ import annotations
 
@@ -82,13 +84,19 @@ QA_TEMPLATE = (
     "question based on the given documents. Only give me the answer and do not output any "
     "other words.\n\nQuestion: {query}")
 QA_ANSWER_PREFIX = " Answer:"
+CWE_TEMPLATE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. "
+    "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most "
+    "common words in the above list?")
+CWE_ANSWER_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
+CWE_COMMON = 10
 QA_DOCUMENT = "Document {i}:\n{document}"
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 NOISE_LINE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
               "back again.")
-TOKENS_TO_GENERATE = {"niah": 128, "variable_tracking": 30, "freq_words_extraction": 50,
-                      "qa": 32}
+TOKENS_TO_GENERATE = {"niah": 128, "variable_tracking": 30, "common_words_extraction": 120,
+                      "freq_words_extraction": 50, "qa": 32}
 # RULER's 40 insertion depths for the essay haystack, in percent: round(linspace(0, 100, 40)).
 ESSAY_DEPTHS = [int(round(100 * i / 39)) for i in range(40)]
 
@@ -115,7 +123,7 @@ NIAH_TASKS = {
     "niah_multiquery": NiahShape("essay", "words", "numbers", keys=4, queries=4),
 }
 FAMILY = {**{name: "niah" for name in NIAH_TASKS}, "vt": "variable_tracking",
-          "fwe": "freq_words_extraction", "qa_1": "qa", "qa_2": "qa"}
+          "cwe": "common_words_extraction", "fwe": "freq_words_extraction", "qa_1": "qa", "qa_2": "qa"}
 RULER_TASKS = tuple(FAMILY)
 VT_HOPS = 4
 FWE_ALPHA = 2.0
@@ -128,6 +136,9 @@ SQUAD_HELP = ("SQuAD v2 dev set (https://rajpurkar.github.io/SQuAD-explorer/data
               "dev-v2.0.json, RULER's squad.json), passed with --ruler-squad")
 HOTPOT_HELP = ("HotpotQA distractor dev set (http://curtis.ml.cmu.edu/datasets/hotpot/"
                "hotpot_dev_distractor_v1.json, RULER's hotpotqa.json), passed with --ruler-hotpotqa")
+WORDS_HELP = ("cwe draws words as RULER does: wonderwords' noun, adjective and verb lists (pip "
+              "install wonderwords) and, for long prompts, RULER's scripts/data/synthetic/json/"
+              "english_words.json, passed with --ruler-words")
 NLTK_HELP = ("the essay haystack is split into sentences by NLTK's sent_tokenize, as RULER does: "
              "pip install nltk and download its punkt_tab data beforehand (python -m "
              "nltk.downloader punkt_tab; offline: copy nltk_data and set NLTK_DATA)")
@@ -254,8 +265,13 @@ class RulerSources:
 
     def __init__(self, essay_file: Optional[str] = None, squad_file: Optional[str] = None,
                  hotpotqa_file: Optional[str] = None,
-                 sentence_splitter: Optional[Callable[[str], list[str]]] = None):
+                 sentence_splitter: Optional[Callable[[str], list[str]]] = None,
+                 words_file: Optional[str] = None,
+                 short_words: Optional[list[str]] = None):
         self.essay_file, self.squad_file, self.hotpotqa_file = essay_file, squad_file, hotpotqa_file
+        self.words_file = words_file
+        self._short_words = short_words
+        self._long_words: Optional[list[str]] = None
         self._splitter = sentence_splitter
         self._essay: Optional[list[str]] = None
         self._qa: dict[str, tuple[list[dict], list[str]]] = {}
@@ -281,6 +297,30 @@ class RulerSources:
             return self._splitter(text)
         except LookupError:
             raise EvaluationError(f"NLTK's punkt_tab data is missing: {NLTK_HELP}") from None
+
+    def short_words(self) -> list[str]:
+        """wonderwords' nouns + adjectives + verbs, deduplicated and sorted (RULER's `words`)."""
+        if self._short_words is None:
+            try:
+                from wonderwords import random_word
+            except ImportError:
+                raise EvaluationError(f"wonderwords is not installed: {WORDS_HELP}") from None
+            words = []
+            for name in ("nounlist.txt", "adjectivelist.txt", "verblist.txt"):
+                words += random_word._get_words_from_text_file(name)
+            self._short_words = sorted(set(words))
+        return self._short_words
+
+    def long_words(self) -> list[str]:
+        """RULER's english_words.json: a JSON object whose values are the words."""
+        if self._long_words is None:
+            data = _read_json(self.words_file, "english words", WORDS_HELP)
+            if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+                raise EvaluationError(f"english words file {self.words_file}: expected RULER's "
+                                      f"english_words.json, a JSON object of words; "
+                                      f"{WORDS_HELP}")
+            self._long_words = list(data.values())
+        return self._long_words
 
     def qa(self, dataset: str) -> tuple[list[dict], list[str]]:
         """(questions, documents) as RULER's read_squad / read_hotpotqa give them."""
@@ -461,6 +501,35 @@ def randomize_one_shot(example: str, rng: random.Random) -> str:
     return example.replace("12345", str(rng.randint(10000, 99998)))
 
 
+def cwe_text(num_words: int, length: int, rng: random.Random, sources: RulerSources,
+             template: str) -> tuple[str, list[str]]:
+    """RULER's common words extraction: one solved example, then the list to solve. `template`
+    is the task template + answer prefix (chat-wrapped when a chat template applies: RULER
+    formats the example with the same template)."""
+    words = list(sources.short_words())
+    rng.shuffle(words)
+
+    def example(count, common_repeats, uncommon_repeats):
+        pool = words if count <= len(words) else sources.long_words()
+        if count > len(pool):
+            raise EvaluationError(f"cwe needs {count} distinct words; {WORDS_HELP}")
+        drawn = rng.sample(pool, count)
+        common, uncommon = drawn[:CWE_COMMON], drawn[CWE_COMMON:]
+        listed = common * common_repeats + uncommon * uncommon_repeats
+        rng.shuffle(listed)
+        return " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed)), common
+
+    if length < 4096:
+        shot_context, shot_answer = example(20, 3, 1)
+        context, answer = example(num_words, 6, 1)
+    else:
+        shot_context, shot_answer = example(40, 10, 3)
+        context, answer = example(num_words, 30, 3)
+    shot = (template.format(context=shot_context) + " "
+            + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer)))
+    return shot + "\n" + template.format(context=context), answer
+
+
 def fwe_text(num_words: int, vocab_size: int, rng_seed: int) -> tuple[str, list[str]]:
     """RULER's frequent words extraction: Zipf-distributed coded words."""
     from scipy.special import zeta
@@ -554,6 +623,8 @@ def build_ruler_example(task: str, tokenizer: TextTokenizer, length: int, index:
 
     if family == "freq_words_extraction":
         return _fwe_example(task, tokenizer, length, index, seed, budget, wrapped)
+    if family == "common_words_extraction":
+        return _cwe_example(task, tokenizer, length, index, seed, budget, sources, chat, tokens)
     shape = NIAH_TASKS.get(task)
     step = _increment(task, length, shape)
     one_shot, shot_tokens = "", 0
@@ -603,6 +674,38 @@ def build_ruler_example(task: str, tokenizer: TextTokenizer, length: int, index:
     cut = text.rfind(prefix[:10])
     return RulerExample(task, length, index, text[:cut], text[cut:], outputs, budget, count, size,
                         "string_match_part" if family == "qa" else "string_match_all")
+
+
+def _cwe_example(task, tokenizer, length, index, seed, budget, sources, chat,
+                 tokens) -> RulerExample:
+    """RULER's sys_word_pair_random: the word count by binary search (step 10) from a
+    4096-word estimate, lowered by 10 per example until it fits."""
+    template = (chat.before + CWE_TEMPLATE + chat.after if chat is not None
+                else CWE_TEMPLATE) + CWE_ANSWER_PREFIX
+
+    def draw(count, what):
+        return cwe_text(count, length, _rng(seed, task, length, what), sources, template)
+    per_word = tokens(draw(4096, "estimate")[0]) / 4096
+    upper = max(int(length // per_word) * 2, 20)
+    low, best = 10, None
+    while low <= upper:
+        middle = (low + upper) // 2
+        if tokens(draw(middle, "search")[0]) + budget <= length:
+            best, low = middle, middle + 1
+        else:
+            upper = middle - 1
+    size = best if best is not None else 10
+    while True:
+        text, outputs = draw(size, index)
+        count = tokens(text)
+        if count + budget <= length or size <= 10:
+            break
+        size -= 10
+    if count + budget > length:
+        raise EvaluationError(f"length {length} is too short for RULER's cwe: the prompt takes "
+                              f"{count} tokens and {budget} are generated")
+    cut = text.rfind(CWE_ANSWER_PREFIX[:10])
+    return RulerExample(task, length, index, text[:cut], text[cut:], outputs, budget, count, size)
 
 
 def _fwe_example(task, tokenizer, length, index, seed, budget, wrapped) -> RulerExample:

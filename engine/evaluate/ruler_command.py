@@ -56,6 +56,7 @@ def _parser(protocol: str) -> argparse.ArgumentParser:
     parser.add_argument("--ruler-essays", help="RULER's PaulGrahamEssays.json")
     parser.add_argument("--ruler-squad", help="SQuAD v2 dev set (RULER's squad.json)")
     parser.add_argument("--ruler-hotpotqa", help="HotpotQA distractor dev set (hotpotqa.json)")
+    parser.add_argument("--ruler-words", help="RULER's english_words.json (cwe at long lengths)")
     parser.add_argument("--chat-template", action="store_true",
                         help="ruler: wrap each prompt in the tokenizer's chat template (its "
                              "tokenizer_config.json's, or Llama-3's for a tokenizer.model), as "
@@ -83,7 +84,8 @@ def main(argv=None, protocol: str = "ruler") -> int:
                                       "use_chat_template false; drop it for helmet-recall")
             chat = chat_template_for(tokenizer)
         if protocol == "ruler":
-            sources = RulerSources(args.ruler_essays, args.ruler_squad, args.ruler_hotpotqa)
+            sources = RulerSources(args.ruler_essays, args.ruler_squad, args.ruler_hotpotqa,
+                                   words_file=args.ruler_words)
             examples = [build_ruler_example(task, tokenizer, length, index, args.seed, sources,
                                             chat)
                         for task in args.tasks for length in args.lengths

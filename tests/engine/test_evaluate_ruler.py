@@ -216,3 +216,36 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tokenizer):
         pytest.skip("the folder loads as another kind of tokenizer")
     with pytest.raises(EvaluationError, match="has no chat template.*drop --chat-template"):
         chat_template_for(folder)
+
+
+CWE_HEAD = ("Below is a numbered list of words. In these words, some appear more often than "
+            "others. Memorize the ones that appear most often.\n")
+CWE_TAIL = ("\nQuestion: What are the 10 most common words in the above list? Answer: The top 10 "
+            "words that appear most often in the list are:")
+
+
+def test_cwe_is_one_solved_example_then_the_list(tokenizer, tmp_path):
+    from collections import Counter
+
+    short = [f"w{i}" for i in range(300)]
+    long_words = tmp_path / "english_words.json"
+    long_words.write_text(json.dumps({f"k{i}": f"word{i}" for i in range(5000)}))
+    sources = RulerSources(short_words=short, words_file=str(long_words))
+    example = build_ruler_example("cwe", tokenizer, 4096, index=0, seed=1, sources=sources)
+    prompt = example.prompt
+    shot, task = prompt.split("\n" + CWE_HEAD)
+    assert shot.startswith(CWE_HEAD) and task.endswith(CWE_TAIL)
+    shot_list, shot_answer = shot[len(CWE_HEAD):].split(CWE_TAIL + " ")
+    shot_words = Counter(re.findall(r"\d+\. (\S+)", shot_list))
+    assert sorted(shot_words.values()) == [3] * 30 + [10] * 10  # 40 words: 10 common x10
+    assert re.findall(r"\d+\. (\S+)", shot_answer) and all(
+        shot_words[w] == 10 for w in re.findall(r"\d+\. (\S+)", shot_answer))
+    entries = re.findall(r"(\d+)\. (\S+)", task[:-len(CWE_TAIL)])
+    assert [int(n) for n, _ in entries] == list(range(1, len(entries) + 1))
+    counts = Counter(w for _, w in entries)
+    assert {w for w, c in counts.items() if c == 30} == set(example.outputs)
+    assert set(counts.values()) == {30, 3} and len(example.outputs) == 10
+    assert example.tokens_to_generate == 120
+    assert example.prompt_tokens == len(tokenizer.encode(prompt)) and example.counted_length <= 4096
+    with pytest.raises(EvaluationError, match="english_words.json"):
+        build_ruler_example("cwe", tokenizer, 4096, sources=RulerSources(short_words=short))
