@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-scoring", choices=("generation", "teacher-forced"),
                         default="generation")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="ours",
+                        help="ours (this suite), ruler (RULER's tasks and metrics) or "
+                             "helmet-recall (HELMET's Recall tasks); run with --protocol ruler "
+                             "--help for their flags")
     parser.add_argument("--write-examples", action="store_true",
                         help="also write examples.jsonl into --out: every prompt as text with "
                              "each checkpoint's output or teacher-forced result and score")

@@ -11,10 +11,15 @@ from engine.evaluate.__main__ import main
 from tests.engine.evaluate_helpers import LLAMA3_VOCAB, llama3_tokenizer_dir, tiny_llama
 
 
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(LLAMA3_VOCAB, seed=0, dtype="float32").save_pretrained(str(folder))
+    return folder
+
+
 @pytest.mark.parametrize("scoring", ["generation", "teacher-forced"])
-def test_examples_jsonl_round_trips_to_the_report(tmp_path, scoring):
-    model = tmp_path / "tiny"
-    tiny_llama(LLAMA3_VOCAB, seed=0, dtype="float32").save_pretrained(str(model))
+def test_examples_jsonl_round_trips_to_the_report(model, tmp_path, scoring):
     out = tmp_path / "out"
     tokenizer = os.path.join(llama3_tokenizer_dir(), "tokenizer.model")
     assert main(["--hf", f"tiny={model}", "--tokenizer", tokenizer, "--tasks", "niah_single",
