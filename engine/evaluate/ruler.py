@@ -46,6 +46,7 @@ not the wonderwords package's (cwe does use wonderwords', as RULER does).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -127,6 +128,8 @@ FAMILY = {**{name: "niah" for name in NIAH_TASKS}, "vt": "variable_tracking",
 RULER_TASKS = tuple(FAMILY)
 VT_HOPS = 4
 FWE_ALPHA = 2.0
+# Riemann zeta(2) = pi^2 / 6 (RULER: scipy.special.zeta(2.0), the same double).
+ZETA_OF_ALPHA = math.pi ** 2 / 6
 FWE_WORD_LENGTH = 6
 
 ESSAY_HELP = ("RULER's essay haystack: run RULER's scripts/data/synthetic/json/"
@@ -532,8 +535,6 @@ def cwe_text(num_words: int, length: int, rng: random.Random, sources: RulerSour
 
 def fwe_text(num_words: int, vocab_size: int, rng_seed: int) -> tuple[str, list[str]]:
     """RULER's frequent words extraction: Zipf-distributed coded words."""
-    from scipy.special import zeta
-
     rng = random.Random(rng_seed)
     vocab = [''.join(rng.choices(string.ascii_lowercase, k=FWE_WORD_LENGTH))
              for _ in range(vocab_size)]
@@ -542,7 +543,7 @@ def fwe_text(num_words: int, vocab_size: int, rng_seed: int) -> tuple[str, list[
     vocab = sorted(set(vocab))
     rng.shuffle(vocab)
     vocab[0] = "..."  # the most frequent is noise
-    counts = [int(num_words * (k ** -FWE_ALPHA) / zeta(FWE_ALPHA)) for k in range(1, len(vocab) + 1)]
+    counts = [int(num_words * (k ** -FWE_ALPHA) / ZETA_OF_ALPHA) for k in range(1, len(vocab) + 1)]
     words = [w for w, c in zip(vocab, counts) for _ in range(c)]
     random.Random(rng_seed + 1).shuffle(words)
     return (FWE_TEMPLATE + FWE_ANSWER_PREFIX).format(context=" ".join(words)), vocab[1:4]
