@@ -91,10 +91,28 @@ def _mix(args) -> None:
     from data_tools.mixture import build_mixture, load_recipe
 
     recipe = load_recipe(args.recipe, data_root=args.data_root, seq_length=args.seq_length,
-                         seed=args.seed, total_tokens=args.total_tokens)
+                         seed=args.seed, total_tokens=args.total_tokens,
+                         num_sequences=args.num_sequences)
+    if args.train_config:
+        recipe = _fit_to_train_config(recipe, args.train_config)
     metadata = build_mixture(recipe, args.output)
     print(f"{metadata['num_sequences']:,} sequences x {metadata['seq_length']:,} tokens; "
           f"tokens per source: {json.dumps(metadata['tokens_per_source'])}")
+
+
+def _fit_to_train_config(recipe, path: str):
+    """The recipe sized for the training run of the config file at `path`."""
+    # The engine's own loader, so that its defaults and checks are the ones training uses;
+    # it imports no torch.
+    from data_tools.mixture import fit_to_run
+    from engine.training.config import load_config
+
+    config = load_config([path])
+    if config.data.seq_length is not None and config.data.seq_length != recipe.seq_length:
+        raise RecipeError(f"{path}: data.seq_length is {config.data.seq_length:,} but recipe "
+                          f"{recipe.path} packs {recipe.seq_length:,}-token sequences; make "
+                          f"them agree (or pass --seq-length)")
+    return fit_to_run(recipe, config.train_steps, config.data.global_batch, path)
 
 
 def _sft(args) -> None:
@@ -199,7 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-root", help="folder the recipe's source paths are relative to")
         p.add_argument("--seq-length", type=int, help="override the recipe's seq_length")
         p.add_argument("--seed", type=int, help="override the recipe's seed")
-        p.add_argument("--total-tokens", type=int, help="override the recipe's total_tokens")
+        p.add_argument("--total-tokens", type=int, help="override the recipe's size in tokens")
+        p.add_argument("--num-sequences", type=int,
+                       help="override the recipe's size in sequences")
+        p.add_argument("--train-config", metavar="CONFIG.yaml",
+                       help="the training config this mixture feeds: draw its train_steps x "
+                            "data.global_batch sequences when the recipe names no size, and "
+                            "refuse a recipe smaller than that")
         p.set_defaults(run=_mix)
 
     p = commands.add_parser("sft", help="chat JSON lines -> packed SFT data with a loss mask",

@@ -4,7 +4,9 @@ A recipe (data_tools/recipes/*.yaml):
     name: prolong-stage1-64k
     seq_length: 65536          # L, tokens per sequence
     seed: 42
-    total_tokens: 20e9         # optional; default: one pass, no sequence repeated;
+    num_sequences: 320000      # optional: sequences to draw, the run's steps x global batch
+    total_tokens: 20e9         # optional, instead of num_sequences: total_tokens // L sequences;
+                               # neither: one pass, no sequence repeated;
                                # each further pass over a source is a new permutation
     sources:
       - {name: books, path: books, weight: 0.3, long: true}       # documents >= L, cut
@@ -12,6 +14,9 @@ A recipe (data_tools/recipes/*.yaml):
       - {name: books-64k, path: books, weight: 0.25, min_doc_tokens: 65536}
       - {name: prolong-books, path: book-65536, weight: 0.3, prepacked: true}  # see below
 `path` is a Megatron dataset prefix, relative to --data-root (or the recipe's data_root).
+`lce-data mix --train-config stage.yaml` sizes the mixture from the training run instead:
+train_steps x data.global_batch sequences when the recipe names no size, and a refusal (saying
+by how much it falls short) when the recipe's size is smaller than what the run trains on.
 
 Each source's documents are shuffled (seed), packed (long: split_long, else
 pack_concatenated), and its sequences shuffled; megatron-core's build_blending_indices then
@@ -32,7 +37,7 @@ import json
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -44,8 +49,8 @@ from data_tools.packing import pack_concatenated, split_long
 from data_tools.summary import DatasetTokens, MixedTokenizersError, check_one_tokenizer
 
 SOURCE_KEYS = {"name", "path", "weight", "long", "min_doc_tokens", "prepacked"}
-RECIPE_KEYS = {"name", "seq_length", "seed", "total_tokens", "data_root", "sources",
-               "description"}
+RECIPE_KEYS = {"name", "seq_length", "seed", "total_tokens", "num_sequences", "data_root",
+               "sources", "description"}
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 
@@ -73,6 +78,16 @@ class Recipe:
     total_tokens: Optional[int] = None
     data_root: str = "."
     extra: dict = field(default_factory=dict)
+    num_sequences: Optional[int] = None
+
+    @property
+    def sequences(self) -> Optional[int]:
+        """The sequences the mixture draws, or None for one pass over the sources."""
+        if self.num_sequences is not None:
+            return self.num_sequences
+        if self.total_tokens:
+            return self.total_tokens // self.seq_length
+        return None
 
 
 def resolve_recipe_path(path: str) -> str:
@@ -112,8 +127,10 @@ def _integer(value, what: str, path: str, minimum: int) -> int:
 
 
 def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional[int] = None,
-                seed: Optional[int] = None, total_tokens: Optional[int] = None) -> Recipe:
-    """Parse and check a recipe; keyword arguments override the file's values."""
+                seed: Optional[int] = None, total_tokens: Optional[int] = None,
+                num_sequences: Optional[int] = None) -> Recipe:
+    """Parse and check a recipe; keyword arguments override the file's values (either size
+    given on the command line replaces both of the file's)."""
     import yaml
 
     path = resolve_recipe_path(path)
@@ -164,15 +181,47 @@ def load_recipe(path: str, data_root: Optional[str] = None, seq_length: Optional
         length = _integer(raw["seq_length"], "seq_length", path, 1)
     seed_value = (_integer(seed, "--seed", path, 0) if seed is not None
                   else _integer(raw.get("seed", 0), "seed", path, 0))
-    total = None
+    if raw.get("total_tokens") is not None and raw.get("num_sequences") is not None:
+        raise RecipeError(f"{path}: give the mixture's size once: num_sequences or "
+                          f"total_tokens, not both")
+    total = count = None
+    if total_tokens is not None and num_sequences is not None:
+        raise RecipeError(f"{path}: give --total-tokens or --num-sequences, not both")
     if total_tokens is not None:
         total = _integer(total_tokens, "--total-tokens", path, length)
+    elif num_sequences is not None:
+        count = _integer(num_sequences, "--num-sequences", path, 1)
     elif raw.get("total_tokens") is not None:
         total = _integer(raw["total_tokens"], "total_tokens", path, length)
+    elif raw.get("num_sequences") is not None:
+        count = _integer(raw["num_sequences"], "num_sequences", path, 1)
     root = data_root or raw.get("data_root") or "."
     return Recipe(path=os.path.abspath(path), name=str(raw.get("name", os.path.basename(path))),
                   seq_length=length, seed=seed_value, sources=sources, total_tokens=total,
-                  data_root=os.path.abspath(root))
+                  data_root=os.path.abspath(root), num_sequences=count)
+
+
+def fit_to_run(recipe: Recipe, train_steps: int, global_batch: int, where: str) -> Recipe:
+    """The recipe sized for a training run of train_steps x global_batch sequences.
+
+    A recipe without a size draws exactly that many (ProLong's epoch is steps x batch); one
+    whose size is smaller is refused, since the trainer would read its start a second time.
+    `where` names the training config in messages.
+    """
+    needed = train_steps * global_batch
+    have = recipe.sequences
+    if have is None:
+        return replace(recipe, num_sequences=needed, total_tokens=None)
+    if have < needed:
+        short = needed - have
+        raise RecipeError(
+            f"{recipe.path}: the mixture holds {have:,} sequences of {recipe.seq_length:,} "
+            f"tokens, but {where} trains on {train_steps:,} steps x {global_batch:,} = "
+            f"{needed:,}: {short:,} sequences ({short * recipe.seq_length:,} tokens, "
+            f"{short / needed:.1%} of the run) short, which the run would see twice. Set "
+            f"num_sequences: {needed} in the recipe (and drop total_tokens), or pass "
+            f"--num-sequences {needed}")
+    return recipe
 
 
 def source_prefix(recipe: Recipe, source: Source) -> str:
@@ -206,6 +255,10 @@ def recipe_hash(recipe: Recipe) -> str:
     key = {"sources": [asdict(s) for s in recipe.sources], "inputs": inputs,
            "seq_length": recipe.seq_length, "seed": recipe.seed,
            "total_tokens": recipe.total_tokens,
+           # Only when given, so that the hashes of recipes sized by total_tokens stay as
+           # they were (and their built indexes are reused).
+           **({"num_sequences": recipe.num_sequences} if recipe.num_sequences is not None
+              else {}),
            # 2: later epochs reshuffled; 3: tokenizer, max_token_id and prepacked sources
            "version": 3}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -337,8 +390,8 @@ def build_mixture(recipe: Recipe, output: str, log=print) -> dict:
             raise RecipeError(
                 f"{recipe.path}: source {source.name!r} ({prefix}) yields no sequence of {L} "
                 f"tokens{' (no document is that long)' if source.long else ''}")
-    if recipe.total_tokens:
-        size = recipe.total_tokens // L
+    if recipe.sequences is not None:
+        size = recipe.sequences
     else:  # one pass: stop when the first source would have to repeat a sequence
         share = weights / weights.sum()
         size = int(min(available[share > 0] / share[share > 0]))

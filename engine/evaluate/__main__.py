@@ -34,6 +34,7 @@ from engine.evaluate import hf_model
 from engine.evaluate.engine_eval import (long_documents, padded_length, position_losses,
                                          short_document_loss, teacher_forced_results)
 from engine.evaluate.errors import EvaluationError
+from engine.evaluate.examples_file import write_examples
 from engine.evaluate.haystack import load_haystack
 from engine.evaluate.position_loss import MeanLossAccumulator, PositionLossAccumulator
 from engine.evaluate.report import CheckpointReport, EvaluationReport, write_report
@@ -94,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-scoring", choices=("generation", "teacher-forced"),
                         default="generation")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="ours",
+                        help="ours (this suite), ruler (RULER's tasks and metrics) or "
+                             "helmet-recall (HELMET's Recall tasks); run with --protocol ruler "
+                             "--help for their flags")
+    parser.add_argument("--write-examples", action="store_true",
+                        help="also write examples.jsonl into --out: every prompt as text with "
+                             "each checkpoint's output or teacher-forced result and score")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser
 
@@ -150,7 +158,31 @@ def _hf_vocab_size(folder: str) -> int:
     return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
 
 
+PROTOCOLS = ("ours", "ruler", "helmet-recall")
+
+
+def _protocol(argv) -> tuple[str, list[str]]:
+    """(--protocol's value, the other arguments); "ours" when it is not given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, item in enumerate(argv):
+        if item == "--protocol" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if item.startswith("--protocol="):
+            return item.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return "ours", argv
+
+
 def main(argv=None) -> int:
+    protocol, argv = _protocol(argv)
+    if protocol not in PROTOCOLS:
+        print(f"error: unknown --protocol {protocol!r}; choose from {', '.join(PROTOCOLS)} "
+              f"(ours: this suite at exact lengths and depths; ruler: RULER's tasks and metrics; "
+              f"helmet-recall: HELMET's Recall tasks on its data)",
+              file=sys.stderr, flush=True)
+        return 2
+    if protocol != "ours":
+        from engine.evaluate import ruler_command
+        return ruler_command.main(argv, protocol)
     args = _parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -227,18 +259,23 @@ def main(argv=None) -> int:
     order = {t.name: i for i, t in enumerate(targets)}
     reports.sort(key=lambda r: order[r.name])
     files = write_report(EvaluationReport(reports), args.out)
+    if args.write_examples and examples:
+        files["examples.jsonl"] = write_examples(os.path.join(args.out, "examples.jsonl"),
+                                                 examples, reports, suite.tokenizer)
     print("wrote " + ", ".join(str(path) for path in files.values()), flush=True)
     return 0
 
 
 def _report(target, scoring, suite, section, results, buckets, short) -> CheckpointReport:
     described = suite.describe() if suite else {}
-    return CheckpointReport(
+    report = CheckpointReport(
         name=target.name, checkpoint=target.path, scoring=scoring,
         tokenizer=described.get("tokenizer", {}), seed=section.seed if suite else None,
         haystack=described.get("haystack"), recall=recall_cells(results),
         position_loss=buckets.buckets() if buckets is not None else [],
         short_document_loss=short.result() if short is not None and short.tokens else None)
+    report.results = results  # per example, for --write-examples (not part of report.json)
+    return report
 
 
 def _engine_report(target, chunks, plan, examples, suite, section, long_reader, short_reader,

@@ -45,6 +45,7 @@ from data_tools.atomic import discard, publish, temporary_path, write_text_atomi
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.position_loss import PositionBucket, ShortDocumentLoss
 from engine.evaluate.scoring import RecallCell
+from engine.evaluate.statistics import confidence_interval
 
 SCHEMA_VERSION = 1
 SCORING_MODES = ("teacher_forced", "generation")
@@ -95,13 +96,32 @@ def _mean_by(cells: list[RecallCell], key: Callable) -> list[tuple]:
     return [(k, n, total / n if n else 0.0) for k, (n, total) in sorted(groups.items())]
 
 
+def interval_fields(scores: Optional[list[float]]) -> dict:
+    """{"ci95": [low, high], "ci_method"} of per-example scores (engine.evaluate.statistics:
+    Wilson for exact-match scores, bootstrap otherwise); nulls when they are not known."""
+    if not scores:
+        return {"ci95": None, "ci_method": None}
+    interval = confidence_interval(scores)
+    return {"ci95": [interval.low, interval.high], "ci_method": interval.method}
+
+
+def _pooled_scores(cells: list[RecallCell]) -> Optional[list[float]]:
+    if any(c.scores is None for c in cells):
+        return None
+    return [s for c in cells for s in c.scores]
+
+
 def recall_summary(cells: list[RecallCell]) -> dict:
-    """by_task_length, by_task (example-weighted) and the average over tasks."""
-    by_task_length = [{"task": t, "length": length_, "examples": n, "score": s}
+    """by_task_length (with 95% intervals), by_task (example-weighted) and the average over
+    tasks."""
+    by_task_length = [{"task": t, "length": length_, "examples": n, "score": s,
+                       **interval_fields(_pooled_scores(
+                           [c for c in cells if (c.task, c.length) == (t, length_)]))}
                       for (t, length_), n, s in _mean_by(cells, lambda c: (c.task, c.length))]
     by_task = [{"task": t, "examples": n, "score": s} for t, n, s in _mean_by(cells, lambda c: c.task)]
     average = sum(t["score"] for t in by_task) / len(by_task) if by_task else None
-    return {"cells": [asdict(c) for c in cells], "by_task_length": by_task_length,
+    return {"cells": [{**asdict(c), **interval_fields(c.scores)} for c in cells],
+            "by_task_length": by_task_length,
             "by_task": by_task, "average": average}
 
 
@@ -111,6 +131,7 @@ def report_to_dict(report: EvaluationReport) -> dict:
     for c in report.checkpoints:
         checkpoints.append({
             "name": c.name, "checkpoint": c.checkpoint, "scoring": c.scoring,
+            "scoring_note": SCORING_NOTES.get(c.scoring),
             "tokenizer": c.tokenizer, "seed": c.seed, "haystack": c.haystack,
             "recall": recall_summary(c.recall),
             "position_loss": [asdict(b) for b in c.position_loss],
@@ -127,7 +148,9 @@ def report_from_dict(data: dict) -> EvaluationReport:
         short = c.get("short_document_loss")
         checkpoints.append(CheckpointReport(
             c["name"], c["checkpoint"], c["scoring"], c.get("tokenizer") or {}, c.get("seed"),
-            c.get("haystack"), [RecallCell(**cell) for cell in c["recall"]["cells"]],
+            c.get("haystack"), [RecallCell(**{k: v for k, v in cell.items()
+                                              if k not in ("ci95", "ci_method")})
+                                for cell in c["recall"]["cells"]],
             [PositionBucket(**b) for b in c.get("position_loss", [])],
             ShortDocumentLoss(**short) if short else None))
     return EvaluationReport(checkpoints)
@@ -165,6 +188,30 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _with_interval(row: Optional[dict]) -> str:
+    if row is None:
+        return "-"
+    if not row.get("ci95"):
+        return _percent(row["score"])
+    low, high = row["ci95"]
+    return f"{_percent(row['score'])} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+# How each scoring mode reads a cell: what was run and the generation budget.
+SCORING_NOTES = {
+    "teacher_forced": "teacher-forced: the canonical answer is fed in one forward pass and a "
+                      "value counts when every one of its tokens is the argmax (a lower bound "
+                      "on greedy generation; no generation budget)",
+    "generation": "generated: greedy decoding of up to the answer's tokens + 16, scored on the "
+                  "text",
+}
+
+
+def _scoring_note(report: EvaluationReport) -> str:
+    return "Scoring per checkpoint: " + "; ".join(
+        f"{c.name}: {SCORING_NOTES[c.scoring]}" for c in report.checkpoints) + "."
+
+
 def render_markdown(report: EvaluationReport) -> str:
     _check(report)
     names = [c.name for c in report.checkpoints]
@@ -177,10 +224,13 @@ def render_markdown(report: EvaluationReport) -> str:
     keys = sorted({(r["task"], r["length"]) for s in summaries.values() for r in s["by_task_length"]})
     if keys:
         lines += ["", "## Recall", "",
-                  "RULER's metric: % of gold values found, mean over depths.", ""]
-        score = {(name, r["task"], r["length"]): r["score"]
+                  "RULER's metric: % of gold values found, mean over depths, with its 95% "
+                  "confidence interval (Wilson for exact-match scores, bootstrap otherwise). "
+                  + _scoring_note(report), ""]
+        score = {(name, r["task"], r["length"]): r
                  for name, s in summaries.items() for r in s["by_task_length"]}
-        rows = [[task, tokens_label(length)] + [_percent(score.get((n, task, length))) for n in names]
+        rows = [[task, tokens_label(length)] + [_with_interval(score.get((n, task, length)))
+                                                for n in names]
                 for task, length in keys]
         averages = [_percent(summaries[n]["average"]) for n in names]
         lines += _table(["task", "length"] + names, rows + [["**average over tasks**", ""] + averages])

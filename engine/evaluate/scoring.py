@@ -135,6 +135,8 @@ class RecallCell:
     examples: int
     score: float
     answer_loss: Optional[float] = None
+    # Each example's score in index order (for confidence intervals); None in older reports.
+    scores: Optional[list[float]] = None
 
 
 def recall_cells(results: Iterable[ExampleResult]) -> list[RecallCell]:
@@ -147,5 +149,6 @@ def recall_cells(results: Iterable[ExampleResult]) -> list[RecallCell]:
         losses = [m.answer_loss for m in members if m.answer_loss is not None]
         cells.append(RecallCell(task, length, depth, len(members),
                                 float(np.mean([m.score for m in members])),
-                                float(np.mean(losses)) if losses else None))
+                                float(np.mean(losses)) if losses else None,
+                                [float(m.score) for m in sorted(members, key=lambda m: m.index)]))
     return cells

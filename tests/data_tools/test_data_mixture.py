@@ -1,5 +1,6 @@
 """mix: recipes, PackedDataset contents, determinism, caching, windows for context parallelism."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,9 +150,75 @@ def test_recipe_errors_name_the_file(tmp_path, sample_datasets):
         build_mixture(load_recipe(path, data_root=sample_datasets["root"]), str(tmp_path / "o"))
 
 
+def _stage_config(path, train_steps, global_batch):
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump({"train_steps": train_steps, "data": {"global_batch": global_batch}}, f)
+    return str(path)
+
+
+def test_mixture_built_from_a_stage_config_holds_steps_times_batch(tmp_path, sample_datasets):
+    """No size in the recipe: --train-config draws exactly train_steps x global_batch
+    sequences (more than one pass here, so the count is not the one-pass default)."""
+    from data_tools.cli import main
+
+    config = _stage_config(tmp_path / "stage.yaml", 37, 8)
+    recipe = write_recipe(tmp_path / "r.yaml", L, _sources())
+    out = tmp_path / "packed"
+    assert main(["mix", recipe, "--output", str(out), "--data-root", sample_datasets["root"],
+                 "--train-config", config]) == 0
+    assert len(PackedDataset(str(out))) == 37 * 8
+    one_pass = build_mixture(load_recipe(recipe, data_root=sample_datasets["root"]),
+                             str(tmp_path / "one"), log=lambda *_: None)
+    assert one_pass["num_sequences"] < 37 * 8
+
+
+def test_mix_refuses_a_recipe_smaller_than_the_run(tmp_path, sample_datasets, capsys):
+    from data_tools.cli import main
+
+    config = _stage_config(tmp_path / "stage.yaml", 10, 8)
+    recipe = write_recipe(tmp_path / "r.yaml", L, _sources(), total_tokens=75 * L)
+    out = tmp_path / "packed"
+    assert main(["mix", recipe, "--output", str(out), "--data-root", sample_datasets["root"],
+                 "--train-config", config]) == 2
+    err = capsys.readouterr().err
+    assert "holds 75 sequences" in err and "10 steps x 8 = 80: 5 sequences" in err
+    assert "num_sequences: 80" in err and not out.exists()
+    # A recipe at least as large as the run is kept as it is.
+    big = write_recipe(tmp_path / "big.yaml", L, _sources(), num_sequences=90)
+    assert main(["mix", big, "--output", str(out), "--data-root", sample_datasets["root"],
+                 "--train-config", config]) == 0
+    assert len(PackedDataset(str(out))) == 90
+
+
+def test_recipe_size_is_given_once(tmp_path):
+    both = write_recipe(tmp_path / "both.yaml", L, _sources(), total_tokens=10 * L,
+                        num_sequences=10)
+    with pytest.raises(RecipeError, match="both.yaml: give the mixture's size once"):
+        load_recipe(both)
+
+
+@pytest.mark.parametrize("recipe, config", [
+    ("prolong-stage1-64k", "prolong-stage1-64k"), ("prolong-stage1-64k-raw", "prolong-stage1-64k"),
+    ("prolong-stage2-512k", "prolong-stage2-512k"),
+    ("prolong-stage2-512k-raw", "prolong-stage2-512k")])
+def test_shipped_recipes_draw_what_their_stage_trains(recipe, config):
+    """ProLong's epoch is steps x batch: the shipped recipes draw exactly that, so no sequence
+    of a stage is read twice and none is built for nothing."""
+    from data_tools.mixture import fit_to_run
+    from engine.training.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "engine" / "configs"
+    stage = load_config([str(configs / f"{config}.yaml")])
+    loaded = load_recipe(recipe)
+    assert loaded.sequences == stage.train_steps * stage.data.global_batch
+    assert fit_to_run(loaded, stage.train_steps, stage.data.global_batch, config) is loaded
+
+
 def test_shipped_prolong_recipes():
     stage1 = load_recipe("prolong-stage1-64k")
-    assert stage1.seq_length == 65536 and stage1.total_tokens == 20 * 10 ** 9
+    assert stage1.seq_length == 65536 and stage1.num_sequences == 5000 * 64
     weights = {s.name: s.weight for s in stage1.sources}
     assert weights == {"stack-repos": 0.3, "books": 0.3, "fineweb-edu": 0.1, "fineweb": 0.1,
                        "stackexchange": 0.04, "wikipedia": 0.04, "tulu-v2": 0.03, "arxiv": 0.03,

@@ -11,6 +11,7 @@ from engine.evaluate import (CheckpointReport, EvaluationError, EvaluationReport
                              MeanLossAccumulator, PositionLossAccumulator, position_bucket_edges,
                              read_report, recall_cells, render_markdown, write_report)
 from engine.evaluate import report as report_module
+from engine.evaluate.statistics import confidence_interval
 
 PANEL_PIXELS = (int(report_module.PANEL_INCHES[0] * report_module.DPI),
                 int(report_module.PANEL_INCHES[1] * report_module.DPI))
@@ -114,18 +115,23 @@ def test_report_writes_every_file_for_checkpoints_side_by_side(tmp_path):
     assert data["schema_version"] == 1 and [c["name"] for c in data["checkpoints"]] == [
         "base", "stage1", "stage2"]
     for entry, (checkpoint, results) in zip(data["checkpoints"], checkpoints):
-        assert set(entry) == {"name", "checkpoint", "scoring", "tokenizer", "seed", "haystack",
-                              "recall", "position_loss", "short_document_loss"}
+        assert set(entry) == {"name", "checkpoint", "scoring", "scoring_note", "tokenizer", "seed",
+                              "haystack", "recall", "position_loss", "short_document_loss"}
+        assert entry["scoring_note"].startswith("teacher-forced")
         assert entry["scoring"] == "teacher_forced" and entry["seed"] == 0
         assert entry["tokenizer"]["vocab_size"] == 128256
         recall = entry["recall"]
         assert set(recall) == {"cells", "by_task_length", "by_task", "average"}
         assert len(recall["cells"]) == 2 * 2 * 3 and set(recall["cells"][0]) == {
-            "task", "length", "depth", "examples", "score", "answer_loss"}
+            "task", "length", "depth", "examples", "score", "answer_loss", "scores", "ci95",
+            "ci_method"}
         for row in recall["by_task_length"]:
             members = [r.score for r in results if (r.task, r.length) == (row["task"], row["length"])]
             assert row["examples"] == len(members) == 6
             assert row["score"] == pytest.approx(np.mean(members))
+            interval = confidence_interval(members)
+            assert row["ci95"] == pytest.approx([interval.low, interval.high])
+            assert row["ci_method"] == interval.method
         by_task = {r["task"]: r["score"] for r in recall["by_task"]}
         for task, score in by_task.items():
             assert score == pytest.approx(np.mean([r.score for r in results if r.task == task]))
@@ -140,7 +146,10 @@ def test_report_writes_every_file_for_checkpoints_side_by_side(tmp_path):
     stage1_1k = next(r for r in data["checkpoints"][1]["recall"]["by_task_length"]
                      if (r["task"], r["length"]) == ("niah_single", 1024))
     assert "| task | length | base | stage1 | stage2 |" in markdown
-    assert "| niah_single | 1K | " in markdown and f"{100 * stage1_1k['score']:.1f}" in markdown
+    assert "| niah_single | 1K | " in markdown and (
+        f"{100 * stage1_1k['score']:.1f} [{100 * stage1_1k['ci95'][0]:.1f}, "
+        f"{100 * stage1_1k['ci95'][1]:.1f}]") in markdown
+    assert "teacher-forced: the canonical answer is fed" in markdown
     assert "niah_single, stage2 (rows: depth, columns: length)" in markdown
     assert "| [2K, 4K) |" in markdown and "| stage1 | 1 | 100 | 2.5000 |" in markdown
     assert markdown == render_markdown(report)

@@ -32,6 +32,15 @@ def test_prolong_stage_configs(name, world_size, rope_base, seq_length, tokens):
     assert layout.recompute == "full" and config.bf16
 
 
+@pytest.mark.parametrize("name, warmup", [
+    ("prolong-stage1-64k", 500), ("prolong-stage2-512k", 250),
+    ("prolong-sft", 13),  # 5% of 250 = 12.5, rounded up as Hugging Face's Trainer does
+])
+def test_warmup_steps_round_up_as_hugging_face(name, warmup):
+    config = load_config([str(CONFIGS / f"{name}.yaml")])
+    assert config.optimizer.warmup_steps(config.train_steps) == warmup
+
+
 def test_quickstart_configs_parse():
     for path in sorted((REPO / "examples" / "quickstart").glob("train-*.yaml")):
         config = load_config([str(path)])

@@ -1,0 +1,57 @@
+"""examples.jsonl: every prompt of an evaluation as text, with what each checkpoint made of it, so
+a user can read the prompts, check a score by hand, or feed the prompts to another harness.
+
+One JSON line per (checkpoint, example): checkpoint, scoring ("teacher_forced" | "generation"),
+task, length, depth, index, prompt (the decoded prompt ids, BOS included as its text),
+prompt_tokens, answer_prefix (the end of the prompt the answer continues), gold, found (per gold
+value), score (RULER's metric: the fraction found) and output (the generated text; null when
+teacher-forced, where the canonical answer is fed and `found` says which values were predicted).
+The mean `score` of the lines of one cell is that cell's score in report.json.
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from data_tools.atomic import write_text_atomically
+
+# Where each task's answer prefix starts in the text after the context (the question's end).
+ANSWER_PREFIX_MARKERS = (" The special magic", " Answer:", "Corresponding value:")
+
+
+def answer_prefix(tail: str) -> str:
+    for marker in ANSWER_PREFIX_MARKERS:
+        at = tail.rfind(marker)
+        if at >= 0:
+            return tail[at:]
+    return tail
+
+
+def example_lines(examples: Sequence, reports: Sequence, tokenizer) -> list[dict]:
+    """The lines for `examples` (RecallExample) and each report's results (ExampleResult)."""
+    lines = []
+    for report in reports:
+        results = {(r.task, r.length, round(float(r.depth), 6), r.index): r
+                   for r in getattr(report, "results", [])}
+        for example in examples:
+            result = results.get((example.task, example.length, round(float(example.depth), 6),
+                                  example.index))
+            if result is None:
+                continue
+            tail = tokenizer.decode([int(t) for t in example.prompt_ids[example.context_span[1]:]])
+            lines.append({
+                "checkpoint": report.name, "scoring": report.scoring, "task": example.task,
+                "length": example.length, "depth": example.depth, "index": example.index,
+                "prompt": tokenizer.decode([int(t) for t in example.prompt_ids]),
+                "prompt_tokens": int(len(example.prompt_ids)),
+                "answer_prefix": answer_prefix(tail), "gold": list(example.gold),
+                "found": [bool(f) for f in result.found], "score": result.score,
+                "output": result.output})
+    return lines
+
+
+def write_examples(path: str, examples: Sequence, reports: Sequence, tokenizer) -> str:
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n"
+                   for line in example_lines(examples, reports, tokenizer))
+    write_text_atomically(path, text)
+    return path

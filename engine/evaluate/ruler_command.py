@@ -1,0 +1,177 @@
+"""python -m engine.evaluate --protocol ruler | helmet-recall: RULER's tasks (engine.evaluate.ruler)
+or HELMET's Recall tasks (engine.evaluate.helmet) with their prompts, budgets and metrics, scored
+by greedy generation of a Hugging Face folder.
+
+    python -m engine.evaluate --protocol ruler --tokenizer hf/prolong-64k --hf hf/prolong-64k \\
+        --lengths 4096 65536 --samples 100 --ruler-essays PaulGrahamEssays.json \\
+        --ruler-squad squad.json --ruler-hotpotqa hotpotqa.json --out eval/ruler
+    python -m engine.evaluate --protocol helmet-recall --tokenizer hf/prolong-64k \\
+        --hf hf/prolong-64k --lengths 8192 65536 --helmet-data HELMET/data --out eval/helmet
+
+Writes examples.jsonl (one line per example: task, length, index, the prompt's text and token
+count, the answer prefix, the gold values, the generation budget, and with --hf the model's
+output and score) and, with --hf, report.json and report.md: per task and length the mean score
+(RULER's string_match_all, string_match_part for QA; HELMET's substring exact match for json_kv
+and ruler_recall for the needles) with its 95% confidence interval, always "generated" with the
+task's budget. Without --hf only the examples are written, for other
+harnesses. Bad input (an unknown task, a missing or malformed haystack file, a length too short
+for a task's budget) exits with code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from data_tools.tokenizer import TokenizerError, load_tokenizer
+from engine.evaluate.errors import EvaluationError
+from engine.evaluate.helmet import HELMET_RECALL_TASKS, helmet_score, load_helmet_examples
+from engine.evaluate.ruler import (RULER_TASKS, RulerSources, build_ruler_example,
+                                   chat_template_for, clean_prediction, encode_prompt,
+                                   example_score)
+from engine.evaluate.statistics import confidence_interval
+
+# RULER and lm-evaluation-harness score 500 examples per task and length; 100 keeps the 95%
+# interval of an exact-match score within about +-0.1.
+DEFAULT_SAMPLES = 100
+HELMET_HELP = ("run princeton-nlp/HELMET's scripts/download_data.sh beforehand and pass its data "
+               "folder")
+
+
+def _parser(protocol: str) -> argparse.ArgumentParser:
+    tasks = RULER_TASKS if protocol == "ruler" else HELMET_RECALL_TASKS
+    parser = argparse.ArgumentParser(
+        prog=f"python -m engine.evaluate --protocol {protocol}", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--tokenizer", required=True, help="the model's tokenizer")
+    parser.add_argument("--hf", help="Hugging Face folder to generate with (else: examples only)")
+    parser.add_argument("--out", required=True, help="folder for examples.jsonl and the report")
+    parser.add_argument("--tasks", nargs="+", default=list(tasks), metavar="TASK",
+                        help=f"default: all of {', '.join(tasks)}")
+    parser.add_argument("--lengths", nargs="+", type=int, required=True)
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                        help=f"examples per task and length (default {DEFAULT_SAMPLES})")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--ruler-essays", help="RULER's PaulGrahamEssays.json")
+    parser.add_argument("--ruler-squad", help="SQuAD v2 dev set (RULER's squad.json)")
+    parser.add_argument("--ruler-hotpotqa", help="HotpotQA distractor dev set (hotpotqa.json)")
+    parser.add_argument("--ruler-words", help="RULER's english_words.json (cwe at long lengths)")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="ruler: wrap each prompt in the tokenizer's chat template (its "
+                             "tokenizer_config.json's, or Llama-3's for a tokenizer.model), as "
+                             "RULER does for instruct models")
+    parser.add_argument("--helmet-data", help="HELMET's data folder (scripts/download_data.sh)")
+    return parser
+
+
+def main(argv=None, protocol: str = "ruler") -> int:
+    args = _parser(protocol).parse_args(argv)
+    tasks = RULER_TASKS if protocol == "ruler" else HELMET_RECALL_TASKS
+    try:
+        unknown = [t for t in args.tasks if t not in tasks]
+        if unknown:
+            raise EvaluationError(f"unknown {protocol} task {unknown[0]!r}; choose from "
+                                  f"{', '.join(tasks)}")
+        if args.samples < 1:
+            raise EvaluationError(f"--samples {args.samples}; give at least 1")
+        tokenizer = load_tokenizer(args.tokenizer)
+        # Every prompt is built before a model is loaded or a file written.
+        chat = None
+        if args.chat_template:
+            if protocol != "ruler":
+                raise EvaluationError("--chat-template: HELMET's recall configs set "
+                                      "use_chat_template false; drop it for helmet-recall")
+            chat = chat_template_for(tokenizer)
+        if protocol == "ruler":
+            sources = RulerSources(args.ruler_essays, args.ruler_squad, args.ruler_hotpotqa,
+                                   words_file=args.ruler_words)
+            examples = [build_ruler_example(task, tokenizer, length, index, args.seed, sources,
+                                            chat)
+                        for task in args.tasks for length in args.lengths
+                        for index in range(args.samples)]
+        else:
+            if not args.helmet_data:
+                raise EvaluationError(f"--protocol helmet-recall needs --helmet-data: "
+                                      f"{HELMET_HELP}")
+            examples = [e for task in args.tasks for length in args.lengths
+                        for e in load_helmet_examples(task, args.helmet_data, length,
+                                                      args.samples, tokenizer)]
+        model = None
+        if args.hf:
+            from engine.evaluate.hf_model import load_hf_model
+            model = load_hf_model(args.hf)
+    except (EvaluationError, TokenizerError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    rows = [dict(_row(e, protocol), chat_template=chat.source if chat else None)
+            for e in examples]
+    if model is not None:
+        from engine.evaluate.hf_model import greedy_generate
+
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        for example, row in zip(examples, rows):
+            # RULER's Hugging Face client tokenizes input + answer prefix with the model's
+            # tokenizer, which puts BOS first (once: a chat template's own BOS is kept alone).
+            ids = encode_prompt(tokenizer, example.prompt)
+            ids = ids if ids[:1] == bos else bos + ids
+            new = greedy_generate(model, [ids], example.tokens_to_generate)[0]
+            text = tokenizer.decode([int(t) for t in new])
+            if protocol == "ruler":
+                row["output"] = clean_prediction(text)
+                row["score"] = example_score(example.metric, row["output"], example.outputs)
+            else:  # HELMET scores the output as generated
+                row["output"] = text
+                row["score"] = helmet_score(example.metric, text, example.outputs)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "examples.jsonl"), "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if model is not None:
+        report = report_from_rows(rows)
+        with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
+            json.dump({"protocol": protocol, "model": args.hf, "seed": args.seed,
+                       "cells": report}, f, indent=2)
+        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
+            f.write(report_markdown(report, protocol))
+    print(f"wrote {len(rows)} examples to {args.out}", flush=True)
+    return 0
+
+
+def _row(example, protocol: str) -> dict:
+    return {"protocol": protocol, "task": example.task, "length": example.length,
+            "index": example.index, "input": example.input,
+            "answer_prefix": example.answer_prefix, "prompt_tokens": example.prompt_tokens,
+            "outputs": example.outputs, "tokens_to_generate": example.tokens_to_generate,
+            "metric": example.metric, "scoring": "generated"}
+
+
+def report_from_rows(rows) -> list[dict]:
+    """Per (task, length): mean score, its 95% interval and how it was scored."""
+    cells: dict[tuple, list] = {}
+    for row in rows:
+        cells.setdefault((row["task"], row["length"]), []).append(row)
+    report = []
+    for (task, length), members in cells.items():
+        interval = confidence_interval([r["score"] for r in members])
+        report.append({"task": task, "length": length, "samples": len(members),
+                       "score": interval.mean, "ci95": [interval.low, interval.high],
+                       "ci_method": interval.method, "metric": members[0]["metric"],
+                       "scoring": "generated",
+                       "generation_budget": members[0]["tokens_to_generate"]})
+    return report
+
+
+def report_markdown(report, protocol: str = "ruler") -> str:
+    lines = [f"# Recall (protocol: {protocol})", "",
+             "| task | length | score | 95% CI | samples | scoring | budget |",
+             "|---|---|---|---|---|---|---|"]
+    for c in report:
+        lines.append(f"| {c['task']} | {c['length']} | {100 * c['score']:.1f} | "
+                     f"[{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}] ({c['ci_method']}) | "
+                     f"{c['samples']} | {c['scoring']} | {c['generation_budget']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
