@@ -330,3 +330,49 @@ def test_keep_last_keeps_the_checkpoint_from_before_nan_steps(trained, packed_ti
         assert resumed[n]["loss"] == trained[2][n]["loss"], n
     assert [p.name for p in sorted(run.glob("step_*"))] == ["step_00000003", "step_00000004"]
     assert read_checkpoint_state(step(run, 4))["skipped_steps_total"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted saves: latest always names a verified checkpoint, nothing half-written stays
+# ---------------------------------------------------------------------------------------------
+
+def test_a_save_interrupted_after_any_step_keeps_latest_on_a_whole_checkpoint(tmp_path):
+    """An exception after each step of save_checkpoint in turn (interrupted_save_worker), and a
+    full disk while the tensors are written: ``latest`` names a checkpoint that verifies, a
+    resume loads exactly its weights, step 1 is never lost, no .tmp_step_* stays behind, and
+    no process was forked to write (nothing can outlive the trainer)."""
+    root = tmp_path / "ckpt"
+    result = torchrun("tests.engine.interrupted_save_worker", 1, [str(root)], timeout=300)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["first"] is None and report["children"] == []
+    published_before_latest = {"tensors": "step_00000001", "rng": "step_00000001",
+                               "checksums": "step_00000001", "engine_state": "step_00000001",
+                               "manifest": "step_00000001", "publish": "step_00000001",
+                               "latest": "step_00000002", "prune": "step_00000002",
+                               "disk_full": "step_00000002"}
+    for name, case in report["cases"].items():
+        expected = published_before_latest[name]
+        assert case["latest"] == expected, (
+            f"a save interrupted after '{name}' left latest naming {case['latest']}, not "
+            f"{expected}: latest must move only after the manifest and the publishing rename")
+        assert case["latest_verifies"] is True, (
+            f"interrupted after '{name}': latest names a checkpoint that does not verify: "
+            f"{case['latest_verifies']}")
+        assert case["resumed_from"] == expected and case["resumed_weights_equal"], (
+            f"interrupted after '{name}': the resume loaded {case['resumed_from']} "
+            f"(weights equal to the saved ones: {case.get('resumed_weights_equal')})")
+        assert case["step1_verifies"] is True, f"interrupted after '{name}': step 1 was lost"
+        assert not [n for n in case["contents"] if n.startswith(".tmp")], (
+            f"interrupted after '{name}': the temporary folder stayed behind: {case['contents']}")
+        assert case["forks"] == 0 and case["children"] == [], (
+            f"interrupted after '{name}': the save started processes ({case['forks']} forks, "
+            f"children {case['children']}): a writer could outlive the trainer")
+    for name in published_before_latest:
+        if name != "disk_full":
+            assert report["cases"][name]["outcome"] == f"Interrupted: interrupted after {name}"
+    full = report["cases"]["disk_full"]["outcome"]
+    assert full.startswith(f"CheckpointError: cannot save step 2 into {root}: No space left on "
+                           f"device ({root / '__0_0.distcp'}); nothing of step 2 was kept"), full
+    assert report["last"] is None and report["after_last"]["latest"] == "step_00000003"
+    assert report["after_last"]["resumed_weights_equal"] and report["after_last"]["forks"] == 0
+    assert report["after_last"]["contents"] == ["latest", "step_00000002", "step_00000003"]
