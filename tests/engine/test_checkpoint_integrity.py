@@ -379,3 +379,67 @@ def test_a_save_interrupted_after_any_step_keeps_latest_on_a_whole_checkpoint(tm
     assert report["last"] is None and report["after_last"]["latest"] == "step_00000003"
     assert report["after_last"]["resumed_weights_equal"] and report["after_last"]["forks"] == 0
     assert report["after_last"]["contents"] == ["latest", "step_00000002", "step_00000003"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of several real blocks; manifests and engine states that are damaged, not crashes
+# ---------------------------------------------------------------------------------------------
+
+def _folder_with_manifest(tmp_path: Path, size: int) -> Path:
+    """A checkpoint-like folder holding one tensor file of ``size`` random bytes and a manifest
+    at the engine's own block size (no patched BLOCK_BYTES)."""
+    import numpy as np
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / "__0_0.distcp").write_bytes(np.random.default_rng(0).bytes(size))
+    integrity.write_manifest(folder)
+    return folder
+
+
+def test_damage_in_a_late_block_of_a_multi_block_file_is_found(tmp_path):
+    block = integrity.BLOCK_BYTES
+    folder = _folder_with_manifest(tmp_path, 3 * block + 1000)  # 4 blocks, the last short
+    assert len(integrity.read_manifest(folder)["files"]["__0_0.distcp"]["crc32"]) == 4
+    assert verify_checkpoint(folder)
+    shard = folder / "__0_0.distcp"
+    overwrite_middle(shard, 16, 2 * block + 5)
+    try:
+        verify_checkpoint(folder)
+    except DamagedCheckpoint as error:
+        message = str(error)
+    else:
+        pytest.fail("a file of 4 blocks damaged in block 2 verified: the blocks of files above "
+                    "one block are not checked")
+    assert (f"{shard}: bytes {2 * block}-{3 * block - 1} (block 2 of 4) differ from what was "
+            f"saved") in message, f"a damaged block 2 of 4 not named: {message}"
+    overwrite_middle(shard, 16, 3 * block + 10)  # the short last block too
+    with pytest.raises(DamagedCheckpoint, match=r"\(block 2 of 4, and 1 more\)"):
+        verify_checkpoint(folder)
+
+
+def test_a_manifest_with_an_absurd_block_size_is_damage_not_a_memory_error(tmp_path):
+    folder = _folder_with_manifest(tmp_path, 1000)
+    manifest = json.loads((folder / integrity.MANIFEST_FILE).read_text())
+    manifest["block_bytes"] = 1 << 40  # one block for any file: the checksum count still fits
+    (folder / integrity.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match=r"block_bytes 1099511627776.*not what this "
+                                                r"engine writes"):
+        verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize("state", [{"step": 4}, {"step": 4, "model_config": {"num_layers": 2}},
+                                   [1, 2]], ids=["no_model_config", "no_shape", "a_list"])
+def test_an_engine_state_without_its_model_config_is_a_damaged_checkpoint(tmp_path, state):
+    from engine.checkpoint import check_compatible, model_config_from_state
+    from engine.model.config import get_model_config
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / "engine_state.json").write_text(json.dumps(state))
+    with pytest.raises(DamagedCheckpoint, match=f"{folder / 'engine_state.json'} "
+                                                f"(has no |holds a JSON list)"):
+        check_compatible(folder, get_model_config("tiny"))
+    if isinstance(state, dict):
+        with pytest.raises(DamagedCheckpoint, match="the checkpoint is damaged"):
+            model_config_from_state(state, folder)
