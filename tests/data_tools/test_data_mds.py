@@ -343,3 +343,74 @@ def test_mdswriter_live_writes_the_committed_fixtures(tmp_path, capsys):
     parts = EXPECTED["fineweb-edu"]
     assert documents_of(tmp_path / "fw") == expected_documents(parts["proc00-64"] +
                                                                parts["proc01-64"])
+
+
+# --- id and column dtypes as ProLong's releases store them (shards written here, byte by byte) --
+
+def write_mds_part(folder, samples, encodings):
+    """One MDS part (index.json + shard.00000.mds) of ``samples`` ({column: value}), every
+    column of fixed size ("ndarray:DTYPE:SHAPE" or a scalar type), names in MDSWriter's order."""
+    folder.mkdir(parents=True)
+    names = sorted(encodings)
+    rows = []
+    for sample in samples:
+        rows.append(b"".join(np.asarray(sample[name], dtype=_column_dtype(encodings[name]))
+                             .tobytes() for name in names))
+    sizes = [len(np.asarray(samples[0][n], dtype=_column_dtype(encodings[n])).tobytes())
+             for n in names]
+    settings = {"column_encodings": [encodings[n] for n in names], "column_names": names,
+                "column_sizes": sizes, "compression": None, "format": "mds", "hashes": [],
+                "size_limit": None, "version": 2}
+    config = json.dumps(settings, sort_keys=True).encode()
+    start = 4 + 4 * (len(rows) + 1) + len(config)
+    offsets = np.cumsum([start] + [len(r) for r in rows]).astype("<u4")
+    data = np.array([len(rows)], "<u4").tobytes() + offsets.tobytes() + config + b"".join(rows)
+    (folder / "shard.00000.mds").write_bytes(data)
+    entry = dict(settings, raw_data={"basename": "shard.00000.mds", "bytes": len(data),
+                                     "hashes": {}}, samples=len(rows), zip_data=None)
+    (folder / "index.json").write_text(json.dumps({"shards": [entry], "version": 2}))
+
+
+def _column_dtype(encoding):
+    fields = encoding.split(":")
+    return np.dtype(fields[1] if fields[0] == "ndarray" else {"int": "int64"}.get(
+        encoding, encoding)).newbyteorder("<")
+
+
+def _prolong_sample(ids, id_encoding="ndarray:uint32:8"):
+    return ({"input_ids": ids, "indices": [[0, 3], [3, 8]], "length": len(ids),
+             "mask": np.ones(len(ids), np.uint8), "domain": 7},
+            {"input_ids": id_encoding, "indices": "ndarray:uint32:2,2", "length": "uint64",
+             "mask": "ndarray:uint8:8", "domain": "int64"})
+
+
+def test_uint32_ids_uint64_lengths_and_a_uint8_mask_import(tmp_path, capsys):
+    ids = [128000, 1, 2, 128255, 5, 6, 7, 2 ** 16 + 3]
+    sample, encodings = _prolong_sample(ids)
+    write_mds_part(tmp_path / "src", [sample, sample], encodings)
+    code, _, err = run_import(capsys, tmp_path / "src", tmp_path / "out")
+    assert code == 0, err
+    assert documents_of(tmp_path / "out") == [ids[:3], ids[3:]] * 2
+
+
+@pytest.mark.parametrize("ids, encoding, message", [
+    ([1, 2, 3, 4, 5, 6, 2 ** 31 + 5, 8], "ndarray:uint32:8",
+     "sample 0: input_ids[6] is 2147483653, outside the vocabulary of 128,256 ids"),
+    ([1, 2, 3, 4, 5, 6, 2 ** 32 + 7, 8], "ndarray:int64:8",
+     "sample 0: input_ids[6] is 4294967303, outside the vocabulary of 128,256 ids"),
+    ([1, 2, 3, -1, 5, 6, 7, 8], "ndarray:int64:8",
+     "sample 0: input_ids[3] is -1, outside the vocabulary of 128,256 ids"),
+    ([1, 2, 3, 4, 5, 6, 7, 8], "ndarray:float32:8",
+     "sample 0: input_ids is float32 of shape (8,), not a 1-D integer array"),
+], ids=["uint32_above_int32", "int64_above_uint32", "int64_negative", "float32"])
+def test_ids_are_checked_in_their_stored_dtype(tmp_path, capsys, ids, encoding, message):
+    """The vocabulary check sees the ids as stored: a cast to int32 first would report
+    2^31+5 as negative, wrap an int64 id into the vocabulary, and accept float ids."""
+    sample, encodings = _prolong_sample(ids, encoding)
+    write_mds_part(tmp_path / "src", [sample], encodings)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_import(capsys, tmp_path / "src", out / "ids")
+    assert code == 2, f"ids {ids} stored as {encoding} were imported"
+    assert message in err, f"expected {message!r} in {err!r}"
+    assert os.listdir(out) == []
