@@ -326,17 +326,37 @@ def test_rng_is_restored_only_under_the_saved_layouts_sizes():
 
 
 def test_warmup_starts_at_lr_over_warmup_steps(packed_tiny_dataset, train_config, tmp_path):
-    """W = 0.75 x 4 = 3 warm-up steps: step k of the warm-up trains at lr x k / 3 (step 1
-    already trains), step W at lr, then the cosine decay."""
+    """W = 0.5 x 6 = 3 warm-up steps: step k of the warm-up trains at lr x k / 3 (step 1
+    already trains), step W at lr, then the cosine decay over the remaining steps, to exactly
+    lr x min_lr_ratio at the end of the run (the scheduler state the final checkpoint holds)."""
+    import math
+
+    from engine.checkpoint import latest_checkpoint, read_checkpoint_state
+
     run = tmp_path / "warmup"
     torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, run,
-                                           "train_steps=4", "optimizer.warmup_fraction=0.75"))
+                                           "train_steps=6", "optimizer.warmup_fraction=0.5"))
     rows = metrics(run)
-    lr = 1e-3  # TRAIN_TEST_CONFIG
-    assert rows[1]["lr"] > 0
+    lr, min_lr = 1e-3, 1e-3 * 0.1  # TRAIN_TEST_CONFIG; min_lr_ratio's default
+
+    def scheduled(done):
+        """The lr after ``done`` scheduler steps: warm-up to lr over steps 1-3, then a cosine
+        from lr at step 3 to min_lr when the 6 steps are done (step k trains at done = k - 1)."""
+        if done <= 2:
+            return lr / 3 + (lr - lr / 3) * done / 2
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (done - 2) / (6 - 2)))
+
     for step in (1, 2, 3):
         assert rows[step]["lr"] == pytest.approx(lr * step / 3, rel=1e-9), step
-    assert rows[4]["lr"] < lr
+    for step in (4, 5, 6):
+        assert rows[step]["lr"] == pytest.approx(scheduled(step - 1), rel=1e-9), (
+            f"step {step} trained at lr {rows[step]['lr']}, the cosine to lr x min_lr_ratio "
+            f"gives {scheduled(step - 1)}")
+    scheduler = read_checkpoint_state(latest_checkpoint(run))["scheduler"]
+    assert scheduler["num_steps"] == 6 and scheduler["min_lr"] == pytest.approx(min_lr), (
+        f"the run ended at lr {scheduler['min_lr']} after {scheduler['num_steps']} steps, not "
+        f"lr x min_lr_ratio = {min_lr}")
+    assert scheduled(6) == pytest.approx(min_lr, rel=1e-12)
 
 
 def reordered_copy(dataset, folder, rows) -> str:
