@@ -136,9 +136,18 @@ def tokenizer_of(path: str) -> Optional[str]:
     return None
 
 
+def _check_number(index: int, count: int, what: str, where: str) -> None:
+    if not 0 <= index < count:
+        held = f"{count:,} {what}s, numbered 0 to {count - 1:,}" if count else f"no {what}s"
+        raise ValueError(f"{what} {index}: {where} holds {held}; give a {what} number in that "
+                         f"range" if count else f"{what} {index}: {where} holds {held}, there "
+                         f"is nothing to inspect")
+
+
 def inspect_document(prefix: str, index: int, tokenizer_path: Optional[str] = None) -> dict:
     """Document `index` of an indexed dataset: its length, first ids and decoded text."""
     reader = IndexedReader(prefix)
+    _check_number(index, len(reader), "document", f"the dataset {prefix}")
     tokens = np.asarray(reader[index])
     result = {"document": index, "tokens": int(len(tokens)), "ids": tokens[:16].tolist()}
     tokenizer_path = tokenizer_path or tokenizer_of(prefix)
@@ -150,6 +159,7 @@ def inspect_document(prefix: str, index: int, tokenizer_path: Optional[str] = No
 def inspect_sequence(folder: str, index: int, tokenizer_path: Optional[str] = None) -> dict:
     """Packed sequence `index`: source, document lengths, loss tokens and decoded pieces."""
     dataset = PackedDataset(folder)
+    _check_number(index, len(dataset), "sequence", f"the packed dataset {folder}")
     sequence = dataset[index]
     result = {"sequence": index, "source": dataset.source_of(index),
               "tokens": int(len(sequence.tokens)),

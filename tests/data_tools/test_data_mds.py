@@ -16,7 +16,8 @@ import pytest
 from data_tools.cli import main
 from data_tools.indexed import IndexedReader
 from data_tools.packed_dataset import PackedDataset
-from data_tools_helpers import PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS, write_recipe
+from data_tools_helpers import (PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS, write_mds_part,
+                                write_recipe)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "mds")
 SCRIPT = os.path.join(os.path.dirname(FIXTURES), "make_mds_fixtures.py")
@@ -347,36 +348,6 @@ def test_mdswriter_live_writes_the_committed_fixtures(tmp_path, capsys):
 
 # --- id and column dtypes as ProLong's releases store them (shards written here, byte by byte) --
 
-def write_mds_part(folder, samples, encodings):
-    """One MDS part (index.json + shard.00000.mds) of ``samples`` ({column: value}), every
-    column of fixed size ("ndarray:DTYPE:SHAPE" or a scalar type), names in MDSWriter's order."""
-    folder.mkdir(parents=True)
-    names = sorted(encodings)
-    rows = []
-    for sample in samples:
-        rows.append(b"".join(np.asarray(sample[name], dtype=_column_dtype(encodings[name]))
-                             .tobytes() for name in names))
-    sizes = [len(np.asarray(samples[0][n], dtype=_column_dtype(encodings[n])).tobytes())
-             for n in names]
-    settings = {"column_encodings": [encodings[n] for n in names], "column_names": names,
-                "column_sizes": sizes, "compression": None, "format": "mds", "hashes": [],
-                "size_limit": None, "version": 2}
-    config = json.dumps(settings, sort_keys=True).encode()
-    start = 4 + 4 * (len(rows) + 1) + len(config)
-    offsets = np.cumsum([start] + [len(r) for r in rows]).astype("<u4")
-    data = np.array([len(rows)], "<u4").tobytes() + offsets.tobytes() + config + b"".join(rows)
-    (folder / "shard.00000.mds").write_bytes(data)
-    entry = dict(settings, raw_data={"basename": "shard.00000.mds", "bytes": len(data),
-                                     "hashes": {}}, samples=len(rows), zip_data=None)
-    (folder / "index.json").write_text(json.dumps({"shards": [entry], "version": 2}))
-
-
-def _column_dtype(encoding):
-    fields = encoding.split(":")
-    return np.dtype(fields[1] if fields[0] == "ndarray" else {"int": "int64"}.get(
-        encoding, encoding)).newbyteorder("<")
-
-
 def _prolong_sample(ids, id_encoding="ndarray:uint32:8"):
     return ({"input_ids": ids, "indices": [[0, 3], [3, 8]], "length": len(ids),
              "mask": np.ones(len(ids), np.uint8), "domain": 7},
@@ -414,3 +385,41 @@ def test_ids_are_checked_in_their_stored_dtype(tmp_path, capsys, ids, encoding, 
     assert code == 2, f"ids {ids} stored as {encoding} were imported"
     assert message in err, f"expected {message!r} in {err!r}"
     assert os.listdir(out) == []
+
+
+def test_a_failed_import_onto_an_existing_dataset_leaves_it_whole(tmp_path, capsys, monkeypatch):
+    """The new .bin/.idx are published only once the new summary is written and the old one is
+    gone: here the old summary cannot be removed, and the old dataset stays byte for byte."""
+    import errno
+
+    import data_tools.mds as mds
+
+    prefix = tmp_path / "fw"
+    assert run_import(capsys, os.path.join(FIXTURES, "fineweb-edu", "proc01-64"), prefix)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def cannot_remove(output_prefix):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{output_prefix}.summary.json")
+
+    monkeypatch.setattr(mds, "remove_stale_summary", cannot_remove)
+    code, _, err = run_import(capsys, os.path.join(FIXTURES, "fineweb-edu"), prefix)
+    assert code == 2 and f"{prefix}.summary.json" in err and "Permission denied" in err, err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == sorted(before), f"left behind: {sorted(set(after) - set(before))}"
+    for name in before:
+        assert after[name] == before[name], f"{name} was replaced by a failed import"
+
+
+def test_a_file_size_limit_names_the_file_and_leaves_nothing(tmp_path):
+    """`ulimit -f` (a full disk looks the same to the writer): exit 2, the .bin named with the
+    fix, no traceback, no temporary file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = (f"ulimit -f 1; exec {sys.executable} -m data_tools import-mds "
+               f"{os.path.join(FIXTURES, 'fineweb-edu')} --output-prefix {out / 'fw'} --quiet")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.join(os.path.dirname(FIXTURES), "..", "..", ".."))
+    assert result.returncode == 2, result.stderr
+    assert (f"cannot write {out / 'fw'}.bin: File too large; raise the file-size limit "
+            f"(ulimit -f) or write elsewhere") in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(out) == []
