@@ -39,7 +39,8 @@ from data_tools.atomic import discard, publish
 from data_tools.outputs import check_output_location, empty_output_error
 from data_tools.summary import (SUMMARY_SUFFIX, remove_stale_summary, stage_summary,
                                 summary_path)
-from data_tools.tokenizer import LLAMA3_NUM_BPE_RANKS, llama3_special_tokens, load_tokenizer
+from data_tools.tokenizer import (LLAMA3_NUM_BPE_RANKS, LLAMA3_VOCABULARY_FINGERPRINT,
+                                  llama3_special_tokens, load_tokenizer)
 
 INDEX_FILE = "index.json"
 INDEX_VERSION = 2
@@ -389,7 +390,8 @@ def llama3_description() -> dict:
     """What the summary records as the tokenizer of Llama-3-tokenized data given without one."""
     specials = llama3_special_tokens(LLAMA3_NUM_BPE_RANKS)
     return {"kind": "llama3", "path": None, "vocab_size": LLAMA3_NUM_BPE_RANKS + len(specials),
-            "bos_id": specials["<|begin_of_text|>"], "eos_id": specials["<|end_of_text|>"]}
+            "bos_id": specials["<|begin_of_text|>"], "eos_id": specials["<|end_of_text|>"],
+            "vocabulary_fingerprint": LLAMA3_VOCABULARY_FINGERPRINT}
 
 
 def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = None,

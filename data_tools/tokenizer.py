@@ -115,6 +115,18 @@ class TextTokenizer:
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
+# vocabulary_fingerprint() of Meta's Llama-3 tokenizer.model (128,000 BPE ranks and the 256
+# reserved special tokens): what data tokenized with Llama-3 records when its tokenizer file is
+# not at hand (lce-data import-mds without --tokenizer), so that it still compares to datasets
+# whose summaries name the file.
+LLAMA3_VOCABULARY_FINGERPRINT = "sha256:72ded992a5c809fa"
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """The vocabulary fingerprint of the tokenizer at ``path`` (file or folder; see
+    TextTokenizer.vocabulary_fingerprint): what datasets record and what checkpoints, training
+    and evaluation can compare with a dataset's (data_tools.summary.same_tokenizer)."""
+    return load_tokenizer(path).vocabulary_fingerprint()
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -16,6 +16,7 @@ import pytest
 from data_tools.cli import main
 from data_tools.indexed import IndexedReader
 from data_tools.packed_dataset import PackedDataset
+from data_tools.tokenizer import LLAMA3_VOCABULARY_FINGERPRINT
 from data_tools_helpers import (PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS, write_mds_part,
                                 write_recipe)
 
@@ -63,7 +64,8 @@ def test_two_part_source_imports_every_range_in_part_order(tmp_path, capsys):
     assert summary["empty_ranges"] == 0 and summary["uncovered_tokens"] == 0
     assert summary["domains"] == {"fixture": 14} and summary["dtype"] == "int32"
     assert summary["tokenizer"] == {"kind": "llama3", "path": None, "vocab_size": 128256,
-                                    "bos_id": 128000, "eos_id": 128001}
+                                    "bos_id": 128000, "eos_id": 128001,
+                                    "vocabulary_fingerprint": LLAMA3_VOCABULARY_FINGERPRINT}
     assert summary["columns"] == {"domain": "str", "indices": "ndarray:uint32",
                                   "input_ids": "ndarray:uint32", "length": "int"}
     assert summary["seconds"] >= 0
@@ -423,3 +425,35 @@ def test_a_file_size_limit_names_the_file_and_leaves_nothing(tmp_path):
     assert (f"cannot write {out / 'fw'}.bin: File too large; raise the file-size limit "
             f"(ulimit -f) or write elsewhere") in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and os.listdir(out) == []
+
+
+def test_an_import_without_tokenizer_records_llama3s_fingerprint(tmp_path, capsys, llama3_model):
+    """The fingerprint recorded without --tokenizer is that of Llama-3's real tokenizer.model:
+    the import merges with data preprocessed by that file, and is refused beside data of
+    another vocabulary of the same size (merge, and inspect with that tokenizer)."""
+    from data_tools.tokenizer import tokenizer_fingerprint
+
+    assert tokenizer_fingerprint(llama3_model) == LLAMA3_VOCABULARY_FINGERPRINT
+    part = os.path.join(FIXTURES, "fineweb-edu", "proc01-64")
+    assert run_import(capsys, part, tmp_path / "plain")[0] == 0
+    assert run_import(capsys, part, tmp_path / "named", "--tokenizer", llama3_model)[0] == 0
+    assert main(["merge", "--output-prefix", str(tmp_path / "both"), str(tmp_path / "plain"),
+                 str(tmp_path / "named")]) == 0
+    # Another tokenizer of the same size (say, renamed special tokens).
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{tmp_path / 'named'}{suffix}", f"{tmp_path / 'other'}{suffix}")
+    summary = json.load(open(f"{tmp_path / 'named'}.summary.json"))
+    summary["tokenizer"]["vocabulary_fingerprint"] = "sha256:0123456789abcdef"
+    json.dump(summary, open(f"{tmp_path / 'other'}.summary.json", "w"))
+    capsys.readouterr()
+    assert main(["merge", "--output-prefix", str(tmp_path / "mixed"), str(tmp_path / "plain"),
+                 str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert (f"vocabulary {LLAMA3_VOCABULARY_FINGERPRINT}) vs tiktoken tokenizer.model (128,256 "
+            f"ids, vocabulary sha256:0123456789abcdef)") in err, err
+    assert not list(tmp_path.glob("mixed*"))
+    assert main(["inspect", str(tmp_path / "other"), "0", "--tokenizer", llama3_model]) == 2
+    err = capsys.readouterr().err
+    assert (f"tokenizer {llama3_model} is tiktoken tokenizer.model (128,256 ids, vocabulary "
+            f"{LLAMA3_VOCABULARY_FINGERPRINT}), but {tmp_path / 'other'} was built with tiktoken "
+            f"tokenizer.model (128,256 ids, vocabulary sha256:0123456789abcdef)") in err, err
