@@ -172,7 +172,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(packed_tiny_dataset, train_co
         assert resumed[n]["loss"] == expected[n]["loss"], (
             f"step {n} after resuming the SIGTERM checkpoint of step {step}: loss "
             f"{resumed[n]['loss']}, {expected[n]['loss']} in the uninterrupted run")
-        assert resumed[n]["grad_norm"] == expected[n]["grad_norm"], n
+        assert resumed[n]["grad_norm"] == expected[n]["grad_norm"], (
+            f"step {n} after resuming the SIGTERM checkpoint of step {step}: grad norm "
+            f"{resumed[n]['grad_norm']}, {expected[n]['grad_norm']} in the uninterrupted run")
 
 
 def test_a_dead_rank_ends_the_job_instead_of_hanging(packed_tiny_dataset, train_config, tmp_path):
