@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_tools.indexed import IndexedWriter
+from data_tools.packed_dataset import PackedDataset
 from tests.distributed import REPO, run_command, torchrun
 from tests.engine.evaluate_helpers import llama3_tokenizer_dir
 
@@ -27,8 +28,17 @@ def test_validation_loss_is_logged_and_layout_independent(packed_tiny_dataset, t
     assert "eval at step 2 | loss" in single.stdout and "eval at step 4 | loss" in single.stdout
     one = _eval_rows(tmp_path / "one")
     assert sorted(one) == [2, 4]
-    # 2 batches of 4 sequences of 64 tokens, minus the masked targets: a real token count.
-    assert 0 < one[2]["eval/tokens"] <= 8 * 63
+    # 2 batches of 4 sequences of 64 tokens: every token's next token is a target except the
+    # last token of each document (data.mask_cross_document, on by default; a sequence's last
+    # token included): 64 - documents per sequence.
+    dataset = PackedDataset(packed_tiny_dataset)
+    sequences = [dataset[i] for i in range(8)]
+    assert all(s.loss_mask is None and s.doc_lengths.sum() == 64 for s in sequences)
+    expected_tokens = sum(64 - len(s.doc_lengths) for s in sequences)
+    for step in (2, 4):
+        assert one[step]["eval/tokens"] == expected_tokens, (
+            f"validation at step {step} counted {one[step]['eval/tokens']} target tokens, the 8 "
+            f"held-out sequences hold {expected_tokens}")
     assert one[4]["eval/loss"] < one[2]["eval/loss"]  # it trained on this data
     torchrun("engine.train", 2, [*common, f"checkpoint.dir={tmp_path / 'tp2'}",
                                  "parallel.tensor_parallel=2"])
