@@ -100,3 +100,26 @@ def test_final_checkpoint_gets_a_full_evaluation(llama3_vocab_data, tmp_path):
     assert sum(b["tokens"] for b in report["position_loss"]) > 0
     assert report["short_document_loss"]["tokens"] > 0
     assert (run / "eval" / "report.md").exists()
+
+    # The same measures as a standalone `python -m engine.evaluate` of that checkpoint.
+    standalone = run_command([
+        sys.executable, "-m", "engine.evaluate", "--checkpoint", str(run / "step_00000002"),
+        "--tokenizer", f"{llama3_tokenizer_dir()}/tokenizer.model", "--tasks", "niah_single",
+        "json_kv", "--lengths", "512", "--depths", "2", "--samples", "1", "--seed", "0",
+        "--long-documents", str(root / "docs"), "--position-length", "300",
+        "--max-documents", "8", "--short-documents", str(root / "docs"), "--no-progress",
+        "--out", str(tmp_path / "standalone")], timeout=600)
+    assert standalone.returncode == 0, standalone.stdout[-3000:]
+    (alone,) = json.loads((tmp_path / "standalone" / "report.json").read_text())["checkpoints"]
+    assert [(c["task"], c["length"], c["depth"], c["score"]) for c in alone["recall"]["cells"]] \
+        == [(c["task"], c["length"], c["depth"], c["score"]) for c in report["recall"]["cells"]]
+    for a, b in zip(alone["recall"]["cells"], report["recall"]["cells"]):
+        assert a["answer_loss"] == pytest.approx(b["answer_loss"], rel=1e-5), (a, b)
+    assert [b["tokens"] for b in alone["position_loss"]] == [
+        b["tokens"] for b in report["position_loss"]]
+    for a, b in zip(alone["position_loss"], report["position_loss"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+    for field in ("documents", "tokens"):
+        assert alone["short_document_loss"][field] == report["short_document_loss"][field]
+    assert alone["short_document_loss"]["loss"] == pytest.approx(
+        report["short_document_loss"]["loss"], rel=1e-5)
