@@ -12,6 +12,7 @@ collect the results in a plain in-process queue. Nothing then outlives the proce
 """
 from __future__ import annotations
 
+import inspect
 import queue
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,10 +53,23 @@ def _in_process_queue():
     return queue.Queue()
 
 
-def write_in_process() -> None:
-    """Make megatron-core's torch_dist save write from the calling process (idempotent)."""
+# The megatron-core writer this module stands in for (0.16's signature); another signature
+# (a later release) is left alone rather than called with the wrong arguments.
+_REPLACED_SIGNATURE = ["transform_list", "use_msc", "rank", "write_buckets",
+                       "global_results_queue"]
+
+
+def write_in_process() -> bool:
+    """Make megatron-core's torch_dist save write from the calling process (idempotent). False
+    when this megatron-core's writer is not the one this module replaces (left as it is)."""
+    if writes_in_process():
+        return True
+    original = _Writer.write_preloaded_data_multiproc
+    if list(inspect.signature(original).parameters) != _REPLACED_SIGNATURE:
+        return False
     _Writer.write_preloaded_data_multiproc = staticmethod(_write_buckets)
     filesystem_async._get_write_results_queue = _in_process_queue
+    return True
 
 
 def take_write_failure() -> BaseException | None:
