@@ -44,7 +44,7 @@ def _import_mds(args) -> None:
     from data_tools.mds import import_mds
 
     summary = import_mds(args.source, args.output_prefix, tokenizer_path=args.tokenizer,
-                         progress=not args.quiet)
+                         progress=not args.quiet, allow_empty=args.allow_empty)
     print(f"wrote {summary['documents']:,} documents, {summary['tokens']:,} tokens to "
           f"{args.output_prefix}.bin/.idx in {summary['seconds']:.1f} s "
           f"({summary['tokens_per_second']:,.0f} tokens/s) from {len(summary['parts'])} part(s), "
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="the data's tokenizer (Llama-3's tokenizer.model), "
                                        "recorded for `inspect` and bounding the ids; default: "
                                        "ids are checked against Llama-3's 128,256")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a dataset without documents instead of stopping with an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_import_mds)
 

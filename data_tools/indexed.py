@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from data_tools.atomic import discard, publish, temporary_path
+from data_tools.outputs import write_failure
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -76,7 +77,7 @@ class IndexedWriter:
         if len(lengths) and int(lengths.max()) > np.iinfo(np.int32).max:
             raise ValueError("a document longer than 2**31-1 tokens does not fit the .idx format")
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
-        self._bin.write(tokens.tobytes())
+        self._write(tokens.tobytes())
         self._note_max(tokens)
         self._length_chunks.append(lengths.astype(np.int32))
         self.num_documents += len(lengths)
@@ -90,11 +91,17 @@ class IndexedWriter:
                 f"{np.dtype(self.dtype).name}: merge only datasets of one tokenizer")
         for start in range(0, len(reader.tokens), chunk_tokens):
             chunk = reader.tokens[start:start + chunk_tokens]
-            self._bin.write(chunk.tobytes())
+            self._write(chunk.tobytes())
             self._note_max(chunk)
         self._length_chunks.append(reader.lengths.astype(np.int32))
         self.num_documents += len(reader)
         self.num_tokens += int(reader.lengths.sum(dtype=np.int64))
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as error:
+            raise write_failure(bin_path(self.prefix), error) from None
 
     def _note_max(self, tokens: np.ndarray) -> None:
         if len(tokens):
@@ -104,10 +111,16 @@ class IndexedWriter:
 
     def finalize(self) -> None:
         """Write the index and move both files to their final names (the .idx last)."""
-        self._bin.close()
         lengths = (np.concatenate(self._length_chunks) if self._length_chunks
                    else np.zeros(0, np.int32))
-        write_index(self._idx_tmp, self.dtype, lengths)
+        try:
+            self._bin.close()  # flushes the last buffered tokens
+        except OSError as error:
+            raise write_failure(bin_path(self.prefix), error) from None
+        try:
+            write_index(self._idx_tmp, self.dtype, lengths)
+        except OSError as error:
+            raise write_failure(idx_path(self.prefix), error) from None
         # Remove a stale index first: between the two renames the new .bin must not be
         # paired with an old .idx.
         if os.path.exists(idx_path(self.prefix)):
@@ -117,7 +130,10 @@ class IndexedWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary files."""
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # the buffered tail could not be written (a full disk): it is discarded anyway
         discard(self._bin_tmp, self._idx_tmp)
 
     def __enter__(self) -> "IndexedWriter":
@@ -163,6 +179,11 @@ class IndexedReader:
                 f"(give the prefix without .bin/.idx; build it with `lce-data preprocess`)")
         with open(path, "rb") as f:
             header = f.read(_HEADER_BYTES)
+        rebuild = "rebuild the dataset (lce-data preprocess / import-mds / merge)"
+        magic = header[:len(INDEX_MAGIC)]
+        if len(header) < _HEADER_BYTES and magic == INDEX_MAGIC[:len(magic)]:
+            raise ValueError(f"{path}: {len(header)} bytes, shorter than the {_HEADER_BYTES}-byte "
+                             f"header of a Megatron index: the file is cut short; {rebuild}")
         if header[:len(INDEX_MAGIC)] != INDEX_MAGIC:
             raise ValueError(f"{path} is not a Megatron index: magic {header[:9]!r}")
         offset = len(INDEX_MAGIC)
@@ -170,8 +191,18 @@ class IndexedReader:
         if version != INDEX_VERSION:
             raise ValueError(f"{path}: index version {version}, only {INDEX_VERSION} is known")
         code = header[offset + 8]
+        if code not in DTYPE_FROM_CODE:
+            raise ValueError(f"{path}: token dtype code {code} is not one of the index format's "
+                             f"({', '.join(map(str, sorted(DTYPE_FROM_CODE)))}): the index is "
+                             f"damaged; {rebuild}")
         self.dtype = DTYPE_FROM_CODE[code]
         num_sequences, num_doc_indices = struct.unpack_from("<QQ", header, offset + 9)
+        index_bytes = os.path.getsize(path)
+        needed = _HEADER_BYTES + 12 * num_sequences + 8 * num_doc_indices
+        if needed > index_bytes:  # Megatron may append a per-document modes array
+            raise ValueError(f"{path}: {index_bytes:,} bytes, but its header's {num_sequences:,} "
+                             f"documents need {needed:,}: the index is damaged or cut short; "
+                             f"{rebuild}")
         index = np.memmap(path, mode="r", dtype=np.uint8)
         pos = _HEADER_BYTES
         self.lengths = np.frombuffer(index, dtype=np.int32, count=num_sequences, offset=pos)

@@ -35,8 +35,12 @@ import numpy as np
 
 from data_tools.indexed import IndexedWriter, token_dtype
 from data_tools.preprocess import ProgressBar
-from data_tools.summary import write_summary
-from data_tools.tokenizer import LLAMA3_NUM_BPE_RANKS, llama3_special_tokens, load_tokenizer
+from data_tools.atomic import discard, publish
+from data_tools.outputs import check_output_location, empty_output_error
+from data_tools.summary import (SUMMARY_SUFFIX, remove_stale_summary, stage_summary,
+                                summary_path)
+from data_tools.tokenizer import (LLAMA3_NUM_BPE_RANKS, LLAMA3_VOCABULARY_FINGERPRINT,
+                                  llama3_special_tokens, load_tokenizer)
 
 INDEX_FILE = "index.json"
 INDEX_VERSION = 2
@@ -386,11 +390,12 @@ def llama3_description() -> dict:
     """What the summary records as the tokenizer of Llama-3-tokenized data given without one."""
     specials = llama3_special_tokens(LLAMA3_NUM_BPE_RANKS)
     return {"kind": "llama3", "path": None, "vocab_size": LLAMA3_NUM_BPE_RANKS + len(specials),
-            "bos_id": specials["<|begin_of_text|>"], "eos_id": specials["<|end_of_text|>"]}
+            "bos_id": specials["<|begin_of_text|>"], "eos_id": specials["<|end_of_text|>"],
+            "vocabulary_fingerprint": LLAMA3_VOCABULARY_FINGERPRINT}
 
 
 def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, allow_empty: bool = False) -> dict:
     """Import one source folder of ProLong's data into OUTPUT_PREFIX.bin/.idx; returns the summary.
 
     One document per [start, end) range of each sample's `indices`, empty ranges skipped;
@@ -402,6 +407,7 @@ def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = 
     Raises MDSError naming the file (and sample) on bad input; no output is left then.
     """
     start = time.perf_counter()
+    check_output_location(output_prefix, "--output-prefix", (".bin", ".idx", SUMMARY_SUFFIX))
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path)
         described, vocab_size = tokenizer.describe(), tokenizer.vocab_size
@@ -417,6 +423,7 @@ def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = 
     counts = Counter()
     fewest_tokens, most_tokens = None, 0  # per sample
     writer = IndexedWriter(output_prefix, dtype)
+    staged_summary = None
     try:
         for shard in shards:
             pieces, lengths = [], []
@@ -442,14 +449,40 @@ def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = 
                 writer.add_documents(np.concatenate(pieces, dtype=dtype, casting="unsafe"),
                                      np.concatenate(lengths))
             bar.update(len(pieces), writer.num_tokens)
+        if writer.num_documents == 0 and not allow_empty:
+            raise empty_output_error("document", [source], _why_empty(shards, counts))
+        seconds = time.perf_counter() - start
+        summary = _summary(source, output_prefix, parts, shards, counts, fewest_tokens,
+                           most_tokens, domains, described, dtype, writer, seconds)
+        # The three files appear together or not at all: the summary is staged first, the old
+        # one removed before the new tokens are published (never the new tokens described by
+        # the old summary), and the new one renamed in last.
+        staged_summary = stage_summary(output_prefix, summary)
+        remove_stale_summary(output_prefix)
         writer.finalize()
+        publish(staged_summary, summary_path(output_prefix))
     except BaseException:
         writer.abort()
+        if staged_summary:
+            discard(staged_summary)
         raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
-    summary = {
+    return summary
+
+
+def _why_empty(shards: list, counts: Counter) -> str:
+    if not shards:
+        return "its index.json files list no shards"
+    if not counts["samples"]:
+        return f"its {len(shards)} shard(s) hold no samples"
+    return (f"every [start, end) range of its {counts['samples']:,} samples is empty "
+            f"({counts['empty_ranges']:,} empty ranges); check that this is the source you meant")
+
+
+def _summary(source, output_prefix, parts, shards, counts, fewest_tokens, most_tokens, domains,
+             described, dtype, writer, seconds) -> dict:
+    return {
         "output": os.path.abspath(output_prefix),
         "source": os.path.abspath(source),
         "format": "mds",
@@ -468,5 +501,3 @@ def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = 
         "seconds": round(seconds, 3),
         "tokens_per_second": round(writer.num_tokens / max(seconds, 1e-9), 1),
     }
-    write_summary(output_prefix, summary)
-    return summary

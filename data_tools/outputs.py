@@ -65,3 +65,13 @@ def all_skipped_reason(skipped: int, first_bad: dict) -> str:
 
 
 NO_RECORDS_REASON = "they hold no record (empty files or blank lines only); check --input"
+
+
+def write_failure(path: str, error: OSError) -> OutputError:
+    """The error of a write to ``path`` the checks could not foresee (a full disk, a file-size
+    limit, a quota), naming the path and what to do; the caller removes what it staged."""
+    fixes = {errno.ENOSPC: "free space on its disk", errno.EDQUOT: "free space in your quota",
+             errno.EFBIG: "raise the file-size limit (ulimit -f) or write elsewhere"}
+    fix = fixes.get(error.errno, "check the disk and the folder")
+    return OutputError(f"cannot write {path}: {error.strerror or error}; {fix}, then run again "
+                       f"(nothing was published)")

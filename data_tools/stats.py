@@ -10,7 +10,8 @@ import numpy as np
 from data_tools.indexed import IndexedReader, IndexedWriter
 from data_tools.outputs import OutputError, check_output_location
 from data_tools.packed_dataset import METADATA_FILE, PackedDataset
-from data_tools.summary import (DatasetTokens, check_one_tokenizer, remove_stale_summary,
+from data_tools.summary import (DatasetTokens, MixedTokenizersError, check_one_tokenizer,
+                                describe_tokenizer, remove_stale_summary, same_tokenizer,
                                 write_summary)
 from data_tools.tokenizer import load_tokenizer
 
@@ -120,45 +121,78 @@ def plot_histogram(stats: dict, png_path: str) -> None:
     plt.close(fig)
 
 
-def tokenizer_of(path: str) -> Optional[str]:
-    """The tokenizer path recorded when `path` (a prefix or a packed folder) was built."""
+def recorded_tokenizer(path: str) -> Optional[dict]:
+    """The tokenizer record (TextTokenizer.describe()) of `path` (a prefix or a packed folder),
+    from its summary or its first source's; None if none is recorded."""
     candidates = [path + ".summary.json", os.path.join(path, METADATA_FILE)]
     for candidate in candidates:
         if os.path.exists(candidate):
             with open(candidate) as f:
                 data = json.load(f)
             if data.get("tokenizer"):
-                return data["tokenizer"]["path"]
+                return data["tokenizer"]
             for source in data.get("sources", []):
-                found = tokenizer_of(source["prefix"])
+                found = recorded_tokenizer(source["prefix"])
                 if found:
                     return found
     return None
 
 
+def tokenizer_of(path: str) -> Optional[str]:
+    """The tokenizer path recorded when `path` (a prefix or a packed folder) was built."""
+    record = recorded_tokenizer(path)
+    return record.get("path") if record else None
+
+
+def _decoder(path: str, tokenizer_path: Optional[str]):
+    """The tokenizer to decode `path`'s ids with (``tokenizer_path``, else the recorded one),
+    None if there is none; raises MixedTokenizersError if it is not the one the data was built
+    with (its ids would decode as other tokens)."""
+    record = recorded_tokenizer(path)
+    tokenizer_path = tokenizer_path or (record.get("path") if record else None)
+    if not tokenizer_path:
+        return None
+    tokenizer = load_tokenizer(tokenizer_path)
+    if record and not same_tokenizer(record, tokenizer.describe()):
+        raise MixedTokenizersError(
+            f"tokenizer {tokenizer_path} is {describe_tokenizer(tokenizer.describe())}, but "
+            f"{path} was built with {describe_tokenizer(record)}: its ids would decode as other "
+            f"tokens; pass the data's own tokenizer with --tokenizer")
+    return tokenizer
+
+
+def _check_number(index: int, count: int, what: str, where: str) -> None:
+    if not 0 <= index < count:
+        held = f"{count:,} {what}s, numbered 0 to {count - 1:,}" if count else f"no {what}s"
+        raise ValueError(f"{what} {index}: {where} holds {held}; give a {what} number in that "
+                         f"range" if count else f"{what} {index}: {where} holds {held}, there "
+                         f"is nothing to inspect")
+
+
 def inspect_document(prefix: str, index: int, tokenizer_path: Optional[str] = None) -> dict:
     """Document `index` of an indexed dataset: its length, first ids and decoded text."""
     reader = IndexedReader(prefix)
+    _check_number(index, len(reader), "document", f"the dataset {prefix}")
     tokens = np.asarray(reader[index])
     result = {"document": index, "tokens": int(len(tokens)), "ids": tokens[:16].tolist()}
-    tokenizer_path = tokenizer_path or tokenizer_of(prefix)
-    if tokenizer_path:
-        result["text"] = load_tokenizer(tokenizer_path).decode(tokens)
+    tokenizer = _decoder(prefix, tokenizer_path)
+    if tokenizer:
+        result["text"] = tokenizer.decode(tokens)
     return result
 
 
 def inspect_sequence(folder: str, index: int, tokenizer_path: Optional[str] = None) -> dict:
     """Packed sequence `index`: source, document lengths, loss tokens and decoded pieces."""
     dataset = PackedDataset(folder)
+    _check_number(index, len(dataset), "sequence", f"the packed dataset {folder}")
     sequence = dataset[index]
     result = {"sequence": index, "source": dataset.source_of(index),
               "tokens": int(len(sequence.tokens)),
               "doc_lengths": sequence.doc_lengths.tolist(),
               "loss_tokens": (int(sequence.loss_mask.sum()) if sequence.loss_mask is not None
                               else int(len(sequence.tokens)))}
-    tokenizer_path = tokenizer_path or tokenizer_of(folder)
-    if tokenizer_path:
-        tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = _decoder(folder, tokenizer_path)
+    if tokenizer:
         ends = np.cumsum(sequence.doc_lengths)
         result["pieces"] = [tokenizer.decode(sequence.tokens[end - n:end])
                             for n, end in zip(sequence.doc_lengths.tolist(), ends.tolist())]

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data_tools.atomic import write_text_atomically
+from data_tools.atomic import discard, temporary_path, write_text_atomically
+from data_tools.outputs import write_failure
 
 from data_tools.indexed import IndexedReader
 
@@ -48,7 +49,23 @@ def read_summary(prefix: str) -> Optional[dict]:
 
 def write_summary(prefix: str, summary: dict) -> None:
     """Write PREFIX.summary.json under a temporary name, then rename it into place."""
-    write_text_atomically(summary_path(prefix), json.dumps(summary, indent=2))
+    try:
+        write_text_atomically(summary_path(prefix), json.dumps(summary, indent=2))
+    except OSError as error:
+        raise write_failure(summary_path(prefix), error) from None
+
+
+def stage_summary(prefix: str, summary: dict) -> str:
+    """Write PREFIX.summary.json's contents under its temporary name and return that name, for
+    the caller to publish once the dataset's other files are in place."""
+    staged = temporary_path(summary_path(prefix))
+    try:
+        with open(staged, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2))
+    except OSError as error:
+        discard(staged)
+        raise write_failure(summary_path(prefix), error) from None
+    return staged
 
 
 def remove_stale_summary(prefix: str) -> None:

@@ -115,6 +115,18 @@ class TextTokenizer:
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
+# vocabulary_fingerprint() of Meta's Llama-3 tokenizer.model (128,000 BPE ranks and the 256
+# reserved special tokens): what data tokenized with Llama-3 records when its tokenizer file is
+# not at hand (lce-data import-mds without --tokenizer), so that it still compares to datasets
+# whose summaries name the file.
+LLAMA3_VOCABULARY_FINGERPRINT = "sha256:72ded992a5c809fa"
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """The vocabulary fingerprint of the tokenizer at ``path`` (file or folder; see
+    TextTokenizer.vocabulary_fingerprint): what datasets record and what checkpoints, training
+    and evaluation can compare with a dataset's (data_tools.summary.same_tokenizer)."""
+    return load_tokenizer(path).vocabulary_fingerprint()
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -221,13 +233,26 @@ class HFTokenizer(TextTokenizer):
 
         super().__init__(path)
         self.vocabulary_file = tokenizer_json
-        self._tok = Tokenizer.from_file(tokenizer_json)
+        try:
+            self._tok = Tokenizer.from_file(tokenizer_json)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise TokenizerError(
+                f"{tokenizer_json} cannot be read as a Hugging Face tokenizer.json "
+                f"({str(error)[:200]}): the file is damaged or not a tokenizer; download the "
+                f"model's tokenizer.json again or pass its tokenizer.model") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
         config = {}
         if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise TokenizerError(f"{config_path} is not valid JSON ({error}); download it "
+                                     f"again or remove it (it names the BOS/EOS tokens)") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_path} holds a JSON {type(config).__name__}, not "
+                                     f"an object; download it again or remove it")
         self.bos_id = self._special_from_config(config.get("bos_token"))
         self.eos_id = self._special_from_config(config.get("eos_token"))
         self.pad_id = self._special_from_config(config.get("pad_token"))

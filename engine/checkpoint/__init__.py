@@ -46,6 +46,7 @@ from engine.checkpoint.integrity import (
     read_manifest,
     write_manifest,
 )
+from engine.checkpoint.writer import take_write_failure, write_in_process
 from engine.megatron_compat import (
     allocate_distributed_optimizer_state,
     patch_reshardable_optimizer_load,
@@ -171,14 +172,38 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
             f"{good_checkpoint_hint(root)}")
     final = _step_dir(root, step)
     tmp = root / f".tmp_step_{step:08d}"
+    write_in_process()  # no forked writer to outlive this process
+    try:
+        _save_into(tmp, final, root, step, model_chunks, optimizer, scheduler, model_config,
+                   layout, train_state, keep_last, skipped_steps, skipped_steps_total)
+    except BaseException as error:
+        # Whatever stopped the save (a full disk, a signal, a peer's failure), its half-written
+        # folder must not stay behind filling the disk; what is published is left as it is.
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(error) or _os_error(take_write_failure())
+        if cause is None:
+            raise
+        raise CheckpointError(
+            f"cannot save step {step} into {root}: {cause.strerror or cause} "
+            f"({cause.filename or tmp}); nothing of step {step} was kept: free space or fix the "
+            f"folder's permissions, then resume. {good_checkpoint_hint(root)}") from error
+    return final
+
+
+def _save_into(tmp: Path, final: Path, root: Path, step: int, model_chunks, optimizer,
+               scheduler, model_config: LlamaConfig, layout: ParallelLayout,
+               train_state: dict[str, Any], keep_last: Optional[int], skipped_steps: int,
+               skipped_steps_total: int) -> None:
+    """The steps of save_checkpoint, in the order that keeps ``latest`` on a complete
+    checkpoint: tensors, RNG, checksums, engine state and manifest into ``tmp``; then the rename
+    to ``final``; only then ``latest``; then pruning."""
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # debris of an interrupted save
         tmp.mkdir(parents=True)
     _barrier()
     dist_checkpointing.save(_sharded_state(model_chunks, optimizer), str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)  # after the save: megatron wants an empty directory
-    torch.save(rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
+    _save_rng(tmp)
     # Each rank checksums what it wrote (still in its page cache); the gather is the barrier.
     checksums = {}
     for entries in _all_gather(checksum_own_files(tmp)):
@@ -195,14 +220,41 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
             "skipped_steps_total": skipped_steps_total,
             "manifest": MANIFEST_FILE,
         }
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        _write_state(tmp, state)
         write_manifest(tmp, checksums)
         publish_directory(tmp, final)
         _point_latest(root, final.name)
         if keep_last:
             _prune(root, step, keep_last)
     _barrier()
-    return final
+
+
+def _save_rng(directory: Path) -> None:
+    (directory / "rng").mkdir(exist_ok=True)  # after the tensors: megatron wants an empty folder
+    torch.save(rng_state(), directory / "rng" / f"rank{_rank():05d}.pt")
+
+
+def _write_state(directory: Path, state: dict) -> None:
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def _os_error(error: BaseException) -> Optional[OSError]:
+    """The OSError behind ``error`` (raised here, chained, or one a megatron/torch writer
+    reported for a rank), or None."""
+    seen = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        pending += [current.__cause__, current.__context__]
+        for failure in (getattr(current, "failures", None) or {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+        pending += [arg for arg in getattr(current, "args", ()) if isinstance(arg, BaseException)]
+    return None
 
 
 def _skipped(path: Path, field: str) -> Optional[int]:
@@ -293,10 +345,33 @@ def read_checkpoint_state(path: str | Path) -> dict:
     if not state_file.exists():
         raise CheckpointError(f"{path} is not a checkpoint directory (no {STATE_FILE})")
     try:
-        return json.loads(state_file.read_text())
+        state = json.loads(state_file.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise DamagedCheckpoint(f"{state_file} is not valid JSON ({error}): cut short or "
                                 f"damaged") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{state_file} holds a JSON {type(state).__name__}, not the "
+                                f"engine state object: the checkpoint is damaged")
+    return state
+
+
+def saved_model_config(path: str | Path, state: Optional[dict] = None) -> dict:
+    """The model_config of checkpoint ``path``'s engine state (``state`` if already read);
+    raises DamagedCheckpoint if it is missing or lacks a shape field (fields that older
+    checkpoints do not record take their defaults, _SHAPE_DEFAULTS)."""
+    path = Path(path)
+    state = read_checkpoint_state(path) if state is None else state
+    saved = state.get("model_config")
+    if isinstance(saved, dict):
+        saved = {**_SHAPE_DEFAULTS, **saved}
+    missing = ([field for field in SHAPE_FIELDS if field not in saved]
+               if isinstance(saved, dict) else None)
+    if missing is None or missing:
+        what = "no model_config" if missing is None else f"no {', '.join(missing)} in model_config"
+        raise DamagedCheckpoint(
+            f"{path / STATE_FILE} has {what} (the model's shape, written by every save): the "
+            f"checkpoint is damaged; use another checkpoint, or restore this one from a copy")
+    return saved
 
 
 def check_complete(path: str | Path) -> bool:
@@ -330,10 +405,9 @@ def check_compatible(path: str | Path, model_config: LlamaConfig) -> dict:
     another model shape (naming each field that differs); returns its engine state."""
     check_complete(path)
     state = read_checkpoint_state(path)
-    saved = state["model_config"]
-    mismatches = [f"{field}: checkpoint {saved.get(field, _SHAPE_DEFAULTS.get(field))} vs config "
-                  f"{getattr(model_config, field)}" for field in SHAPE_FIELDS
-                  if saved.get(field, _SHAPE_DEFAULTS.get(field)) != getattr(model_config, field)]
+    saved = saved_model_config(path, state)
+    mismatches = [f"{field}: checkpoint {saved[field]} vs config {getattr(model_config, field)}"
+                  for field in SHAPE_FIELDS if saved[field] != getattr(model_config, field)]
     if mismatches:
         raise CheckpointError(
             f"checkpoint {path} holds a different model shape ({'; '.join(mismatches)}): load it "
@@ -508,7 +582,7 @@ def resolve_checkpoint(checkpoint: str | Path, step: Optional[int] = None) -> Pa
 
 def model_config_from_state(state: dict, source: Path) -> LlamaConfig:
     known = {f.name for f in dataclasses.fields(LlamaConfig)}
-    saved = state.get("model_config") or {}
+    saved = saved_model_config(source, state)
     try:
         return LlamaConfig(**{k: v for k, v in saved.items() if k in known})
     except TypeError as error:

@@ -36,6 +36,9 @@ from engine.checkpoint.errors import DamagedCheckpoint
 
 MANIFEST_FILE = "manifest.json"
 BLOCK_BYTES = 8 << 20
+# A block is read into memory whole to be checked: a manifest asking for more than this is
+# damaged (this engine writes BLOCK_BYTES), not a reason to allocate terabytes.
+MAX_BLOCK_BYTES = 1 << 30
 # Threads per rank checksumming blocks of one file (pread and zlib.crc32 release the GIL): a
 # rank's share of a large checkpoint is checked at a few times one core's ~4 GB/s.
 HASH_THREADS = 4
@@ -131,7 +134,8 @@ def read_manifest(directory: str | Path) -> Optional[dict]:
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
-        if not (isinstance(manifest["block_bytes"], int) and manifest["block_bytes"] > 0
+        if not (isinstance(manifest["block_bytes"], int)
+                and 0 < manifest["block_bytes"] <= MAX_BLOCK_BYTES
                 and manifest["algorithm"] == "crc32"):
             raise ValueError(f"block_bytes {manifest['block_bytes']!r}, algorithm "
                              f"{manifest['algorithm']!r}: not what this engine writes")

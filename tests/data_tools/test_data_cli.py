@@ -10,10 +10,12 @@ import pytest
 from data_tools.cli import main
 from data_tools.indexed import IndexedReader
 from data_tools.packed_dataset import PackedDataset
-from data_tools_helpers import write_recipe
+from data_tools_helpers import write_mds_part, write_recipe
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 SAMPLE = os.path.join(REPO, "data_tools", "sample")
+MDS_PART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "mds",
+                        "fineweb-edu", "proc01-64")
 
 
 def test_module_entry_point_help_lists_every_subcommand():
@@ -124,7 +126,30 @@ def workspace(tmp_path_factory, llama3_model):
                  "--tokenizer", llama3_model, "--seq-length", "64"]) == 0
     assert main(["mix", str(inputs / "r_good.yaml"), "--output", str(out / "packed"),
                  "--data-root", str(out)]) == 0
+    assert main(["preprocess", "--input", str(inputs / "empty.jsonl"), "--output-prefix",
+                 str(out / "empty"), "--tokenizer", llama3_model, "--quiet", "--allow-empty"]) == 0
+    _damaged_inputs(inputs, out)
     return root
+
+
+def _damaged_inputs(inputs, out):
+    """Bad inputs beside the good ones: damaged indexes, a garbage tokenizer.json, MDS sources
+    with nothing to import, an existing dataset whose summary is a folder."""
+    index = (out / "data.idx").read_bytes()
+    for name, idx in (("dtype99", index[:17] + bytes([99]) + index[18:]), ("short", index[:12]),
+                      ("cut", index[:-8])):
+        (inputs / f"{name}.idx").write_bytes(idx)
+        (inputs / f"{name}.bin").write_bytes((out / "data.bin").read_bytes())
+    (inputs / "badtok").mkdir()
+    (inputs / "badtok" / "tokenizer.json").write_text("this is not a tokenizer {")
+    (inputs / "mds-no-shards").mkdir()
+    (inputs / "mds-no-shards" / "index.json").write_text('{"shards": [], "version": 2}')
+    write_mds_part(inputs / "mds-empty-ranges", [{"input_ids": [1, 2, 3, 4], "indices": [[2, 2]]}],
+                   {"input_ids": "ndarray:uint32:4", "indices": "ndarray:uint32:1,2"})
+    for suffix in (".bin", ".idx"):
+        (inputs / f"old{suffix}").write_bytes((out / f"data{suffix}").read_bytes())
+    (inputs / "old.summary.json").mkdir()
+    (inputs / "taken.bin").mkdir()
 
 
 def _tree(root):
@@ -211,6 +236,47 @@ BAD_RUNS = [
     ("mix output is a file", ["mix", "{w}/in/r_good.yaml", "--output", "{w}/in/two.jsonl",
                               "--data-root", "{w}/out"],
      r"\S*in/two.jsonl is a file, where the dataset folder would be written"),
+    ("import-mds under a file", ["import-mds", MDS_PART, "--output-prefix", "{w}/in/two.jsonl/d",
+                                 "--quiet"],
+     r"--output-prefix \S*two.jsonl/d: \S*in/two.jsonl is a file, not a folder"),
+    ("import-mds .bin is a folder", ["import-mds", MDS_PART, "--output-prefix", "{w}/in/taken",
+                                     "--quiet"],
+     r"--output-prefix \S*in/taken: \S*in/taken.bin is a folder, where a file would be written"),
+    ("import-mds summary is a folder", ["import-mds", MDS_PART, "--output-prefix", "{w}/in/old",
+                                        "--quiet"],
+     r"\S*in/old.summary.json is a folder, where a file would be written"),
+    ("import-mds no shards", ["import-mds", "{w}/in/mds-no-shards", "--output-prefix",
+                              "{w}/out/m", "--quiet"],
+     r"no document to write from \S*mds-no-shards: its index.json files list no shards, or "
+     r"pass --allow-empty"),
+    ("import-mds only empty ranges", ["import-mds", "{w}/in/mds-empty-ranges", "--output-prefix",
+                                      "{w}/out/m", "--quiet"],
+     r"mds-empty-ranges: every \[start, end\) range of its 1 samples is empty \(1 empty ranges\)"
+     r".* or pass --allow-empty"),
+    ("inspect past the end", ["inspect", "{w}/out/data", "99999"],
+     r"document 99999: the dataset \S*out/data holds 2 documents, numbered 0 to 1; give a "
+     r"document number in that range"),
+    ("inspect negative", ["inspect", "{w}/out/data", "-44"],
+     r"document -44: the dataset \S*out/data holds 2 documents"),
+    ("inspect an empty dataset", ["inspect", "{w}/out/empty", "0"],
+     r"document 0: the dataset \S*out/empty holds no documents, there is nothing to inspect"),
+    ("inspect a packed sequence past the end", ["inspect", "{w}/out/packed", "99999"],
+     r"sequence 99999: the packed dataset \S*out/packed holds \d+ sequences, numbered 0 to"),
+    ("index dtype code 99", ["inspect", "{w}/in/dtype99", "0"],
+     r"\S*in/dtype99.idx: token dtype code 99 is not one of the index format's \(1, 2, .*\): "
+     r"the index is damaged; rebuild the dataset"),
+    ("index of 12 bytes", ["stats", "{w}/in/short"],
+     r"\S*in/short.idx: 12 bytes, shorter than the 34-byte header of a Megatron index: the file "
+     r"is cut short; rebuild"),
+    ("index cut short", ["merge", "--output-prefix", "{w}/out/m", "{w}/in/cut"],
+     r"\S*in/cut.idx: \d+ bytes, but its header's 2 documents need \d+: the index is damaged"),
+    ("garbage tokenizer.json", ["preprocess", "--input", "{w}/in/two.jsonl", "--output-prefix",
+                                "{w}/out/x", "--tokenizer", "{w}/in/badtok", "--quiet"],
+     r"\S*badtok/tokenizer.json cannot be read as a Hugging Face tokenizer.json \(.*\): the file "
+     r"is damaged or not a tokenizer"),
+    ("garbage tokenizer.json for inspect", ["inspect", "{w}/out/data", "0", "--tokenizer",
+                                            "{w}/in/badtok"],
+     r"badtok/tokenizer.json cannot be read as a Hugging Face tokenizer.json"),
 ]
 
 

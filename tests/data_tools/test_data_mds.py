@@ -16,7 +16,9 @@ import pytest
 from data_tools.cli import main
 from data_tools.indexed import IndexedReader
 from data_tools.packed_dataset import PackedDataset
-from data_tools_helpers import PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS, write_recipe
+from data_tools.tokenizer import LLAMA3_VOCABULARY_FINGERPRINT
+from data_tools_helpers import (PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS, write_mds_part,
+                                write_recipe)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "mds")
 SCRIPT = os.path.join(os.path.dirname(FIXTURES), "make_mds_fixtures.py")
@@ -62,7 +64,8 @@ def test_two_part_source_imports_every_range_in_part_order(tmp_path, capsys):
     assert summary["empty_ranges"] == 0 and summary["uncovered_tokens"] == 0
     assert summary["domains"] == {"fixture": 14} and summary["dtype"] == "int32"
     assert summary["tokenizer"] == {"kind": "llama3", "path": None, "vocab_size": 128256,
-                                    "bos_id": 128000, "eos_id": 128001}
+                                    "bos_id": 128000, "eos_id": 128001,
+                                    "vocabulary_fingerprint": LLAMA3_VOCABULARY_FINGERPRINT}
     assert summary["columns"] == {"domain": "str", "indices": "ndarray:uint32",
                                   "input_ids": "ndarray:uint32", "length": "int"}
     assert summary["seconds"] >= 0
@@ -343,3 +346,114 @@ def test_mdswriter_live_writes_the_committed_fixtures(tmp_path, capsys):
     parts = EXPECTED["fineweb-edu"]
     assert documents_of(tmp_path / "fw") == expected_documents(parts["proc00-64"] +
                                                                parts["proc01-64"])
+
+
+# --- id and column dtypes as ProLong's releases store them (shards written here, byte by byte) --
+
+def _prolong_sample(ids, id_encoding="ndarray:uint32:8"):
+    return ({"input_ids": ids, "indices": [[0, 3], [3, 8]], "length": len(ids),
+             "mask": np.ones(len(ids), np.uint8), "domain": 7},
+            {"input_ids": id_encoding, "indices": "ndarray:uint32:2,2", "length": "uint64",
+             "mask": "ndarray:uint8:8", "domain": "int64"})
+
+
+def test_uint32_ids_uint64_lengths_and_a_uint8_mask_import(tmp_path, capsys):
+    ids = [128000, 1, 2, 128255, 5, 6, 7, 2 ** 16 + 3]
+    sample, encodings = _prolong_sample(ids)
+    write_mds_part(tmp_path / "src", [sample, sample], encodings)
+    code, _, err = run_import(capsys, tmp_path / "src", tmp_path / "out")
+    assert code == 0, err
+    assert documents_of(tmp_path / "out") == [ids[:3], ids[3:]] * 2
+
+
+@pytest.mark.parametrize("ids, encoding, message", [
+    ([1, 2, 3, 4, 5, 6, 2 ** 31 + 5, 8], "ndarray:uint32:8",
+     "sample 0: input_ids[6] is 2147483653, outside the vocabulary of 128,256 ids"),
+    ([1, 2, 3, 4, 5, 6, 2 ** 32 + 7, 8], "ndarray:int64:8",
+     "sample 0: input_ids[6] is 4294967303, outside the vocabulary of 128,256 ids"),
+    ([1, 2, 3, -1, 5, 6, 7, 8], "ndarray:int64:8",
+     "sample 0: input_ids[3] is -1, outside the vocabulary of 128,256 ids"),
+    ([1, 2, 3, 4, 5, 6, 7, 8], "ndarray:float32:8",
+     "sample 0: input_ids is float32 of shape (8,), not a 1-D integer array"),
+], ids=["uint32_above_int32", "int64_above_uint32", "int64_negative", "float32"])
+def test_ids_are_checked_in_their_stored_dtype(tmp_path, capsys, ids, encoding, message):
+    """The vocabulary check sees the ids as stored: a cast to int32 first would report
+    2^31+5 as negative, wrap an int64 id into the vocabulary, and accept float ids."""
+    sample, encodings = _prolong_sample(ids, encoding)
+    write_mds_part(tmp_path / "src", [sample], encodings)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_import(capsys, tmp_path / "src", out / "ids")
+    assert code == 2, f"ids {ids} stored as {encoding} were imported"
+    assert message in err, f"expected {message!r} in {err!r}"
+    assert os.listdir(out) == []
+
+
+def test_a_failed_import_onto_an_existing_dataset_leaves_it_whole(tmp_path, capsys, monkeypatch):
+    """The new .bin/.idx are published only once the new summary is written and the old one is
+    gone: here the old summary cannot be removed, and the old dataset stays byte for byte."""
+    import errno
+
+    import data_tools.mds as mds
+
+    prefix = tmp_path / "fw"
+    assert run_import(capsys, os.path.join(FIXTURES, "fineweb-edu", "proc01-64"), prefix)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def cannot_remove(output_prefix):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{output_prefix}.summary.json")
+
+    monkeypatch.setattr(mds, "remove_stale_summary", cannot_remove)
+    code, _, err = run_import(capsys, os.path.join(FIXTURES, "fineweb-edu"), prefix)
+    assert code == 2 and f"{prefix}.summary.json" in err and "Permission denied" in err, err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == sorted(before), f"left behind: {sorted(set(after) - set(before))}"
+    for name in before:
+        assert after[name] == before[name], f"{name} was replaced by a failed import"
+
+
+def test_a_file_size_limit_names_the_file_and_leaves_nothing(tmp_path):
+    """`ulimit -f` (a full disk looks the same to the writer): exit 2, the .bin named with the
+    fix, no traceback, no temporary file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = (f"ulimit -f 1; exec {sys.executable} -m data_tools import-mds "
+               f"{os.path.join(FIXTURES, 'fineweb-edu')} --output-prefix {out / 'fw'} --quiet")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.join(os.path.dirname(FIXTURES), "..", "..", ".."))
+    assert result.returncode == 2, result.stderr
+    assert (f"cannot write {out / 'fw'}.bin: File too large; raise the file-size limit "
+            f"(ulimit -f) or write elsewhere") in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(out) == []
+
+
+def test_an_import_without_tokenizer_records_llama3s_fingerprint(tmp_path, capsys, llama3_model):
+    """The fingerprint recorded without --tokenizer is that of Llama-3's real tokenizer.model:
+    the import merges with data preprocessed by that file, and is refused beside data of
+    another vocabulary of the same size (merge, and inspect with that tokenizer)."""
+    from data_tools.tokenizer import tokenizer_fingerprint
+
+    assert tokenizer_fingerprint(llama3_model) == LLAMA3_VOCABULARY_FINGERPRINT
+    part = os.path.join(FIXTURES, "fineweb-edu", "proc01-64")
+    assert run_import(capsys, part, tmp_path / "plain")[0] == 0
+    assert run_import(capsys, part, tmp_path / "named", "--tokenizer", llama3_model)[0] == 0
+    assert main(["merge", "--output-prefix", str(tmp_path / "both"), str(tmp_path / "plain"),
+                 str(tmp_path / "named")]) == 0
+    # Another tokenizer of the same size (say, renamed special tokens).
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{tmp_path / 'named'}{suffix}", f"{tmp_path / 'other'}{suffix}")
+    summary = json.load(open(f"{tmp_path / 'named'}.summary.json"))
+    summary["tokenizer"]["vocabulary_fingerprint"] = "sha256:0123456789abcdef"
+    json.dump(summary, open(f"{tmp_path / 'other'}.summary.json", "w"))
+    capsys.readouterr()
+    assert main(["merge", "--output-prefix", str(tmp_path / "mixed"), str(tmp_path / "plain"),
+                 str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert (f"vocabulary {LLAMA3_VOCABULARY_FINGERPRINT}) vs tiktoken tokenizer.model (128,256 "
+            f"ids, vocabulary sha256:0123456789abcdef)") in err, err
+    assert not list(tmp_path.glob("mixed*"))
+    assert main(["inspect", str(tmp_path / "other"), "0", "--tokenizer", llama3_model]) == 2
+    err = capsys.readouterr().err
+    assert (f"tokenizer {llama3_model} is tiktoken tokenizer.model (128,256 ids, vocabulary "
+            f"{LLAMA3_VOCABULARY_FINGERPRINT}), but {tmp_path / 'other'} was built with tiktoken "
+            f"tokenizer.model (128,256 ids, vocabulary sha256:0123456789abcdef)") in err, err

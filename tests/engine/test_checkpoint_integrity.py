@@ -330,3 +330,116 @@ def test_keep_last_keeps_the_checkpoint_from_before_nan_steps(trained, packed_ti
         assert resumed[n]["loss"] == trained[2][n]["loss"], n
     assert [p.name for p in sorted(run.glob("step_*"))] == ["step_00000003", "step_00000004"]
     assert read_checkpoint_state(step(run, 4))["skipped_steps_total"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted saves: latest always names a verified checkpoint, nothing half-written stays
+# ---------------------------------------------------------------------------------------------
+
+def test_a_save_interrupted_after_any_step_keeps_latest_on_a_whole_checkpoint(tmp_path):
+    """An exception after each step of save_checkpoint in turn (interrupted_save_worker), and a
+    full disk while the tensors are written: ``latest`` names a checkpoint that verifies, a
+    resume loads exactly its weights, step 1 is never lost, no .tmp_step_* stays behind, and
+    no process was forked to write (nothing can outlive the trainer)."""
+    root = tmp_path / "ckpt"
+    result = torchrun("tests.engine.interrupted_save_worker", 1, [str(root)], timeout=300)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["first"] is None
+    assert report["forks"] == 0 and report["children"] == [], (
+        f"saving started processes ({report['forks']} forks, children {report['children']}): "
+        f"a writer could outlive the trainer")
+    published_before_latest = {"tensors": "step_00000001", "rng": "step_00000001",
+                               "checksums": "step_00000001", "engine_state": "step_00000001",
+                               "manifest": "step_00000001", "publish": "step_00000001",
+                               "latest": "step_00000002", "prune": "step_00000002",
+                               "disk_full": "step_00000002"}
+    for name, case in report["cases"].items():
+        expected = published_before_latest[name]
+        assert case["latest"] == expected, (
+            f"a save interrupted after '{name}' left latest naming {case['latest']}, not "
+            f"{expected}: latest must move only after the manifest and the publishing rename")
+        assert case["latest_verifies"] is True, (
+            f"interrupted after '{name}': latest names a checkpoint that does not verify: "
+            f"{case['latest_verifies']}")
+        assert case["resumed_from"] == expected and case["resumed_weights_equal"], (
+            f"interrupted after '{name}': the resume loaded {case['resumed_from']} "
+            f"(weights equal to the saved ones: {case.get('resumed_weights_equal')})")
+        assert case["step1_verifies"] is True, f"interrupted after '{name}': step 1 was lost"
+        assert not [n for n in case["contents"] if n.startswith(".tmp")], (
+            f"interrupted after '{name}': the temporary folder stayed behind: {case['contents']}")
+        assert case["forks"] == 0 and case["children"] == [], (
+            f"interrupted after '{name}': the save started processes ({case['forks']} forks, "
+            f"children {case['children']}): a writer could outlive the trainer")
+    for name in published_before_latest:
+        if name != "disk_full":
+            assert report["cases"][name]["outcome"] == f"Interrupted: interrupted after {name}"
+    full = report["cases"]["disk_full"]["outcome"]
+    assert full.startswith(f"CheckpointError: cannot save step 2 into {root}: No space left on "
+                           f"device ({root / '__0_0.distcp'}); nothing of step 2 was kept"), full
+    assert report["last"] is None and report["after_last"]["latest"] == "step_00000003"
+    assert report["after_last"]["resumed_weights_equal"] and report["after_last"]["forks"] == 0
+    assert report["after_last"]["contents"] == ["latest", "step_00000002", "step_00000003"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of several real blocks; manifests and engine states that are damaged, not crashes
+# ---------------------------------------------------------------------------------------------
+
+def _folder_with_manifest(tmp_path: Path, size: int) -> Path:
+    """A checkpoint-like folder holding one tensor file of ``size`` random bytes and a manifest
+    at the engine's own block size (no patched BLOCK_BYTES)."""
+    import numpy as np
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / "__0_0.distcp").write_bytes(np.random.default_rng(0).bytes(size))
+    integrity.write_manifest(folder)
+    return folder
+
+
+def test_damage_in_a_late_block_of_a_multi_block_file_is_found(tmp_path):
+    block = integrity.BLOCK_BYTES
+    folder = _folder_with_manifest(tmp_path, 3 * block + 1000)  # 4 blocks, the last short
+    assert len(integrity.read_manifest(folder)["files"]["__0_0.distcp"]["crc32"]) == 4
+    assert verify_checkpoint(folder)
+    shard = folder / "__0_0.distcp"
+    overwrite_middle(shard, 16, 2 * block + 5)
+    try:
+        verify_checkpoint(folder)
+    except DamagedCheckpoint as error:
+        message = str(error)
+    else:
+        pytest.fail("a file of 4 blocks damaged in block 2 verified: the blocks of files above "
+                    "one block are not checked")
+    assert (f"{shard}: bytes {2 * block}-{3 * block - 1} (block 2 of 4) differ from what was "
+            f"saved") in message, f"a damaged block 2 of 4 not named: {message}"
+    overwrite_middle(shard, 16, 3 * block + 10)  # the short last block too
+    with pytest.raises(DamagedCheckpoint, match=r"\(block 2 of 4, and 1 more\)"):
+        verify_checkpoint(folder)
+
+
+def test_a_manifest_with_an_absurd_block_size_is_damage_not_a_memory_error(tmp_path):
+    folder = _folder_with_manifest(tmp_path, 1000)
+    manifest = json.loads((folder / integrity.MANIFEST_FILE).read_text())
+    manifest["block_bytes"] = 1 << 40  # one block for any file: the checksum count still fits
+    (folder / integrity.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match=r"block_bytes 1099511627776.*not what this "
+                                                r"engine writes"):
+        verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize("state", [{"step": 4}, {"step": 4, "model_config": {"num_layers": 2}},
+                                   [1, 2]], ids=["no_model_config", "no_shape", "a_list"])
+def test_an_engine_state_without_its_model_config_is_a_damaged_checkpoint(tmp_path, state):
+    from engine.checkpoint import check_compatible, model_config_from_state
+    from engine.model.config import get_model_config
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / "engine_state.json").write_text(json.dumps(state))
+    with pytest.raises(DamagedCheckpoint, match=f"{folder / 'engine_state.json'} "
+                                                f"(has no |holds a JSON list)"):
+        check_compatible(folder, get_model_config("tiny"))
+    if isinstance(state, dict):
+        with pytest.raises(DamagedCheckpoint, match="the checkpoint is damaged"):
+            model_config_from_state(state, folder)

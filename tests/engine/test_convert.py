@@ -98,7 +98,7 @@ def test_hf_engine_hf_round_trip_is_bitwise(tmp_path, dtype, vocab, tp):
         assert exported[name].dtype == dtype and torch.equal(exported[name], tensor.to(dtype)), name
 
 
-def test_export_loads_in_transformers_with_nothing_missing(imported, tmp_path):
+def test_export_loads_in_transformers_with_nothing_missing(imported, hf_fp32, tmp_path):
     from transformers import LlamaForCausalLM
 
     out = tmp_path / "hf"
@@ -125,6 +125,26 @@ def test_export_loads_in_transformers_with_nothing_missing(imported, tmp_path):
     assert generation["eos_token_id"] == 128_001
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (llama3_tokenizer_dir() / name).read_bytes()
+
+    # The export computes what the source model computes (with the new RoPE base the import
+    # was given): same logits from the source folder's own config and bf16-rounded weights.
+    from transformers import LlamaConfig
+
+    source_config = LlamaConfig.from_pretrained(str(hf_fp32[0]))
+    source_config.rope_parameters = {**source_config.rope_parameters, "rope_theta": 8e6}
+    source = LlamaForCausalLM.from_pretrained(str(hf_fp32[0]), config=source_config,
+                                              dtype=torch.float32)
+    source = source.to(torch.bfloat16).to(torch.float32).eval()
+    tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = source(input_ids=tokens).logits
+        actual = model.to(torch.float32).eval()(input_ids=tokens).logits
+    # (fp32 throughout: ~2e-5 remains from RoPE tables built in another dtype; the source's own
+    # base instead of the new one gives ~2e-3 on these 48 tokens)
+    assert (actual - expected).abs().max().item() < 1e-4, (
+        f"the export's logits differ from the source's by up to "
+        f"{(actual - expected).abs().max().item():.3g}")
+    assert torch.equal(actual.argmax(-1), expected.argmax(-1))
 
 
 def test_verify_catches_a_wrong_rope_base(imported, tmp_path):

@@ -1,4 +1,6 @@
-"""The evaluation-forward benchmark still runs both sides and prints its ratios (tiny sizes)."""
+"""The evaluation-forward benchmark still runs both sides, prints its ratios, and both sides
+compute the same numbers (tiny sizes)."""
+import json
 import re
 import subprocess
 import sys
@@ -18,3 +20,13 @@ def test_bench_eval_forward_runs_both_sides():
         # At smoke sizes a side's peak may not rise above what loading already reached: the
         # memory ratio can be 0, never negative; the speed ratio needs both sides' times.
         assert float(cells[4].rstrip("x")) > 0 and float(cells[7]) >= 0
+    # Same weights, same tokens (fp32 on CPU): the same losses and the same argmax.
+    agreement = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
+                 if line.startswith("agreement ")]
+    assert [row["workload"] for row in agreement] == ["all tokens", "answer only"], result.stdout
+    for row in agreement:
+        assert row["engine_scored"] == row["transformers_scored"], row
+        assert row["max_loss_difference"] < 1e-3, (
+            f"{row['workload']}: the engine's losses differ from transformers' by up to "
+            f"{row['max_loss_difference']:.3g}")
+    assert agreement[1]["argmax_equal"] is True, "the engine's argmax differs from transformers'"

@@ -122,12 +122,24 @@ def test_generation_finds_at_least_what_teacher_forcing_finds(tiny, single, tmp_
 
 
 def test_a_length_beyond_the_trained_context_warns_and_runs(tiny, tmp_path):
-    # The tiny model was built with max_position_embeddings 4096.
-    result = _evaluate("--checkpoint", str(tiny["root"] / "ckpt"), "--tokenizer",
-                       tiny["tokenizer"], "--tasks", "niah_single", "--lengths", "4200",
-                       "--depths", "0.5", "--no-progress", "--out", str(tmp_path))
+    """At 4,200 tokens (the tiny model was built with max_position_embeddings 4096) the engine
+    scores a finite answer loss, the one transformers computes on the export."""
+    import math
+
+    result = _evaluate("--checkpoint", f"base={tiny['root'] / 'ckpt'}", "--hf",
+                       f"export={tiny['root'] / 'export'}", "--hf-scoring", "teacher-forced",
+                       "--tokenizer", tiny["tokenizer"], "--tasks", "niah_single", "--lengths",
+                       "4200", "--depths", "0.5", "--no-progress", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "beyond the 4096 tokens of context" in result.stdout
+    report = _report(tmp_path)
+    (engine,), (export,) = report["base"]["recall"]["cells"], report["export"]["recall"]["cells"]
+    assert engine["length"] == export["length"] == 4200
+    assert math.isfinite(engine["answer_loss"]) and engine["answer_loss"] > 0, engine
+    assert _close(engine["answer_loss"], export["answer_loss"], 1e-4), (
+        f"answer loss at 4200 tokens: engine {engine['answer_loss']}, transformers on the "
+        f"export {export['answer_loss']}")
+    assert engine["score"] == export["score"]
     assert (tmp_path / "report.json").exists()
 
 

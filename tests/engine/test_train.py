@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -125,23 +126,60 @@ def test_nan_steps_are_skipped_then_the_run_stops(packed_tiny_dataset, train_con
     assert "3 consecutive steps had a non-finite loss" in result.stdout
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(packed_tiny_dataset, train_config, tmp_path):
-    run = tmp_path / "preempted"
-    proc = launch(2, train_args(train_config, packed_tiny_dataset, run,
-                                "parallel.tensor_parallel=2", "train_steps=1000"))
-    wait_for_step(run, 2, proc)
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    for worker in workers:  # what a scheduler's preemption signal reaches
+def sigterm_workers(proc) -> None:
+    """SIGTERM to each engine.train worker of torchrun job ``proc`` (what a scheduler's
+    preemption signal reaches)."""
+    for worker in psutil.Process(proc.pid).children(recursive=True):
         if "engine.train" in " ".join(worker.cmdline()) and worker.pid != proc.pid:
             worker.send_signal(signal.SIGTERM)
+
+
+def preempt(run, args, after_step) -> tuple[str, int]:
+    """Launch engine.train (TP2), SIGTERM its workers once step ``after_step`` is logged; the
+    job's output and the step its checkpoint was saved at."""
+    proc = launch(2, args)
+    wait_for_step(run, after_step, proc)
+    sigterm_workers(proc)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output[-3000:]
     assert "SIGTERM received: checkpoint saved" in output
-    step = int((run / "latest").read_text().strip().removeprefix("step_"))
-    assert 2 <= step < 1000 and (run / f"step_{step:08d}" / "engine_state.json").exists()
+    return output, int((run / "latest").read_text().strip().removeprefix("step_"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(packed_tiny_dataset, train_config, tmp_path):
+    """The checkpoint a SIGTERM saves verifies, holds the data position (step x global batch),
+    is what latest names, and resumes into the steps an uninterrupted run trains, bit for bit."""
+    from engine.checkpoint import read_checkpoint_state, verify_checkpoint
+
+    run = tmp_path / "preempted"
+    args = train_args(train_config, packed_tiny_dataset, run, "parallel.tensor_parallel=2",
+                      "train_steps=1000")
+    _, step = preempt(run, args, 2)
+    saved = run / f"step_{step:08d}"
+    assert 2 <= step < 1000 and verify_checkpoint(saved)
+    assert read_checkpoint_state(saved)["train_state"]["consumed_samples"] == step * 4, (
+        "consumed_samples is not step x global_batch (4)")
+    assert sorted(p.name for p in run.glob("step_*")) == [saved.name]  # the SIGTERM's own save
+
+    output, last = preempt(run, args, step + 2)
+    assert f"resumed from {saved} at step {step} ({step * 4} samples consumed)" in output
+    resumed = metrics(run)
+    reference = tmp_path / "uninterrupted"
+    preempt(reference, train_args(train_config, packed_tiny_dataset, reference,
+                                  "parallel.tensor_parallel=2", "train_steps=1000"), last)
+    expected = metrics(reference)
+    for n in range(step + 1, last + 1):
+        assert resumed[n]["loss"] == expected[n]["loss"], (
+            f"step {n} after resuming the SIGTERM checkpoint of step {step}: loss "
+            f"{resumed[n]['loss']}, {expected[n]['loss']} in the uninterrupted run")
+        assert resumed[n]["grad_norm"] == expected[n]["grad_norm"], (
+            f"step {n} after resuming the SIGTERM checkpoint of step {step}: grad norm "
+            f"{resumed[n]['grad_norm']}, {expected[n]['grad_norm']} in the uninterrupted run")
 
 
 def test_a_dead_rank_ends_the_job_instead_of_hanging(packed_tiny_dataset, train_config, tmp_path):
+    from engine.checkpoint import verify_checkpoint
+
     run = tmp_path / "dead"
     proc = launch(2, train_args(train_config, packed_tiny_dataset, run,
                                 "parallel.tensor_parallel=2", "train_steps=1000"))
@@ -150,9 +188,19 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(packed_tiny_dataset, train_
                if "engine.train" in " ".join(w.cmdline())]
     workers[-1].kill()
     started = time.time()
-    proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert time.time() - started < 120
+    # The survivor stops at the collective its peer left, saying so; torchrun names the death.
+    assert re.search(r"\[rank0\]: RuntimeError: .*(Connection reset by peer|Connection closed by "
+                     r"peer|Broken pipe|timed out)", output), output[-3000:]
+    assert f"Signal 9 (SIGKILL) received by PID {workers[-1].pid}" in output, output[-3000:]
+    # Whatever was saved before the death is whole, and latest (if any) names such a checkpoint.
+    pointer = run / "latest"
+    if pointer.exists():
+        named = run / pointer.read_text().strip()
+        assert named.is_dir() and verify_checkpoint(named), f"latest names {named.name}"
+    assert all(verify_checkpoint(path) for path in run.glob("step_*"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -326,17 +374,37 @@ def test_rng_is_restored_only_under_the_saved_layouts_sizes():
 
 
 def test_warmup_starts_at_lr_over_warmup_steps(packed_tiny_dataset, train_config, tmp_path):
-    """W = 0.75 x 4 = 3 warm-up steps: step k of the warm-up trains at lr x k / 3 (step 1
-    already trains), step W at lr, then the cosine decay."""
+    """W = 0.5 x 6 = 3 warm-up steps: step k of the warm-up trains at lr x k / 3 (step 1
+    already trains), step W at lr, then the cosine decay over the remaining steps, to exactly
+    lr x min_lr_ratio at the end of the run (the scheduler state the final checkpoint holds)."""
+    import math
+
+    from engine.checkpoint import latest_checkpoint, read_checkpoint_state
+
     run = tmp_path / "warmup"
     torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, run,
-                                           "train_steps=4", "optimizer.warmup_fraction=0.75"))
+                                           "train_steps=6", "optimizer.warmup_fraction=0.5"))
     rows = metrics(run)
-    lr = 1e-3  # TRAIN_TEST_CONFIG
-    assert rows[1]["lr"] > 0
+    lr, min_lr = 1e-3, 1e-3 * 0.1  # TRAIN_TEST_CONFIG; min_lr_ratio's default
+
+    def scheduled(done):
+        """The lr after ``done`` scheduler steps: warm-up to lr over steps 1-3, then a cosine
+        from lr at step 3 to min_lr when the 6 steps are done (step k trains at done = k - 1)."""
+        if done <= 2:
+            return lr / 3 + (lr - lr / 3) * done / 2
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (done - 2) / (6 - 2)))
+
     for step in (1, 2, 3):
         assert rows[step]["lr"] == pytest.approx(lr * step / 3, rel=1e-9), step
-    assert rows[4]["lr"] < lr
+    for step in (4, 5, 6):
+        assert rows[step]["lr"] == pytest.approx(scheduled(step - 1), rel=1e-9), (
+            f"step {step} trained at lr {rows[step]['lr']}, the cosine to lr x min_lr_ratio "
+            f"gives {scheduled(step - 1)}")
+    scheduler = read_checkpoint_state(latest_checkpoint(run))["scheduler"]
+    assert scheduler["num_steps"] == 6 and scheduler["min_lr"] == pytest.approx(min_lr), (
+        f"the run ended at lr {scheduler['min_lr']} after {scheduler['num_steps']} steps, not "
+        f"lr x min_lr_ratio = {min_lr}")
+    assert scheduled(6) == pytest.approx(min_lr, rel=1e-12)
 
 
 def reordered_copy(dataset, folder, rows) -> str:

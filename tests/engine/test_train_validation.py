@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_tools.indexed import IndexedWriter
+from data_tools.packed_dataset import PackedDataset
 from tests.distributed import REPO, run_command, torchrun
 from tests.engine.evaluate_helpers import llama3_tokenizer_dir
 
@@ -27,8 +28,17 @@ def test_validation_loss_is_logged_and_layout_independent(packed_tiny_dataset, t
     assert "eval at step 2 | loss" in single.stdout and "eval at step 4 | loss" in single.stdout
     one = _eval_rows(tmp_path / "one")
     assert sorted(one) == [2, 4]
-    # 2 batches of 4 sequences of 64 tokens, minus the masked targets: a real token count.
-    assert 0 < one[2]["eval/tokens"] <= 8 * 63
+    # 2 batches of 4 sequences of 64 tokens: every token's next token is a target except the
+    # last token of each document (data.mask_cross_document, on by default; a sequence's last
+    # token included): 64 - documents per sequence.
+    dataset = PackedDataset(packed_tiny_dataset)
+    sequences = [dataset[i] for i in range(8)]
+    assert all(s.loss_mask is None and s.doc_lengths.sum() == 64 for s in sequences)
+    expected_tokens = sum(64 - len(s.doc_lengths) for s in sequences)
+    for step in (2, 4):
+        assert one[step]["eval/tokens"] == expected_tokens, (
+            f"validation at step {step} counted {one[step]['eval/tokens']} target tokens, the 8 "
+            f"held-out sequences hold {expected_tokens}")
     assert one[4]["eval/loss"] < one[2]["eval/loss"]  # it trained on this data
     torchrun("engine.train", 2, [*common, f"checkpoint.dir={tmp_path / 'tp2'}",
                                  "parallel.tensor_parallel=2"])
@@ -90,3 +100,26 @@ def test_final_checkpoint_gets_a_full_evaluation(llama3_vocab_data, tmp_path):
     assert sum(b["tokens"] for b in report["position_loss"]) > 0
     assert report["short_document_loss"]["tokens"] > 0
     assert (run / "eval" / "report.md").exists()
+
+    # The same measures as a standalone `python -m engine.evaluate` of that checkpoint.
+    standalone = run_command([
+        sys.executable, "-m", "engine.evaluate", "--checkpoint", str(run / "step_00000002"),
+        "--tokenizer", f"{llama3_tokenizer_dir()}/tokenizer.model", "--tasks", "niah_single",
+        "json_kv", "--lengths", "512", "--depths", "2", "--samples", "1", "--seed", "0",
+        "--long-documents", str(root / "docs"), "--position-length", "300",
+        "--max-documents", "8", "--short-documents", str(root / "docs"), "--no-progress",
+        "--out", str(tmp_path / "standalone")], timeout=600)
+    assert standalone.returncode == 0, standalone.stdout[-3000:]
+    (alone,) = json.loads((tmp_path / "standalone" / "report.json").read_text())["checkpoints"]
+    assert [(c["task"], c["length"], c["depth"], c["score"]) for c in alone["recall"]["cells"]] \
+        == [(c["task"], c["length"], c["depth"], c["score"]) for c in report["recall"]["cells"]]
+    for a, b in zip(alone["recall"]["cells"], report["recall"]["cells"]):
+        assert a["answer_loss"] == pytest.approx(b["answer_loss"], rel=1e-5), (a, b)
+    assert [b["tokens"] for b in alone["position_loss"]] == [
+        b["tokens"] for b in report["position_loss"]]
+    for a, b in zip(alone["position_loss"], report["position_loss"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+    for field in ("documents", "tokens"):
+        assert alone["short_document_loss"][field] == report["short_document_loss"][field]
+    assert alone["short_document_loss"]["loss"] == pytest.approx(
+        report["short_document_loss"]["loss"], rel=1e-5)
