@@ -357,16 +357,24 @@ def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torc
     return block_doc, block_row, n_programs
 
 
-def default_blocks(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict[str, int]:
-    """Tile sizes. GPU values follow the FA2 Triton tutorial's H100 choices (untuned here: no GPU);
-    fp32 (tests) halves the tiles so that its 4-byte tiles fit in shared memory (checked by
-    tests/csrc/compile_for_h100.py). The interpreter uses 16 so small tests cover several blocks."""
+def default_blocks(head_dim: int, dtype: torch.dtype, interpreting: bool, arch: int = 90) -> dict[str, int]:
+    """Tile sizes for compute capability ``arch`` (90: Hopper, 80: Ampere). GPU values start from the
+    FA2 Triton tutorial's H100 choices (untimed here); each is compiled for sm_90 and sm_80 and
+    checked for shared memory and register spills by tests/csrc/compile_for_gpu.py. fp32 (tests)
+    halves the tiles so that its 4-byte tiles fit in shared memory. The interpreter uses 16 so
+    small tests cover several blocks."""
     if interpreting:
         return dict(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkdv_m=16, dkdv_n=16, warps_fwd=4, warps_bwd=4, stages=1)
     if dtype == torch.float32:
         return dict(fwd_m=64, fwd_n=32, dq_m=64, dq_n=32, dkdv_m=32, dkdv_n=64, warps_fwd=4, warps_bwd=4, stages=2)
     warps_fwd = 4 if head_dim <= 64 else 8
-    return dict(fwd_m=128, fwd_n=64, dq_m=128, dq_n=32, dkdv_m=32, dkdv_n=128, warps_fwd=warps_fwd, warps_bwd=4, stages=3)
+    if arch >= 90:
+        # 8 warps for the backward: with 4, dK/dV at head dim 128 spills 2.6 KB a thread and
+        # ptxas serializes its wgmma (tests/csrc/compile_for_gpu.py).
+        return dict(fwd_m=128, fwd_n=64, dq_m=128, dq_n=32, dkdv_m=32, dkdv_n=128, warps_fwd=warps_fwd,
+                    warps_bwd=8, stages=3)
+    # Ampere: no wgmma, fewer registers per tile; smaller backward tiles keep spills under 1 KB
+    return dict(fwd_m=128, fwd_n=64, dq_m=64, dq_n=32, dkdv_m=32, dkdv_n=64, warps_fwd=warps_fwd, warps_bwd=4, stages=2)
 
 
 # The tile configuration travels through the custom ops as a list of ints in this order.
@@ -484,6 +492,8 @@ def triton_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, 
     """Run the Triton kernels on validated inputs; see csrc.attention.varlen_attention."""
     from csrc.triton_support import triton_interpreting
 
-    blocks = blocks or default_blocks(q.shape[-1], q.dtype, triton_interpreting())
+    if blocks is None:
+        arch = 10 * torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 90
+        blocks = default_blocks(q.shape[-1], q.dtype, triton_interpreting(), arch)
     tiles = [int(blocks[key]) for key in TILE_KEYS]
     return varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, float(softmax_scale), bool(causal), tiles)
