@@ -85,8 +85,8 @@ def _fwd_key_loop(
 @triton.jit
 def _document_of_program(block_doc, block_row, cu_seqlens_q, cu_seqlens_k, n_programs):
     """(document or -1 for a spare program, first row/key of the block, q start, lq, k start, lk)."""
-    # Reverse order: the last (most expensive, causal) blocks of each document start first.
-    blk = n_programs - 1 - tl.program_id(1)
+    # The block table lists the heaviest blocks first (_block_table), so they start first.
+    blk = tl.program_id(1)
     doc = tl.load(block_doc + blk)
     safe_doc = tl.maximum(doc, 0)
     block_start = tl.load(block_row + blk)
@@ -334,13 +334,22 @@ def _attn_bwd_dkdv_kernel(
                  dv.to(dV.dtype.element_ty), mask=key_ok[:, None])
 
 
-def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Map program index -> (document, first row of its block inside the document), on the device.
+def _block_table(cu_seqlens: torch.Tensor, total: int, block: int,
+                 heavy_end: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Map program index -> (document, first row of its block inside the document), on the device,
+    heaviest blocks first.
+
+    Under the causal mask a query block's work grows with its position in the document (it sees
+    more keys) and a key block's shrinks (fewer queries see it): heavy_end="last" for tables of
+    query blocks (forward, dQ), "first" for key blocks (dK/dV). Programs are sorted by that work,
+    longest first, so that the heaviest start first and the short ones fill the tail of the grid.
 
     The number of blocks sum_d ceil(len_d / block) is at most ceil(total / block) + n_docs, so the
-    grid uses that bound and the spare programs (document -1) exit at once: no host sync.
-    Returns block_doc int32 [P], block_row int32 [P], P.
+    grid uses that bound and the spare programs (document -1, sorted last) exit at once: no host
+    sync. Returns block_doc int32 [P], block_row int32 [P], P.
     """
+    if heavy_end not in ("first", "last"):
+        raise ValueError(f"heavy_end={heavy_end!r} must be 'first' (key blocks) or 'last' (query blocks)")
     n_docs = cu_seqlens.numel() - 1
     n_programs = triton.cdiv(total, block) + n_docs
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
@@ -352,8 +361,11 @@ def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torc
     doc_clamped = doc.clamp(max=max(n_docs - 1, 0))
     first_block_of_doc = block_ends[doc_clamped] - blocks_per_doc[doc_clamped]
     row = (program - first_block_of_doc) * block
-    block_doc = torch.where(valid, doc, torch.full_like(doc, -1)).to(torch.int32)
-    block_row = torch.where(valid, row, torch.zeros_like(row)).to(torch.int32)
+    length = lengths[doc_clamped]
+    work = torch.minimum(row + block, length) if heavy_end == "last" else length - row
+    order = torch.argsort(torch.where(valid, work, torch.full_like(work, -1)), descending=True, stable=True)
+    block_doc = torch.where(valid, doc, torch.full_like(doc, -1))[order].to(torch.int32)
+    block_row = torch.where(valid, row, torch.zeros_like(row))[order].to(torch.int32)
     return block_doc, block_row, n_programs
 
 
@@ -397,7 +409,7 @@ def varlen_attention_forward(
     n_heads_kv = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty((n_heads_q, total_q), dtype=torch.float32, device=q.device)
-    block_doc, block_row, n_programs = _block_table(cu_seqlens_q, total_q, blocks["fwd_m"])
+    block_doc, block_row, n_programs = _block_table(cu_seqlens_q, total_q, blocks["fwd_m"], "last")
     _attn_fwd_kernel[(n_heads_q, n_programs)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_doc, block_row,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -441,7 +453,7 @@ def varlen_attention_backward(
     )
 
     dq = torch.empty_like(q)
-    q_doc, q_row, n_q_programs = _block_table(cu_seqlens_q, total_q, blocks["dq_m"])
+    q_doc, q_row, n_q_programs = _block_table(cu_seqlens_q, total_q, blocks["dq_m"], "last")
     _attn_bwd_dq_kernel[(n_heads_q, n_q_programs)](
         q, k, v, d_out, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, q_doc, q_row,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), d_out.stride(0), d_out.stride(1),
@@ -452,7 +464,7 @@ def varlen_attention_backward(
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    k_doc, k_row, n_k_programs = _block_table(cu_seqlens_k, total_k, blocks["dkdv_n"])
+    k_doc, k_row, n_k_programs = _block_table(cu_seqlens_k, total_k, blocks["dkdv_n"], "first")
     _attn_bwd_dkdv_kernel[(n_heads_kv, n_k_programs)](
         q, k, v, d_out, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, k_doc, k_row,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), d_out.stride(0), d_out.stride(1),
