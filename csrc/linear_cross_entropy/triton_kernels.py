@@ -173,11 +173,22 @@ def _linear_cross_entropy_forward_fake(hidden, weight, target_col, counted, tp_g
             weight.new_empty(weight.shape if weight_grad else (0,), dtype=torch.float32))
 
 
+def _adds_to_main_grad(weight: torch.Tensor) -> bool:
+    """Whether megatron's data-parallel wrapper keeps an fp32-or-wider main_grad for this weight
+    that backward may add to directly (as its fused weight-gradient GEMMs do). Not for a weight
+    shared with the embedding: its other gradient still arrives through .grad."""
+    main_grad = getattr(weight, "main_grad", None)
+    return (main_grad is not None and hasattr(weight, "grad_added_to_main_grad")
+            and main_grad.shape == weight.shape and main_grad.dtype == torch.float32
+            and not getattr(weight, "shared_embedding", False) and not getattr(weight, "shared", False))
+
+
 def _linear_cross_entropy_setup_context(ctx, inputs, output):
     _, weight, *_ = inputs
     _, grad_hidden, grad_weight = output
     ctx.save_for_backward(grad_hidden, grad_weight)
     ctx.weight_dtype = weight.dtype
+    ctx.weight = weight if _adds_to_main_grad(weight) else None
     # The gradient buffers are outputs only to carry them to backward: no gradient flows into
     # them, and none should be materialized as zeros of their size.
     ctx.mark_non_differentiable(grad_hidden, grad_weight)
@@ -192,7 +203,17 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _grad_of_grad_hidden, _grad_o
     # grad_hidden is scaled in place: the buffer exists only to be returned once. grad_weight
     # is rounded to the weight's dtype once, after the fp32 sum over every chunk.
     d_hidden = grad_hidden.mul_(scale) if ctx.needs_input_grad[0] else None
-    d_weight = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    d_weight = None
+    if ctx.needs_input_grad[1] and ctx.weight is not None:
+        # Straight into megatron's fp32 main_grad: no rounding to the weight's dtype at all.
+        # Like megatron's own fused GEMMs, flag it and hand autograd a placeholder, which the
+        # wrapper's gradient hook then drops instead of adding.
+        weight = ctx.weight
+        weight.main_grad.addcmul_(grad_weight, scale)
+        weight.grad_added_to_main_grad = True
+        d_weight = torch.empty(weight.shape, dtype=ctx.weight_dtype, device=weight.device)
+    elif ctx.needs_input_grad[1]:
+        d_weight = (grad_weight * scale).to(ctx.weight_dtype)
     return d_hidden, d_weight, None, None, None, None, None, None
 
 

@@ -174,3 +174,20 @@ def test_weight_gradient_is_summed_in_fp32_over_many_chunks():
     error = ((got.double() - expected).abs().max() / scale).item()
     floor = ((expected.to(torch.bfloat16).double() - expected).abs().max() / scale).item()
     assert error <= min(2.5 * floor, 1e-2), f"grad weight error {error:.2e} (one bf16 rounding: {floor:.2e})"
+
+
+def test_weight_gradient_goes_straight_into_megatron_main_grad():
+    """A weight whose data-parallel wrapper keeps an fp32 main_grad (megatron's DDP) gets the fp32
+    sum added there, scaled by the upstream gradient and never rounded to bf16; the flag tells
+    megatron's hook to drop the placeholder .grad. Two micro-batches accumulate."""
+    hidden, weight, labels, loss_mask = make_inputs(torch.bfloat16, seed=4)
+    rounded = run("ours", hidden, weight, labels, loss_mask, chunk_size=8)[3]  # the plain path: bf16 .grad
+    weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32)
+    weight.grad_added_to_main_grad = False
+    for _ in range(2):
+        loss_sum, _ = fused_linear_cross_entropy(hidden, weight, labels, loss_mask, chunk_size=8, impl="ours")
+        (0.5 * loss_sum).backward()
+    assert weight.grad_added_to_main_grad
+    # 0.5 g + 0.5 g = g exactly: main_grad holds the fp32 sum whose bf16 rounding the plain path returns
+    assert torch.equal(weight.main_grad.to(torch.bfloat16), rounded)
+    assert not torch.equal(weight.main_grad, rounded.float()), "main_grad was rounded to bf16"
