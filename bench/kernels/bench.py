@@ -4,6 +4,8 @@
     python bench/kernels/bench.py linear-ce
     python bench/kernels/bench.py rmsnorm | rope | swiglu
     python bench/kernels/bench.py all --smoke          # CPU, tiny sizes, reference vs torch only
+    python bench/kernels/bench.py correctness --tokens 8192   # bf16 kernels vs fp32 references
+    python bench/kernels/bench.py attention-tiles      # a few backward tile configurations
 
 Each sub-command times forward+backward (and forward alone for the element-wise ops) of every
 available candidate with CUDA events (warmup, then the median of --iters), records the peak
@@ -120,7 +122,9 @@ def run_candidates(op, candidates, device, args, flops=None, moved_bytes=None, p
             fn = step if pass_name == "fwd+bwd" else forward
             try:
                 ms, peak = measure(fn, device, args.warmup, args.iters)
-            except Exception as error:  # a failing baseline must not hide the others
+            except Exception as error:  # a failing baseline (or its OOM) must not hide the others
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 rows.append(Row(op, name, pass_name, note=f"failed: {type(error).__name__}: {str(error)[:120]}"))
                 continue
             row = Row(op, name, pass_name, ms=ms, peak_mib=peak)
@@ -209,6 +213,10 @@ def bench_attention(args, device, dtype):
         if args.with_reference:
             candidates.append(("reference (plain torch)", reference, fwd_bwd(reference, inputs), None))
     rows = run_candidates("attention", candidates, device, args, flops=flops)
+    flex_ms = {r.pass_: r.ms for r in rows if r.candidate.startswith("FlexAttention") and r.ms}
+    for row in rows:
+        if row.ms and row.pass_ in flex_ms:
+            row.extra["flex_ms_over_ms"] = flex_ms[row.pass_] / row.ms  # > 1: faster than FlexAttention
     config = dict(tokens=total, documents=len(lengths), longest=longest, heads=heads_q, kv_heads=heads_kv,
                   head_dim=head_dim, dtype=str(dtype), fwd_flops=flops["fwd"])
     return rows, config
@@ -363,14 +371,129 @@ def bench_swiglu(args, device, dtype):
     return rows, dict(tokens=args.tokens, ffn=args.ffn, dtype=str(dtype))
 
 
+def bench_attention_tiles(args, device, dtype):
+    """Our attention forward+backward with a few backward tile configurations for this GPU's
+    architecture (the first is the default)."""
+    from csrc.attention.triton_kernels import default_blocks, triton_varlen_attention
+    from csrc.triton_support import triton_interpreting
+
+    total, head_dim = args.tokens, args.head_dim
+    lengths = document_lengths(total, args.docs)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    q = torch.randn(total, args.heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(total, args.kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(total, args.kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    arch = 10 * torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 90
+    base = default_blocks(head_dim, dtype, triton_interpreting(), arch)
+    sweep = [{}, dict(dkdv_m=64, dkdv_n=64), dict(dq_m=64, dq_n=64), dict(stages=2)]
+    if not triton_interpreting():
+        sweep.insert(1, dict(warps_bwd=4 if base["warps_bwd"] == 8 else 8))
+    candidates = []
+    for change in sweep:
+        blocks = {**base, **change}
+
+        def forward(blocks=blocks):
+            return triton_varlen_attention(q, k, v, cu, cu, head_dim ** -0.5, True, blocks)
+
+        name = (f"ours{' (default)' if not change else ''}: dq {blocks['dq_m']}x{blocks['dq_n']}, "
+                f"dkdv {blocks['dkdv_m']}x{blocks['dkdv_n']}, {blocks['warps_bwd']} warps, {blocks['stages']} stages")
+        candidates.append((name, forward, fwd_bwd(forward, (q, k, v)), None))
+    flops = attention_flops(lengths, args.heads, head_dim)
+    rows = run_candidates("attention-tiles", candidates, device, args, flops=flops, passes=("fwd+bwd",))
+    return rows, dict(tokens=total, documents=len(lengths), head_dim=head_dim, dtype=str(dtype), arch=arch)
+
+
+def relative_errors(got: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
+    """max |got - expected| / max |expected| and mean |got - expected| / mean |expected|."""
+    got, expected = got.detach().double(), expected.detach().double()
+    difference = (got - expected).abs()
+    return {"max_rel": (difference.max() / expected.abs().max().clamp_min(1e-30)).item(),
+            "mean_rel": (difference.mean() / expected.abs().mean().clamp_min(1e-30)).item()}
+
+
+def _fp32_linear_ce(hidden, weight, labels, chunk: int = 1024):
+    """fp32 loss and gradients of the summed cross-entropy, chunk by chunk (no [T, V] tensor)."""
+    h, w = hidden.detach().float(), weight.detach().float()
+    loss, grad_h, grad_w = torch.zeros((), device=h.device), torch.empty_like(h), torch.zeros_like(w)
+    for c0 in range(0, h.shape[0], chunk):
+        logits = h[c0:c0 + chunk] @ w.t()
+        target = labels[c0:c0 + chunk]
+        counted = target != -100
+        lse = torch.logsumexp(logits, 1)
+        picked = logits.gather(1, target.clamp(min=0)[:, None])[:, 0]
+        loss += torch.where(counted, lse - picked, torch.zeros_like(lse)).sum()
+        grad = torch.softmax(logits, 1)
+        grad[torch.arange(grad.shape[0], device=h.device), target.clamp(min=0)] -= 1
+        grad *= counted[:, None]
+        grad_h[c0:c0 + chunk] = grad @ w
+        grad_w += grad.t() @ h[c0:c0 + chunk]
+    return loss, grad_h, grad_w
+
+
+def bench_correctness(args, device, dtype):
+    """Every kernel in ``dtype`` (bf16 by default) against the fp32 reference on the same rounded
+    inputs, at --tokens packed tokens of mixed documents: outputs and input gradients."""
+    total, heads_q, heads_kv, head_dim = args.tokens, args.heads, args.kv_heads, args.head_dim
+    lengths = document_lengths(total, "mixed")
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows: list[Row] = []
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    def compare(op, ours_fn, reference_fn, inputs, names):
+        low = [t.detach().requires_grad_() for t in inputs]
+        high = [t.detach().float().requires_grad_() for t in inputs]
+        got, expected = ours_fn(*low), reference_fn(*high)
+        cotangent = torch.randn(got.shape, generator=gen).to(device)
+        got_grads = torch.autograd.grad(got, low, cotangent.to(got.dtype))
+        expected_grads = torch.autograd.grad(expected, high, cotangent.to(expected.dtype))
+        for name, a, b in [("out", got, expected), *((f"d {n}", a, b) for n, a, b in
+                                                    zip(names, got_grads, expected_grads))]:
+            rows.append(Row(op, f"ours {str(dtype).replace('torch.', '')} vs fp32 reference", name,
+                            extra=relative_errors(a, b)))
+        del got, expected, got_grads, expected_grads
+
+    longest = max(lengths)
+    compare("attention", lambda q, k, v: varlen_attention(q, k, v, cu, cu, longest, longest, impl="ours")[0],
+            lambda q, k, v: varlen_attention(q, k, v, cu, cu, longest, longest, impl="torch")[0],
+            [rand(total, heads_q, head_dim), rand(total, heads_kv, head_dim), rand(total, heads_kv, head_dim)],
+            ("q", "k", "v"))
+    compare("rmsnorm", lambda x, w: rms_norm(x, w, impl="ours"), lambda x, w: rms_norm(x, w, impl="torch"),
+            [rand(total, args.hidden), rand(args.hidden, scale=0.1) + 1], ("x", "weight"))
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    compare("rope", lambda x: apply_rope(x, positions, 500000.0, impl="ours"),
+            lambda x: apply_rope(x, positions, 500000.0, impl="torch"), [rand(total, heads_q, head_dim)], ("x",))
+    compare("swiglu", lambda x: swiglu(x, impl="ours"), lambda x: swiglu(x, impl="torch"), [rand(total, 2 * args.ffn)],
+            ("gate_up",))
+    # fused linear + cross-entropy: loss and both gradients against an independent fp32 formula
+    hidden, weight = rand(total, args.hidden, scale=args.hidden ** -0.5), rand(args.vocab, args.hidden)
+    labels = torch.randint(0, args.vocab, (total,), generator=gen).to(device)
+    labels[::10] = -100
+    hidden.requires_grad_(), weight.requires_grad_()
+    loss, _ = fused_linear_cross_entropy(hidden, weight, labels, impl="ours")
+    grad_h, grad_w = torch.autograd.grad(loss, (hidden, weight))
+    expected = _fp32_linear_ce(hidden, weight, labels)
+    op, who = "linear-ce", f"ours {str(dtype).replace('torch.', '')} vs fp32 reference"
+    for name, a, b in (("loss", loss, expected[0]), ("d hidden", grad_h, expected[1]), ("d weight", grad_w, expected[2])):
+        rows.append(Row(op, who, name, extra=relative_errors(a, b)))
+    return rows, dict(tokens=total, documents=len(lengths), longest=longest, dtype=str(dtype))
+
+
 BENCHES = {"attention": bench_attention, "linear-ce": bench_linear_ce, "rmsnorm": bench_rmsnorm,
-           "rope": bench_rope, "swiglu": bench_swiglu}
+           "rope": bench_rope, "swiglu": bench_swiglu, "attention-tiles": bench_attention_tiles,
+           "correctness": bench_correctness}
+ALL = ("attention", "linear-ce", "rmsnorm", "rope", "swiglu")  # "all": the comparisons with other libraries
 SMOKE_SIZES = dict(tokens=96, heads=4, kv_heads=2, head_dim=16, hidden=32, vocab=200, ffn=48, warmup=1, iters=2)
 
 
 def format_table(rows: list[Row]) -> str:
     """Markdown: one line per candidate and pass, with ratios to our kernel's time from this run."""
-    ours_ms = {(r.op, r.pass_): r.ms for r in rows if r.candidate.startswith(("ours", "reference (ours")) and r.ms}
+    ours_ms = {}  # the first "ours" row of each op and pass (in a tile sweep: the default tiles)
+    for r in rows:
+        if r.candidate.startswith(("ours", "reference (ours")) and r.ms:
+            ours_ms.setdefault((r.op, r.pass_), r.ms)
     peak_tflops, peak_gbps = device_peaks()
     lines = ["| op | candidate | pass | ms | ms / ours ms (>1: ours faster) | peak MiB | "
              f"TFLOP/s (% of {peak_tflops:.0f}) | GB/s (% of {peak_gbps:.0f}) | note |",
@@ -380,7 +503,7 @@ def format_table(rows: list[Row]) -> str:
         ratio = f"{r.ms / base:.2f}x" if r.ms and base else ""
         tflops = f"{r.tflops:.1f} ({100 * r.tflops / peak_tflops:.0f}%)" if r.tflops else ""
         gbps = f"{r.gbps:.0f} ({100 * r.gbps / peak_gbps:.0f}%)" if r.gbps else ""
-        note = r.note + "".join(f" {k}={v:.2f}" for k, v in r.extra.items())
+        note = r.note + "".join(f" {k}={v:.3g}" for k, v in r.extra.items())
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else ""
         lines.append(f"| {r.op} | {r.candidate} | {r.pass_} | {f'{r.ms:.3f}' if r.ms else ''} | {ratio} | {peak} "
                      f"| {tflops} | {gbps} | {note.strip()} |")
@@ -412,12 +535,14 @@ def main(argv=None) -> int:
         args.dtype = "fp32"
     device = torch.device("cpu" if args.smoke else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device: the full benchmark needs a GPU; use --smoke on CPU")
+        print(f"no CUDA device: bench.py {args.op} measures a GPU; on a CPU use --smoke, or --device cpu "
+              "with TRITON_INTERPRET=1 and toy sizes", file=sys.stderr)
+        return 2
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
 
     all_rows, configs = [], {}
-    for op in (BENCHES if args.op == "all" else [args.op]):
+    for op in (ALL if args.op == "all" else [args.op]):
         rows, config = BENCHES[op](args, device, dtype)
         all_rows += rows
         configs[op] = config
