@@ -5,6 +5,7 @@ The model definition knows nothing about parallelism; `engine.parallel` decides 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -52,6 +53,7 @@ class LlamaConfig:
         return self.num_layers * self.parameters_per_layer() + embeddings + self.hidden_size
 
     def validate(self) -> None:
+        self._check_field_values()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -62,6 +64,27 @@ class LlamaConfig:
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_query_groups {self.num_query_groups} (GQA needs whole query groups)"
             )
+
+    def _check_field_values(self) -> None:
+        """Types and ranges of the shape fields, before any arithmetic on them: an override
+        such as num_attention_heads=0 or rope_base=abc would otherwise fail deep in the model
+        build, after the process group exists."""
+        for name in _COUNT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} {value!r} must be a whole number >= 1")
+        for name in _POSITIVE_NUMBER_FIELDS:
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} {value!r} must be a finite number > 0")
+        if not isinstance(self.untie_embeddings, bool):
+            raise ValueError(f"untie_embeddings {self.untie_embeddings!r} must be true or false")
+
+
+_COUNT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size", "vocab_size", "max_position_embeddings")
+_POSITIVE_NUMBER_FIELDS = ("rope_base", "norm_eps", "init_method_std")
 
 
 MODEL_CONFIGS: dict[str, LlamaConfig] = {
