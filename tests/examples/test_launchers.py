@@ -103,6 +103,25 @@ def test_bad_input_stops_with_exit_2_naming_it_before_anything_runs(fake_work, s
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.yaml", None, "config file {path} does not exist: give the path of a YAML file"),
+    ("broken.yaml", "data: {path: [1,\n", "{path}: not valid YAML"),
+    ("list.yaml", "- a\n- b\n", "{path}: the top level must be a mapping of sections"),
+    ("folder.yaml", "", "config file {path} is a directory: give a YAML file in it"),
+])
+def test_train_torchrun_refuses_a_bad_config_file_without_a_traceback(tmp_path, name, content,
+                                                                      message):
+    path = tmp_path / name
+    if name == "folder.yaml":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    result = _run("examples/train_torchrun.sh", str(path))
+    assert result.returncode == 2, result.stdout
+    assert ("error: examples/train_torchrun.sh: " + message.format(path=path)) in result.stdout
+    assert "Traceback" not in result.stdout and "torch.distributed.run" not in result.stdout
+
+
 def test_a_bad_manifest_line_is_named_with_its_number(tmp_path):
     manifest = tmp_path / "sources.tsv"
     manifest.write_text("# source inputs key group min\n"
@@ -159,10 +178,11 @@ def test_shellcheck_passes_on_every_script():
     scripts = sorted(str(p) for p in (REPO / "examples").rglob("*")
                      if p.suffix in (".sh", ".sbatch"))
     scripts += [str(REPO / "tests" / "run.sh"), str(REPO / ".ci" / "run")]
-    result = subprocess.run(["shellcheck", "--shell=bash", *scripts], cwd=REPO,
-                            capture_output=True, text=True)
+    # No --shell: each file must name its shell itself (a shebang, or a directive in the
+    # sourced common.sh), as shellcheck run on that one file needs.
+    result = subprocess.run(["shellcheck", *scripts], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
-    assert len(scripts) >= 14
+    assert len(scripts) >= 14 and str(REPO / "examples" / "common.sh") in scripts
 
 
 SBATCH = "examples/train_slurm.sbatch"
@@ -178,6 +198,20 @@ def test_the_sbatch_wrapper_refuses_what_it_cannot_launch(args, env, message):
     result = run_command(["bash", SBATCH, *args], timeout=30, env=recipe_env(**env))
     assert result.returncode == 2, result.stdout
     assert f"error: train_slurm.sbatch: {message}" in result.stdout
+
+
+def test_the_sbatch_wrapper_without_the_slurm_commands_says_so(tmp_path):
+    """SLURM_JOB_ID set where scontrol is not (a job's environment copied to another shell):
+    exit 2 naming the missing command, not 127 "command not found"."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "bash").symlink_to(shutil.which("bash"))
+    env = recipe_env(SLURM_JOB_ID="7", SLURM_NNODES="1", SLURM_JOB_NODELIST="node0",
+                     PATH=str(tmp_path / "bin"))
+    result = run_command([str(tmp_path / "bin" / "bash"), SBATCH,
+                          "examples/prolong/04_train_stage1_64k.sh"], timeout=30, env=env)
+    assert result.returncode == 2, result.stdout
+    assert (f"error: train_slurm.sbatch: SLURM_JOB_ID=7 is set but 'scontrol' is not on PATH "
+            f"({tmp_path / 'bin'})") in result.stdout
 
 
 def test_the_generic_launcher_takes_the_configs_layout_and_checks_its_data(tmp_path):
