@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="only check everything (inputs, --out, layout, lengths, tokenizer) "
                              "in this one process without any process group, and exit: 0 if "
                              "the evaluation would start, 2 naming the problem")
+    parser.add_argument("--world-size", type=int,
+                        help="with --check: processes of the run (default: WORLD_SIZE, else 1)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser
 
@@ -178,6 +180,12 @@ def _short_limit(section: EvalSection) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size is not None:
+        if not args.check:
+            print("error: --world-size is for --check; torchrun sets the run's processes",
+                  file=sys.stderr, flush=True)
+            return 2
+        world_size = args.world_size
     try:
         check_report_folder(args.out)
         config = _config(args)

@@ -3,6 +3,7 @@ missing input stops with exit code 2 naming it before anything runs, the layout 
 planner's unless TP/PP/CP are set, and shellcheck passes on every script."""
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -82,6 +83,14 @@ BAD_INPUT = [
     ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
                 EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none", EVAL_TP=4),
      "EVAL_TP x EVAL_PP x EVAL_CP = 4 x 1 x 1 does not divide EVAL_GPUS=2"),
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none", EVAL_LENGTHS="256 abc"),
+     "EVAL_LENGTHS=256 abc: 'abc' is not a length in tokens (a whole number >= 1)"),
+    # engine.evaluate --check, before torchrun: its message, then the script's.
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none",
+                EVAL_TASKS="niah_single niah_triple"),
+     "invalid choice: 'niah_triple'"),
     ("04", dict(RECOMPUTE="some"), "RECOMPUTE=some must be none, selective or full"),
     ("04", dict(TINY=2), "TINY=2 must be 0 or 1"),
 ]
@@ -120,6 +129,59 @@ def test_train_torchrun_refuses_a_bad_config_file_without_a_traceback(tmp_path, 
     assert result.returncode == 2, result.stdout
     assert ("error: examples/train_torchrun.sh: " + message.format(path=path)) in result.stdout
     assert "Traceback" not in result.stdout and "torch.distributed.run" not in result.stdout
+
+
+ODD_PATH = "a dir:with colon"  # a space and a colon, as WORK and RAW_DIR may hold
+
+
+def test_stage_01_takes_folders_holding_spaces_and_colons(tmp_path):
+    raw = tmp_path / ODD_PATH / "raw data"
+    shutil.copytree(REPO / "data_tools" / "sample", raw)
+    work = tmp_path / ODD_PATH / "work"
+    result = _run(_script("01"), "--check", RAW_DIR=raw, WORK=work)
+    assert result.returncode == 0, result.stdout
+    for source, file in (("code-repos", "code.jsonl.zst"), ("docs", "docs.jsonl.gz")):
+        line = next(line for line in result.stdout.splitlines() if f"/{source} " in line)
+        assert shlex.split(line)[3:6] == [str(raw / file), "--output-prefix",
+                                          str(work / "data" / "tokenized" / source)]
+    downloads = {}
+    for name in ("64K", "512K"):
+        downloads[name] = tmp_path / ODD_PATH / f"prolong {name}"
+        (downloads[name] / f"book-{name}").mkdir(parents=True)
+    result = _run(_script("01"), "--check", DATA_FROM="prolong", WORK=work,
+                  PROLONG_DATA_64K=downloads["64K"], PROLONG_DATA_512K=downloads["512K"])
+    assert result.returncode == 0, result.stdout
+    commands = [shlex.split(line) for line in result.stdout.splitlines()
+                if line.startswith("lce-data import-mds")]
+    assert [c[2:] for c in commands] == [
+        [str(downloads[name] / f"book-{name}"), "--output-prefix",
+         str(work / "data" / "tokenized" / f"prolong-{name}" / f"book-{name}")]
+        for name in ("64K", "512K")]
+
+
+def test_stage_08_takes_a_work_folder_holding_spaces_and_colons(tmp_path):
+    """The default checkpoint and export lists stay whole under such a WORK: each refusal
+    names the whole path, and the paths reach engine.evaluate whole."""
+    work = tmp_path / ODD_PATH
+    runs = ["llama3-8b-instruct", "prolong-stage1-64k", "prolong-stage2-512k"]
+    for run in runs:
+        (work / "checkpoints" / run).mkdir(parents=True)
+        (work / "checkpoints" / run / "latest").write_text("step_00000000\n")
+    settings = dict(WORK=work, EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none")
+    sft = work / "checkpoints" / "prolong-sft"
+    result = _run(_script("08"), **settings)
+    assert result.returncode == 2
+    assert f"EVAL_CHECKPOINTS: no engine checkpoint at {sft} ('sft={sft}'" in result.stdout
+    sft.mkdir()
+    (sft / "latest").write_text("step_00000000\n")
+    hf = work / "hf" / "prolong-8b-instruct"
+    result = _run(_script("08"), **settings)
+    assert result.returncode == 2
+    assert f"EVAL_HF: no Hugging Face model at {hf} ('hf={hf}'" in result.stdout
+    result = _run(_script("08"), EVAL_HF="none", **settings)
+    assert result.returncode == 2  # the checkpoints are empty folders: engine.evaluate says so
+    assert f"--checkpoint {work / 'checkpoints' / runs[0]}" in result.stdout
+    assert "engine.evaluate refused the evaluation" in result.stdout
 
 
 def test_a_bad_manifest_line_is_named_with_its_number(tmp_path):
