@@ -36,8 +36,8 @@ from engine.evaluate.engine_eval import (long_documents, padded_length, position
                                          short_document_loss, teacher_forced_results)
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.haystack import load_haystack
-from engine.evaluate.inputs import (check_lengths, depth_setting, hf_config, long_document_ids,
-                                    short_document_ids)
+from engine.evaluate.inputs import (SHORT_LENGTH, check_lengths, depth_setting, hf_config,
+                                    long_document_ids, short_document_ids)
 from engine.evaluate.position_loss import MeanLossAccumulator, PositionLossAccumulator
 from engine.evaluate.report import (CheckpointReport, EvaluationReport, check_report_folder,
                                     write_report)
@@ -51,10 +51,6 @@ from engine.parallel.setup import (LaunchError, check_rendezvous_port, destroy_p
 from engine.training.build import build_model
 from engine.training.config import ConfigError, EvalSection, TrainConfig, load_config
 from engine.training.plan import RunPlan
-
-
-# Short documents are those below eval.position_length tokens, or this many without one.
-SHORT_LENGTH = 4096
 
 
 @dataclass

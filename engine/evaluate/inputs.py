@@ -19,6 +19,9 @@ from engine.evaluate.errors import EvaluationError
 # built in memory before the first forward pass.
 CONTEXT_MULTIPLE_LIMIT = 8
 
+# Short documents are those below the position length, or this many tokens without one.
+SHORT_LENGTH = 4096
+
 
 def depth_setting(values: Sequence[float]) -> Union[int, list[float]]:
     """--depths as the config's eval.depths: one whole number >= 1 is a count of depths swept
@@ -55,30 +58,37 @@ def check_lengths(lengths: Sequence[int], position_length: int,
                 f"parallel.context_parallel for long prompts)")
 
 
-def long_document_ids(reader: IndexedReader, prefix: str, length: int,
-                      max_documents: int) -> list[int]:
+# The command's flags; the training config names the same settings eval.long_documents, ...
+FLAGS = {"long_documents": "--long-documents", "short_documents": "--short-documents",
+         "position_length": "--position-length"}
+SETTINGS = {name: f"eval.{name}" for name in FLAGS}
+
+
+def long_document_ids(reader: IndexedReader, prefix: str, length: int, max_documents: int,
+                      names: dict = FLAGS) -> list[int]:
     """The documents the loss by position reads, or an error if none is long enough."""
     chosen = [int(i) for i in np.flatnonzero(reader.lengths >= length)[:max_documents]]
     if not chosen:
         longest = int(reader.lengths.max()) if len(reader.lengths) else 0
         raise EvaluationError(
-            f"--long-documents {prefix}: no document holds --position-length {length} tokens "
-            f"(the longest of its {len(reader.lengths)} holds {longest}): lower "
-            f"--position-length to at most {longest} or give longer documents")
+            f"{names['long_documents']} {prefix}: no document holds "
+            f"{names['position_length']} {length} tokens (the longest of its "
+            f"{len(reader.lengths)} holds {longest}): lower {names['position_length']} to at "
+            f"most {longest} or give longer documents")
     return chosen
 
 
-def short_document_ids(reader: IndexedReader, prefix: str, limit: int,
-                       max_documents: int) -> list[int]:
+def short_document_ids(reader: IndexedReader, prefix: str, limit: int, max_documents: int,
+                       names: dict = FLAGS) -> list[int]:
     """The documents the short-document loss reads (2 <= tokens < ``limit``), or an error."""
     lengths = reader.lengths
     chosen = [int(i) for i in np.flatnonzero((lengths < limit) & (lengths >= 2))[:max_documents]]
     if not chosen:
         shortest = int(lengths.min()) if len(lengths) else 0
         raise EvaluationError(
-            f"--short-documents {prefix}: no document of 2 to {limit - 1} tokens (its "
+            f"{names['short_documents']} {prefix}: no document of 2 to {limit - 1} tokens (its "
             f"{len(lengths)} documents hold {shortest} or more): give shorter documents, or a "
-            f"larger --position-length, which sets the limit")
+            f"larger {names['position_length']}, which sets the limit")
     return chosen
 
 

@@ -218,6 +218,10 @@ def _damaged_order_copy(packed, folder):
      "logging.dir {tmp}/read_only/logs/config.yaml: cannot create files in {tmp}/read_only"),
     (["checkpoint.dir={tmp}/read_only"],
      "checkpoint.dir {tmp}/read_only/latest: cannot create files in {tmp}/read_only"),
+    # The final evaluation, after the last step, would have measured nothing.
+    (["eval.final=true", "eval.long_documents={data}/long", "eval.position_length=1000"],
+     "eval.long_documents {data}/long: no document holds eval.position_length 1000 tokens "
+     "(the longest of its 12 holds"),
 ])
 def test_check_catches_what_the_run_would_fail_on(case, message, packed_tiny_dataset,
                                                   train_config, tmp_path, capsys, monkeypatch):
@@ -245,7 +249,8 @@ def test_check_catches_what_the_run_would_fail_on(case, message, packed_tiny_dat
     monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     before = sorted(p.name for p in tmp_path.iterdir())
-    case = [part.replace("{tmp}", str(tmp_path)) for part in case]
+    data = str(Path(packed_tiny_dataset).parent)
+    case = [part.replace("{tmp}", str(tmp_path)).replace("{data}", data) for part in case]
     args = train_args(train_config, packed_tiny_dataset, tmp_path / "ckpt")
     if case[0] == "--config":
         args[1] = case[1]
@@ -253,7 +258,7 @@ def test_check_catches_what_the_run_would_fail_on(case, message, packed_tiny_dat
         args += case
     assert main(["--check", *args]) == 2
     err = capsys.readouterr().err
-    assert message.replace("{tmp}", str(tmp_path)) in err, err
+    assert message.replace("{tmp}", str(tmp_path)).replace("{data}", data) in err, err
     assert "Traceback" not in err and not dist.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
