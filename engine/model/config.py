@@ -72,12 +72,12 @@ class LlamaConfig:
         for name in _COUNT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} {value!r} must be a whole number >= 1")
+                raise ValueError(f"{name} {value!r} must be a positive whole number")
         for name in _POSITIVE_NUMBER_FIELDS:
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"{name} {value!r} must be a finite number > 0")
+                raise ValueError(f"{name} {value!r} must be a finite positive number")
         if not isinstance(self.untie_embeddings, bool):
             raise ValueError(f"untie_embeddings {self.untie_embeddings!r} must be true or false")
 
