@@ -203,6 +203,15 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
     return 0
 
 
+def _world_size(args) -> int:
+    if args.world_size is None:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size {args.world_size}: give the run's number of processes "
+                          f"(>= 1)")
+    return args.world_size
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Train Llama-3 to long context (launch with torchrun).",
@@ -220,7 +229,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         # Every check that needs no process group, first.
-        plan = plan_from_config(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        plan = plan_from_config(config, _world_size(args))
         validation = Validation.prepare(config.eval, plan)
         check_rendezvous_port()
         if args.check:

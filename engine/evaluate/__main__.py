@@ -177,9 +177,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.world_size is not None:
-        if not args.check:
-            print("error: --world-size is for --check; torchrun sets the run's processes",
-                  file=sys.stderr, flush=True)
+        if not args.check or args.world_size < 1:
+            print(f"error: --world-size {args.world_size}: give the run's number of processes "
+                  f"(>= 1), with --check only (torchrun sets them for a run)", file=sys.stderr,
+                  flush=True)
             return 2
         world_size = args.world_size
     try:

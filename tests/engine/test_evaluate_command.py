@@ -208,7 +208,7 @@ def _read_only_probe(monkeypatch, name):
 @pytest.mark.parametrize("case", [
     "report_json_folder", "out_file", "out_under_file", "out_read_only", "depths_1_5",
     "no_long_document", "no_short_document", "huge_length", "truncated_checkpoint",
-    "no_manifest", "hf_no_vocab_size", "hf_truncated_shard", "port_taken"])
+    "no_manifest", "hf_no_vocab_size", "hf_truncated_shard", "port_taken", "world_size_0"])
 def test_check_and_run_refuse_bad_input_before_any_work(case, tiny, tmp_path, capsys,
                                                         monkeypatch):
     """python -m engine.evaluate, in this process, with and without --check: exit 2 naming
@@ -279,6 +279,9 @@ def test_check_and_run_refuse_bad_input_before_any_work(case, tiny, tmp_path, ca
         holder.listen()
         monkeypatch.setenv("MASTER_PORT", str(holder.getsockname()[1]))
         message = f"MASTER_PORT {holder.getsockname()[1]} cannot be used"
+    elif case == "world_size_0":
+        measures += ["--world-size", "0"]
+        message = "--world-size 0: give the run's number of processes (>= 1)"
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     try:
         for check in (["--check"], []):

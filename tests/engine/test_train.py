@@ -218,6 +218,7 @@ def _damaged_order_copy(packed, folder):
      "logging.dir {tmp}/read_only/logs/config.yaml: cannot create files in {tmp}/read_only"),
     (["checkpoint.dir={tmp}/read_only"],
      "checkpoint.dir {tmp}/read_only/latest: cannot create files in {tmp}/read_only"),
+    (["--world-size", "0"], "--world-size 0: give the run's number of processes (>= 1)"),
     # The final evaluation, after the last step, would have measured nothing.
     (["eval.final=true", "eval.long_documents={data}/long", "eval.position_length=1000"],
      "eval.long_documents {data}/long: no document holds eval.position_length 1000 tokens "
@@ -254,6 +255,8 @@ def test_check_catches_what_the_run_would_fail_on(case, message, packed_tiny_dat
     args = train_args(train_config, packed_tiny_dataset, tmp_path / "ckpt")
     if case[0] == "--config":
         args[1] = case[1]
+    elif case[0] == "--world-size":
+        args = case + args
     else:
         args += case
     assert main(["--check", *args]) == 2
