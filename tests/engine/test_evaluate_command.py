@@ -295,8 +295,9 @@ def test_check_and_run_refuse_bad_input_before_any_work(case, tiny, tmp_path, ca
             holder.close()
 
 
-def test_check_passes_what_runs_and_writes_nothing(tiny, tmp_path, capsys):
+def test_check_passes_what_runs_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
     from engine.evaluate.__main__ import main
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # the check may pick one for this process
     out = tmp_path / "out"
     args = ["--checkpoint", f"base={tiny['root'] / 'ckpt'}", "--hf",
             f"export={tiny['root'] / 'export'}", *tiny["common"], "--out", str(out)]
