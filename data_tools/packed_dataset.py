@@ -79,7 +79,31 @@ class PackedDataset:
         self._sources = [_Source(folder, k, info)
                          for k, info in enumerate(self.metadata["sources"])]
         self._order = np.load(os.path.join(folder, "order.npy"), mmap_mode="r")
+        self._check_order()
         self.has_loss_mask = any(s.mask is not None for s in self._sources)
+
+    def _check_order(self) -> None:
+        """Every (source, sequence) pair of order.npy names a sequence the sources hold: a
+        damaged or hand-edited order would otherwise fail at the training step reading it."""
+        order_file = os.path.join(self.path, "order.npy")
+        if self._order.ndim != 2 or self._order.shape[1] != 2:
+            raise ValueError(f"{order_file}: shape {self._order.shape}, expected (sequences, 2); "
+                             f"rebuild the dataset with `lce-data mix`")
+        if not len(self._order):
+            return
+        sources = np.asarray(self._order[:, 0])
+        if sources.min() < 0 or sources.max() >= len(self._sources):
+            bad = int(sources.max() if sources.max() >= len(self._sources) else sources.min())
+            raise ValueError(f"{order_file} names source {bad}, but {METADATA_FILE} lists "
+                             f"{len(self._sources)} source(s): the dataset is damaged; rebuild "
+                             f"it with `lce-data mix`")
+        sequences = np.asarray(self._order[:, 1])
+        for index, source in enumerate(self._sources):
+            picked = sequences[sources == index]
+            if len(picked) and (picked.min() < 0 or picked.max() >= len(source.sequences)):
+                raise ValueError(f"{order_file} names sequence {int(picked.max())} of source "
+                                 f"{index} ({source.name}), which holds {len(source.sequences)}: "
+                                 f"the dataset is damaged; rebuild it with `lce-data mix`")
 
     def __len__(self) -> int:
         return len(self._order)

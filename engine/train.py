@@ -21,6 +21,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 
+from data_tools.atomic import write_text_atomically
 from data_tools.packed_dataset import PackedDataset
 from engine.checkpoint import (
     CheckpointError,
@@ -32,7 +33,12 @@ from engine.checkpoint import (
 )
 from engine.evaluate.validation import Validation
 from engine.parallel.layout import LayoutError, ParallelLayout
-from engine.parallel.setup import destroy_parallel, initialize_parallel
+from engine.parallel.setup import (
+    LaunchError,
+    check_rendezvous_port,
+    destroy_parallel,
+    initialize_parallel,
+)
 from engine.training.build import TrainingState, build_training_state
 from engine.training.config import ConfigError, TrainConfig, load_config
 from engine.training.data import (
@@ -112,14 +118,15 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
     initialize_parallel(plan.layout, seed=plan.seed, timeout_s=plan.collective_timeout_s)
     ckpt_dir = Path(plan.checkpoint.dir)
     log_dir = Path(plan.logging.dir or ckpt_dir)
+    state = build_training_state(plan)
+    step, consumed, skipped_total = _start(plan, state)
     if is_logging_rank():
+        # Written once the run is known to start (a refused resume keeps the run's own
+        # config.yaml), and whole: a kill mid-write leaves the previous one.
         log_dir.mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump(config.to_dict(), sort_keys=False)
         print(f"resolved config ({plan.describe()}):\n{resolved}", flush=True)
-        (log_dir / "config.yaml").write_text(resolved)
-
-    state = build_training_state(plan)
-    step, consumed, skipped_total = _start(plan, state)
+        write_text_atomically(log_dir / "config.yaml", resolved)
     skipped_since_save = 0
     dp_rank = parallel_state.get_data_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()
@@ -196,6 +203,15 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
     return 0
 
 
+def _world_size(args) -> int:
+    if args.world_size is None:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size {args.world_size}: give the run's number of processes "
+                          f"(>= 1)")
+    return args.world_size
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Train Llama-3 to long context (launch with torchrun).",
@@ -213,13 +229,14 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         # Every check that needs no process group, first.
-        plan = plan_from_config(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        plan = plan_from_config(config, _world_size(args))
         validation = Validation.prepare(config.eval, plan)
+        check_rendezvous_port()
         if args.check:
             print(f"run plan ok: {plan.describe()}", flush=True)
             return 0
         return train(plan, config, validation)
-    except (ConfigError, LayoutError, CheckpointError, TrainingStopped) as error:
+    except (ConfigError, LayoutError, CheckpointError, LaunchError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
 

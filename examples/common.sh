@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by every launcher in examples/ (sourced, never run):
 #   settings  -- environment variables, each with its default on its own line, listed by --help
 #   checks    -- a missing path or a bad value stops the script (exit 2, naming it) before any
@@ -204,6 +205,25 @@ need_lce_data() {  # need_lce_data [SUBCOMMAND]
   fi
 }
 
+# need_configs CONFIG...: each a YAML file engine.train reads (exit 2 naming the file and what
+# is wrong with it, not a Python traceback); the config_value calls after it rely on that.
+need_configs() {
+  local problem
+  problem=$("$PYTHON" - "$@" <<'PY'
+import sys
+from engine.training.config import ConfigError, read_config_file
+for path in sys.argv[1:]:
+    try:
+        if not isinstance(read_config_file(path), dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    except ConfigError as error:
+        print(error)
+        break
+PY
+) || die "could not read the configs $* with $PYTHON"
+  [ -z "$problem" ] || die "$problem"
+}
+
 # config_value KEY CONFIG...: section.key from the last CONFIG that sets it (empty if none).
 config_value() {
   "$PYTHON" - "$@" <<'PY'
@@ -289,10 +309,7 @@ train_stage() {
   while [ $# -gt 0 ] && [ "$1" != -- ]; do configs+=("$1"); shift; done
   [ $# -eq 0 ] || shift
   overrides=("$@")
-  local config
-  for config in "${configs[@]}"; do
-    [ -f "$config" ] || die "config $config does not exist"
-  done
+  need_configs "${configs[@]}"
   need_int NNODES; need_int NODE_RANK 0; need_int GPUS_PER_NODE; need_int MASTER_PORT
   need_int RDZV_TIMEOUT_S; need_int STOP_GRACE_S 0
   need_value MASTER_ADDR "the address of node 0"

@@ -18,6 +18,7 @@ esac
 CONFIG=$1
 shift
 parse_args --allow-overrides "$@"
+need_configs "$CONFIG"
 if [ -z "$TP$PP$CP" ] && [ "$PLAN_LAYOUT" = 0 ]; then
   TP=$(config_value parallel.tensor_parallel "$CONFIG"); TP=${TP:-1}
   PP=$(config_value parallel.pipeline_parallel "$CONFIG"); PP=${PP:-1}

@@ -12,12 +12,12 @@ layout holds); Hugging Face folders by real greedy generation through transforme
 (``--hf-scoring teacher-forced`` for the same one-pass scoring there). Writes report.json,
 report.md and PNG plots into --out. The flags set the config's ``eval`` section; ``--config``
 files and ``section.key=value`` overrides (parallel.*, kernels.*, bf16, eval.*) are read as
-engine.train reads them. Bad input exits with code 2 before any process group exists.
+engine.train reads them. Bad input exits with code 2 before any process group exists;
+``--check`` makes every one of those checks in one process and exits (0: it would run).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -28,29 +28,30 @@ import torch.distributed as dist
 
 from data_tools.indexed import IndexedReader
 from data_tools.tokenizer import TokenizerError, load_tokenizer
-from engine.checkpoint import (CheckpointError, load_checkpoint, model_config_from_state,
-                               read_checkpoint_state, resolve_checkpoint)
+from engine.checkpoint import (CheckpointError, DamagedCheckpoint, check_complete,
+                               load_checkpoint, model_config_from_state, read_checkpoint_state,
+                               resolve_checkpoint)
 from engine.evaluate import hf_model
 from engine.evaluate.engine_eval import (long_documents, padded_length, position_losses,
                                          short_document_loss, teacher_forced_results)
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.examples_file import write_examples
 from engine.evaluate.haystack import load_haystack
+from engine.evaluate.inputs import (SHORT_LENGTH, check_lengths, depth_setting, hf_config,
+                                    long_document_ids, short_document_ids)
 from engine.evaluate.position_loss import MeanLossAccumulator, PositionLossAccumulator
-from engine.evaluate.report import CheckpointReport, EvaluationReport, write_report
+from engine.evaluate.report import (CheckpointReport, EvaluationReport, check_report_folder,
+                                    write_report)
 from engine.evaluate.scoring import recall_cells
 from engine.evaluate.tasks import TASKS, RecallSuite, check_tokenizer_vocabulary, depth_sweep
 from engine.model.config import LlamaConfig
 from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import LayoutError, ParallelLayout
-from engine.parallel.setup import destroy_parallel, initialize_parallel
+from engine.parallel.setup import (LaunchError, check_rendezvous_port, destroy_parallel,
+                                   initialize_parallel)
 from engine.training.build import build_model
 from engine.training.config import ConfigError, EvalSection, TrainConfig, load_config
 from engine.training.plan import RunPlan
-
-
-# Short documents are those below eval.position_length tokens, or this many without one.
-SHORT_LENGTH = 4096
 
 
 @dataclass
@@ -102,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-examples", action="store_true",
                         help="also write examples.jsonl into --out: every prompt as text with "
                              "each checkpoint's output or teacher-forced result and score")
+    parser.add_argument("--check", action="store_true",
+                        help="only check everything (inputs, --out, layout, lengths, tokenizer) "
+                             "in this one process without any process group, and exit: 0 if "
+                             "the evaluation would start, 2 naming the problem")
+    parser.add_argument("--world-size", type=int,
+                        help="with --check: processes of the run (default: WORLD_SIZE, else 1)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser
 
@@ -112,8 +119,7 @@ def _config(args) -> TrainConfig:
              "long_documents": args.long_documents, "position_length": args.position_length,
              "max_documents": args.max_documents, "short_documents": args.short_documents}
     if args.depths is not None:
-        depths = args.depths
-        flags["depths"] = int(depths[0]) if len(depths) == 1 and depths[0] >= 1 else depths
+        flags["depths"] = depth_setting(args.depths)
     overrides = [f"eval.{k}={v!r}" if isinstance(v, str) else f"eval.{k}={v}"
                  for k, v in flags.items() if v is not None]
     return load_config(args.config, [*args.overrides, *overrides])
@@ -137,13 +143,14 @@ def _targets(args) -> list[Target]:
         except CheckpointError as error:
             raise CheckpointError(f"--checkpoint {path}: {error}; give a run directory of "
                                   f"engine.train or engine.convert import") from None
+        # Sizes and the file list against the manifest (contents are checked by the load):
+        # a checkpoint cut short or without its manifest is refused before any process group.
+        check_complete(step)
         model = model_config_from_state(read_checkpoint_state(step), step)
         targets.append(Target(name, str(step), "engine", model))
     for value in args.hf:
         name, path = _named(value)
-        if not (Path(path) / "config.json").is_file():
-            raise EvaluationError(f"--hf {path}: no config.json there: not a Hugging Face model "
-                                  f"folder; export one with `python -m engine.convert export`")
+        hf_config(path)
         targets.append(Target(name, path, "hf"))
     if not targets:
         raise EvaluationError("nothing to evaluate: give --checkpoint PATH and/or --hf FOLDER")
@@ -154,8 +161,24 @@ def _targets(args) -> list[Target]:
     return targets
 
 
-def _hf_vocab_size(folder: str) -> int:
-    return int(json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
+def _trained_context(target: Target) -> Optional[int]:
+    if target.model is not None:
+        return target.model.max_position_embeddings
+    return hf_config(target.path).get("max_position_embeddings")
+
+
+def _check_measures(section: EvalSection, long_reader, short_reader) -> None:
+    """The documents each loss measure needs: one that would come out empty is refused."""
+    if long_reader is not None:
+        long_document_ids(long_reader, section.long_documents, section.position_length,
+                          section.max_documents)
+    if short_reader is not None:
+        short_document_ids(short_reader, section.short_documents, _short_limit(section),
+                           section.max_short_documents)
+
+
+def _short_limit(section: EvalSection) -> int:
+    return section.position_length or SHORT_LENGTH
 
 
 PROTOCOLS = ("ours", "ruler", "helmet-recall")
@@ -185,10 +208,21 @@ def main(argv=None) -> int:
         return ruler_command.main(argv, protocol)
     args = _parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size is not None:
+        if not args.check or args.world_size < 1:
+            print(f"error: --world-size {args.world_size}: give the run's number of processes "
+                  f"(>= 1), with --check only (torchrun sets them for a run)", file=sys.stderr,
+                  flush=True)
+            return 2
+        world_size = args.world_size
     try:
+        check_report_folder(args.out)
         config = _config(args)
         section = config.eval
         targets = _targets(args)
+        # Before any haystack is built: a length no memory holds fails here, not as MemoryError.
+        check_lengths(section.lengths, section.position_length,
+                      {t.name: _trained_context(t) for t in targets})
         examples, suite = [], None
         if section.lengths:
             if not section.tokenizer:
@@ -196,7 +230,8 @@ def main(argv=None) -> int:
                                       "with the model's own tokenizer")
             tokenizer = load_tokenizer(section.tokenizer)
             for target in targets:
-                vocab = target.model.vocab_size if target.model else _hf_vocab_size(target.path)
+                vocab = target.model.vocab_size if target.model else hf_config(target.path)[
+                    "vocab_size"]
                 check_tokenizer_vocabulary(tokenizer, vocab, f"{target.name} ({target.path})")
             suite = RecallSuite(tokenizer, load_haystack(section.haystack, tokenizer),
                                 seed=section.seed)
@@ -211,6 +246,7 @@ def main(argv=None) -> int:
         if not (examples or long_reader or short_reader):
             raise EvaluationError("nothing to measure: give --lengths (recall), "
                                   "--long-documents (loss by position) or --short-documents")
+        _check_measures(section, long_reader, short_reader)
         engine_targets = [t for t in targets if t.kind == "engine"]
         if world_size > 1 and any(t.kind == "hf" for t in targets) and not engine_targets:
             raise EvaluationError("Hugging Face folders are evaluated in one process: run "
@@ -231,8 +267,15 @@ def main(argv=None) -> int:
             global_batch=layout.data_parallel * layout.pipeline_parallel, kernels=kernels,
             bf16=config.bf16, seed=config.seed, collective_timeout_s=config.collective_timeout_s)
             for target in engine_targets}
+        if engine_targets:
+            check_rendezvous_port()
+        if args.check:
+            print(f"evaluation plan ok: {len(targets)} target(s), {len(examples)} recall "
+                  f"examples, layout {layout.describe()}, samples up to {longest} tokens, "
+                  f"report into {args.out}", flush=True)
+            return 0
     except (ConfigError, LayoutError, CheckpointError, EvaluationError, TokenizerError,
-            TypeError, ValueError, OSError) as error:
+            LaunchError, TypeError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
 
@@ -244,7 +287,8 @@ def main(argv=None) -> int:
         for target in engine_targets:
             plan = plans[target.name]
             chunks = build_model(plan)
-            load_checkpoint(target.path, chunks, model_config=target.model)
+            if not _load_or_report(target, chunks):
+                return 2
             reports.append(_engine_report(target, chunks, plan, examples, suite, section,
                                           long_reader, short_reader, progress))
             del chunks
@@ -264,6 +308,19 @@ def main(argv=None) -> int:
                                                  examples, reports, suite.tokenizer)
     print("wrote " + ", ".join(str(path) for path in files.values()), flush=True)
     return 0
+
+
+def _load_or_report(target: Target, chunks) -> bool:
+    """Load ``target`` into ``chunks``; a file whose contents differ from its manifest (found
+    only by reading it, which the ranks share) ends the evaluation with exit 2 naming it."""
+    try:
+        load_checkpoint(target.path, chunks, model_config=target.model)
+    except DamagedCheckpoint as error:
+        print(f"error: --checkpoint {target.path}: {error}; give an intact checkpoint (e.g. an "
+              f"earlier step_*)", file=sys.stderr, flush=True)
+        destroy_parallel()
+        return False
+    return True
 
 
 def _report(target, scoring, suite, section, results, buckets, short) -> CheckpointReport:
@@ -288,8 +345,7 @@ def _engine_report(target, chunks, plan, examples, suite, section, long_reader, 
         buckets, _ = position_losses(chunks, plan, long_reader, section.position_length,
                                      section.max_documents, trained)
     if short_reader is not None:
-        short = short_document_loss(chunks, plan, short_reader, SHORT_LENGTH if not
-                                    section.position_length else section.position_length,
+        short = short_document_loss(chunks, plan, short_reader, _short_limit(section),
                                     section.max_short_documents)
     if dist.get_rank() == 0:
         print(f"{target.name}: recall {_mean(results):.3f} over {len(results)} examples",
@@ -315,9 +371,8 @@ def _hf_report(target, examples, suite, section, scoring, long_reader, short_rea
                                                                      section.position_length)))
     if short_reader is not None:
         short = MeanLossAccumulator()
-        limit = section.position_length or SHORT_LENGTH
-        for i in [int(i) for i in range(len(short_reader))
-                  if 2 <= short_reader.lengths[i] < limit][:section.max_short_documents]:
+        for i in short_document_ids(short_reader, section.short_documents,
+                                    _short_limit(section), section.max_short_documents):
             short.add(hf_model.token_losses(model, short_reader.get(i)))
     print(f"{target.name}: recall {_mean(results):.3f} over {len(results)} examples "
           f"({scoring})", flush=True)

@@ -13,7 +13,9 @@ The input is plain data the engine side fills in:
     paths = write_report(report, "eval/")     # {"report.json": path, "report.md": ..., PNGs}
     report = read_report("eval/report.json")  # back to the dataclasses (to add a checkpoint)
 
-Files (each written under a temporary name and renamed when complete; report.json last):
+Files (written into a folder beside ``out_dir`` and published as a whole, replacing the
+previous report: ``out_dir`` holds one report or the other, never a mix, and no plot of a task
+the new report lacks; ``check_report_folder`` says beforehand whether ``out_dir`` can take it):
 - report.json: {"schema_version": 1, "checkpoints": [{"name", "checkpoint", "scoring",
   "tokenizer", "seed", "haystack", "recall": {"cells": [{"task", "length", "depth", "examples",
   "score", "answer_loss"}], "by_task_length": [{"task", "length", "examples", "score"}],
@@ -41,7 +43,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from data_tools.atomic import discard, publish, temporary_path, write_text_atomically
+from data_tools.atomic import staged_directory
+from data_tools.outputs import OutputError, check_output_location
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.position_loss import PositionBucket, ShortDocumentLoss
 from engine.evaluate.scoring import RecallCell
@@ -385,37 +388,57 @@ def _loss_by_position(report: EvaluationReport):
     return figure
 
 
-def _write_png(figure, path: str) -> None:
-    temporary = temporary_path(path)
+REPORT_FILES = ("report.json", "report.md", "recall_vs_length.png", "loss_vs_position.png")
+HEATMAP_PREFIX = "recall_heatmap_"
+
+
+def _is_report_file(name: str) -> bool:
+    return name in REPORT_FILES or name.startswith(HEATMAP_PREFIX) and name.endswith(".png")
+
+
+def check_report_folder(out_dir: str, option: str = "--out") -> None:
+    """Raise EvaluationError unless a report can be published at ``out_dir``: a new folder
+    whose parents are writable folders, or a folder holding only an earlier report (which the
+    new one replaces as a whole, so anything else there would be lost). Writes nothing."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EvaluationError(f"{option} {out_dir} is a file, where the report folder would be "
+                              f"written: choose another {option} or remove the file")
+    if os.path.isdir(out_dir):
+        for name in sorted(os.listdir(out_dir)):
+            entry = os.path.join(out_dir, name)
+            if not _is_report_file(name) or os.path.isdir(entry):
+                raise EvaluationError(
+                    f"{option} {out_dir} holds {name}{' (a folder)' if os.path.isdir(entry) else ''}"
+                    f", which is not part of an evaluation report: the report replaces the "
+                    f"folder as a whole; choose a new {option} or move {name} out")
     try:
-        _save_png(figure, temporary)
-        publish(temporary, path)
-    except BaseException:
-        discard(temporary)
-        raise
+        check_output_location(out_dir, option)
+    except OutputError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def write_report(report: EvaluationReport, out_dir: str) -> dict[str, str]:
-    """Write report.json, report.md and the PNGs into `out_dir` (created if missing).
-    Returns {file name: path}. report.json is renamed into place last."""
+    """Write report.json, report.md and the PNGs into `out_dir` (see the module docstring:
+    published together, replacing an earlier report there). Returns {file name: path}."""
     data = report_to_dict(report)  # checks the report before anything is written
     markdown = render_markdown(report)
-    os.makedirs(out_dir, exist_ok=True)
+    check_report_folder(out_dir)
     figures = {}
     tasks = sorted({x.task for c in report.checkpoints for x in c.recall})
     for task in tasks:
-        figures[f"recall_heatmap_{task}.png"] = lambda task=task: _heatmap(report, task)
+        figures[f"{HEATMAP_PREFIX}{task}.png"] = lambda task=task: _heatmap(report, task)
     if tasks:
         figures["recall_vs_length.png"] = lambda: _recall_by_length(report, tasks)
     if any(c.position_loss for c in report.checkpoints):
         figures["loss_vs_position.png"] = lambda: _loss_by_position(report)
-    written = {}
-    for name, build in figures.items():
-        figure = build()
-        written[name] = os.path.join(out_dir, name)
-        _write_png(figure, written[name])
-    written["report.md"] = os.path.join(out_dir, "report.md")
-    write_text_atomically(written["report.md"], markdown)
-    written["report.json"] = os.path.join(out_dir, "report.json")
-    write_text_atomically(written["report.json"], json.dumps(data, indent=2) + "\n")
-    return written
+    final = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with staged_directory(final) as staging:
+        for name, build in figures.items():
+            _save_png(build(), os.path.join(staging, name))
+        with open(os.path.join(staging, "report.md"), "w", encoding="utf-8") as f:
+            f.write(markdown)
+        with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+    return {name: os.path.join(out_dir, name)
+            for name in [*figures, "report.md", "report.json"]}

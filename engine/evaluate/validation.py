@@ -21,6 +21,8 @@ from engine.evaluate.engine_eval import (padded_length, position_losses, short_d
                                          teacher_forced_results, validation_loss)
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.haystack import load_haystack
+from engine.evaluate.inputs import (SETTINGS, SHORT_LENGTH, long_document_ids,
+                                    short_document_ids)
 from engine.evaluate.report import CheckpointReport, EvaluationReport, write_report
 from engine.evaluate.scoring import recall_cells
 from engine.evaluate.tasks import TASKS, RecallExample, RecallSuite, depth_sweep
@@ -98,12 +100,21 @@ class Validation:
             except (EvaluationError, TokenizerError) as error:
                 raise ConfigError(f"eval: {error}") from None
         long_reader = short_reader = None
-        if section.final and section.long_documents:
-            if section.position_length < 2:
-                raise ConfigError("eval.long_documents needs eval.position_length (tokens)")
-            long_reader = IndexedReader(section.long_documents)
-        if section.final and section.short_documents:
-            short_reader = IndexedReader(section.short_documents)
+        try:
+            if section.final and section.long_documents:
+                if section.position_length < 2:
+                    raise ConfigError("eval.long_documents needs eval.position_length (tokens)")
+                long_reader = IndexedReader(section.long_documents)
+                # A measure no document fits is refused now, not after the last step.
+                long_document_ids(long_reader, section.long_documents, section.position_length,
+                                  section.max_documents, SETTINGS)
+            if section.final and section.short_documents:
+                short_reader = IndexedReader(section.short_documents)
+                short_document_ids(short_reader, section.short_documents,
+                                   section.position_length or SHORT_LENGTH,
+                                   section.max_short_documents, SETTINGS)
+        except EvaluationError as error:
+            raise ConfigError(str(error)) from None
         longest = max([len(e.prompt_ids) + len(e.answer_ids)
                        for e in examples + final_examples] + [section.position_length, 2])
         # The longest sample must fit the layout; checked now, not at the first evaluation.
@@ -147,7 +158,7 @@ class Validation:
                                          self.section.position_length, self.section.max_documents)
         if self.short_reader is not None:
             short = short_document_loss(chunks, self.plan, self.short_reader,
-                                        self.section.position_length or 4096,
+                                        self.section.position_length or SHORT_LENGTH,
                                         self.section.max_short_documents)
         if not is_logging_rank():
             return None

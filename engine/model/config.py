@@ -160,6 +160,8 @@ class LlamaConfig:
                 raise ValueError(f"{name} {value!r} must be a finite positive number")
         if self.rope_base <= 1:
             raise ValueError(f"rope_base {self.rope_base} must be above 1 (Llama-3: 500000)")
+        if not isinstance(self.untie_embeddings, bool):
+            raise ValueError(f"untie_embeddings {self.untie_embeddings!r} must be true or false")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, RopeScaling):
                 raise ValueError(f"rope_scaling {self.rope_scaling!r} must be a mapping")

@@ -1,7 +1,9 @@
 """Process groups for a ParallelLayout: the one place the engine initializes distribution."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -10,6 +12,52 @@ from megatron.core import parallel_state, tensor_parallel
 
 from engine.megatron_compat import enable_cpu_support
 from engine.parallel.layout import LayoutError, ParallelLayout
+
+
+DEFAULT_MASTER_PORT = 29500
+
+
+class LaunchError(RuntimeError):
+    """A launch environment the process group cannot start in (the message names the fix)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_rendezvous_port() -> None:
+    """Before any process group: the port rank 0 will listen on is free, or a LaunchError
+    naming it and the fix (else init_process_group fails with a DistNetworkError traceback).
+
+    Under torchrun the launcher already holds the port and the workers only connect: nothing
+    to check. A single process started without torchrun and without MASTER_PORT gets a free
+    port of its own, as no other process needs to find it. A MASTER_ADDR of another host is
+    that host's business."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("RANK", "0") != "0":
+        return
+    if os.environ.get("MASTER_ADDR", "localhost") not in (
+            "localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname()):
+        return
+    text = os.environ.get("MASTER_PORT")
+    if text is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        os.environ["MASTER_PORT"] = str(free_port())
+        return
+    text = text or str(DEFAULT_MASTER_PORT)
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise LaunchError(f"MASTER_PORT {text!r} is not a port number: set it to a free port "
+                          f"in 1..65535")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", int(text)))
+        except OSError as error:
+            why = ("another process is listening on it" if error.errno == errno.EADDRINUSE
+                   else error.strerror or str(error))
+            raise LaunchError(f"MASTER_PORT {text} cannot be used ({why}): set MASTER_PORT to a "
+                              f"free port, or stop the process holding it (e.g. a previous run "
+                              f"still ending)") from None
 
 
 def initialize_parallel(layout: ParallelLayout, *, seed: int = 1234,
@@ -33,7 +81,7 @@ def initialize_parallel(layout: ParallelLayout, *, seed: int = 1234,
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
             rank=int(os.environ.get("RANK", "0")),

@@ -47,6 +47,12 @@ _AT_LEAST_ONE = (1, False)
 _NON_NEGATIVE = (0, False)
 _POSITIVE = (0, True)
 
+# Upper limits of numeric settings whose too-large values would only fail after the process
+# group exists: seeds feed 64-bit RNG seeds after offsets are added (2**32 - 1 is every RNG's
+# seed range), and a timeout becomes a 64-bit count of milliseconds.
+_SEED_LIMIT = 2**32 - 1
+_TIMEOUT_LIMIT_S = 1e6
+
 
 @dataclass(frozen=True)
 class ModelSection:
@@ -176,6 +182,7 @@ class EvalSection:
     RANGES = {"interval": _NON_NEGATIVE, "batches": _AT_LEAST_ONE, "samples": _AT_LEAST_ONE,
               "seed": _NON_NEGATIVE, "position_length": _NON_NEGATIVE,
               "max_documents": _AT_LEAST_ONE, "max_short_documents": _AT_LEAST_ONE}
+    HIGHEST = {"seed": _SEED_LIMIT}
 
     @property
     def recall(self) -> bool:
@@ -204,6 +211,7 @@ class TrainConfig:
 
     RANGES = {"train_steps": _AT_LEAST_ONE, "seed": _NON_NEGATIVE,
               "max_consecutive_nan_steps": _AT_LEAST_ONE, "collective_timeout_s": _POSITIVE}
+    HIGHEST = {"seed": _SEED_LIMIT, "collective_timeout_s": _TIMEOUT_LIMIT_S}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -259,6 +267,9 @@ def _build(cls, values: dict, where: str):
         if lowest is not None and value is not None and (value < lowest or strict and value == lowest):
             bound = f"> {lowest}" if strict else f">= {lowest}"
             raise ConfigError(f"{label} = {value!r} must be {bound}")
+        highest = getattr(cls, "HIGHEST", {}).get(name)
+        if highest is not None and value is not None and value > highest:
+            raise ConfigError(f"{label} = {value!r} must be <= {highest:.15g}")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -284,17 +295,33 @@ def _deep_merge(target: dict, updates: dict) -> None:
             target[key] = value
 
 
+def read_config_file(path: str) -> Any:
+    """The YAML document of one config file, or a ConfigError naming the file and the fix."""
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"config file {path} does not exist: give the path of a YAML file, "
+                          f"e.g. one of engine/configs/")
+    if file.is_dir():
+        raise ConfigError(f"config file {path} is a directory: give a YAML file in it")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte "
+                          f"{error.start}): give a YAML file") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read ({error.strerror}): fix its "
+                          f"permissions or give another file") from None
+    try:
+        return _load_yaml(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
 def load_config(paths: list[str], overrides: list[str] = ()) -> TrainConfig:
     """Merge YAML files in order, then ``a.b=value`` overrides (values parsed as YAML)."""
     merged: dict = {}
     for path in paths:
-        file = Path(path)
-        if not file.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = _load_yaml(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        data = read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         _deep_merge(merged, data)

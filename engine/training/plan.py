@@ -18,8 +18,15 @@ from typing import Optional
 
 import torch
 
+from data_tools.outputs import OutputError, check_output_location
 from data_tools.packed_dataset import METADATA_FILE, PackedDataset
-from engine.checkpoint import CheckpointError, check_compatible, latest_checkpoint
+from engine.checkpoint import (
+    CheckpointError,
+    DamagedCheckpoint,
+    check_compatible,
+    latest_checkpoint,
+    resume_candidates,
+)
 from engine.model.config import LlamaConfig, get_model_config
 from engine.model.kernel_choices import KernelChoices, default_device
 from engine.model.specs import transformer_engine_available
@@ -172,6 +179,41 @@ def _data_plan(config: TrainConfig, model: LlamaConfig) -> tuple[DataPlan, int]:
                     d.balance_attention), seq_length
 
 
+def _check_run_directories(config: TrainConfig) -> None:
+    """The checkpoint and log directories can be created and written: found now, not after
+    the process group exists (or after the last step, when the first save comes)."""
+    log_files = ("config.yaml", "metrics.jsonl")
+    places = [("checkpoint.dir", config.checkpoint.dir,
+               ("latest",) + (() if config.logging.dir else log_files))]
+    if config.logging.dir:
+        places.append(("logging.dir", config.logging.dir, log_files))
+    for setting, folder, files in places:
+        for name in files:
+            try:
+                check_output_location(str(Path(folder) / name), setting, ("",))
+            except OutputError as error:
+                raise ConfigError(str(error)) from None
+
+
+def _check_resume_shape(ckpt_dir: str, model: LlamaConfig) -> None:
+    """A run directory holding checkpoints of another model shape is refused here, before
+    anything is written into it: the resume would refuse it only after the process group
+    exists. Damaged checkpoints are left to the resume, which skips them for older ones."""
+    try:
+        candidates = resume_candidates(ckpt_dir) if Path(ckpt_dir).is_dir() else []
+        for path in candidates:
+            if not path.is_dir():  # a missing `latest` target: the resume reports it
+                continue
+            try:
+                check_compatible(path, model)
+            except DamagedCheckpoint:
+                continue
+            return
+    except CheckpointError as error:
+        raise ConfigError(f"checkpoint.dir {ckpt_dir} would be resumed from: {error}; or give "
+                          f"another checkpoint.dir to start a new run") from None
+
+
 def plan_from_config(config: TrainConfig, world_size: int,
                      device: Optional[torch.device] = None) -> RunPlan:
     """The run plan of a training config on ``world_size`` processes; raises ConfigError or
@@ -186,6 +228,8 @@ def plan_from_config(config: TrainConfig, world_size: int,
     data, seq_length = _data_plan(config, model)
     if not config.checkpoint.dir:
         raise ConfigError("checkpoint.dir is empty: every run needs a directory to save into")
+    _check_run_directories(config)
+    _check_resume_shape(config.checkpoint.dir, model)
     if config.checkpoint.init_from:
         source = Path(config.checkpoint.init_from)
         try:

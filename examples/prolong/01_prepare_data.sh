@@ -52,9 +52,7 @@ _manifest() {
     IFS=, read -r -a pattern_list <<< "$patterns"
     for pattern in "${pattern_list[@]}"; do
       [[ $pattern = /* ]] || pattern="$RAW_DIR/$pattern"
-      # Unquoted on purpose: the pattern is a glob.
-      # shellcheck disable=SC2206
-      matches=($pattern)
+      _glob "$pattern"
       [ -e "${matches[0]}" ] || die "$where: '$pattern' matches no file (source $source)"
       inputs+=("${matches[@]}")
     done
@@ -70,6 +68,15 @@ _manifest() {
   [ "$sources" -gt 0 ] || die "MANIFEST=$MANIFEST lists no source"
 }
 
+# _glob PATTERN: the files PATTERN matches, into `matches` (PATTERN itself if none). The
+# pattern is expanded as a glob but never split into words: RAW_DIR may hold spaces.
+_glob() {
+  local IFS=
+  # Unquoted on purpose: the pattern is a glob.
+  # shellcheck disable=SC2206
+  matches=($1)
+}
+
 # prepare_prolong: import every source folder of each download into its own data root.
 prepare_prolong() {
   need_value PROLONG_DATA_64K "the downloaded prolong-data-64K folder (stage 1's sources)"
@@ -77,17 +84,19 @@ prepare_prolong() {
   need_value PROLONG_DATA_512K "the downloaded prolong-data-512K folder (stage 2's sources)"
   need_dir PROLONG_DATA_512K "the downloaded prolong-data-512K folder"
   need_lce_data import-mds
-  local download root folder imports=()
-  for download in "$PROLONG_DATA_64K:$STAGE1_DATA_ROOT" "$PROLONG_DATA_512K:$STAGE2_DATA_ROOT"; do
-    root=${download##*:}
-    for folder in "${download%:*}"/*/; do
-      [ -d "$folder" ] || die "${download%:*} holds no source folder (expected e.g. book-65536/)"
-      imports+=("${folder%/}:$root/$(basename "$folder")")
+  # Sources and their outputs in two arrays: a path may hold any character, ':' included.
+  local downloads=("$PROLONG_DATA_64K" "$PROLONG_DATA_512K")
+  local roots=("$STAGE1_DATA_ROOT" "$STAGE2_DATA_ROOT")
+  local k folder sources=() outputs=()
+  for k in 0 1; do
+    for folder in "${downloads[$k]}"/*/; do
+      [ -d "$folder" ] || die "${downloads[$k]} holds no source folder (expected e.g. book-65536/)"
+      sources+=("${folder%/}")
+      outputs+=("${roots[$k]}/$(basename "$folder")")
     done
   done
-  local item
-  for item in "${imports[@]}"; do
-    _run_once "${item##*:}" lce-data import-mds "${item%:*}" --output-prefix "${item##*:}"
+  for k in "${!sources[@]}"; do
+    _run_once "${outputs[$k]}" lce-data import-mds "${sources[$k]}" --output-prefix "${outputs[$k]}"
   done
 }
 

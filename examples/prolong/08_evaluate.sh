@@ -14,8 +14,13 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 knobs_recipe_paths
 knobs_tokenizer
-EVAL_CHECKPOINTS=${EVAL_CHECKPOINTS:-base=$IMPORT_CKPT stage1=$STAGE1_CKPT stage2=$STAGE2_CKPT sft=$SFT_CKPT}  ## engine checkpoints, space-separated NAME=PATH (none: no engine checkpoint)
-EVAL_HF=${EVAL_HF:-hf=$HF_OUT}                          ## Hugging Face folders, space-separated NAME=FOLDER (none: no folder)
+# The defaults are kept as lists too: paths under a WORK holding spaces stay whole.
+default_checkpoints=("base=$IMPORT_CKPT" "stage1=$STAGE1_CKPT" "stage2=$STAGE2_CKPT" "sft=$SFT_CKPT")
+default_hf=("hf=$HF_OUT")
+EVAL_CHECKPOINTS_SET=${EVAL_CHECKPOINTS:+1}
+EVAL_HF_SET=${EVAL_HF:+1}
+EVAL_CHECKPOINTS=${EVAL_CHECKPOINTS:-base=$IMPORT_CKPT stage1=$STAGE1_CKPT stage2=$STAGE2_CKPT sft=$SFT_CKPT}  ## engine checkpoints, NAME=PATH separated by spaces, or by newlines where a path holds spaces (none: no engine checkpoint)
+EVAL_HF=${EVAL_HF:-hf=$HF_OUT}                          ## Hugging Face folders, NAME=FOLDER separated like EVAL_CHECKPOINTS (none: no folder)
 EVAL_LENGTHS=${EVAL_LENGTHS:-$(if_tiny "256 512" "32768 65536 131072")}  ## recall prompt lengths in tokens (HELMET: 32K/64K development, 128K final)
 EVAL_DEPTHS=${EVAL_DEPTHS:-$(if_tiny 1 5)}              ## needle depths: a count swept over 0..1, or fractions
 EVAL_TASKS=${EVAL_TASKS:-all}                           ## recall tasks, space-separated (all: the six of engine.evaluate)
@@ -31,16 +36,30 @@ EVAL_CP_ALGORITHM=${EVAL_CP_ALGORITHM:-all-gather}      ## all-gather | ulysses
 EVAL_OUT=${EVAL_OUT:-$WORK/eval}                        ## results folder
 parse_args --allow-overrides "$@"
 
+# _items NAME: the list setting NAME's items, into `items`: one a line where it holds several
+# lines, else separated by spaces.
+_items() {
+  items=()
+  [ "${!1}" != none ] || return 0
+  if [[ ${!1} == *$'\n'* ]]; then
+    mapfile -t items <<< "${!1}"
+  else
+    read -r -a items <<< "${!1}"
+  fi
+}
+
 # Engine checkpoints and HF folders: every one must exist before anything starts.
 targets=() checkpoints=() hf_folders=()
-[ "$EVAL_CHECKPOINTS" = none ] || read -r -a checkpoints <<< "$EVAL_CHECKPOINTS"
+if [ -n "$EVAL_CHECKPOINTS_SET" ]; then _items EVAL_CHECKPOINTS; checkpoints=("${items[@]}")
+else checkpoints=("${default_checkpoints[@]}"); fi
 for item in "${checkpoints[@]}"; do
   path=${item#*=}
   [ -f "$path/latest" ] || [ -f "$path/engine_state.json" ] ||
     die "EVAL_CHECKPOINTS: no engine checkpoint at $path ('$item'; no 'latest' file): run its stage first or leave it out of EVAL_CHECKPOINTS"
   targets+=(--checkpoint "$item")
 done
-[ "$EVAL_HF" = none ] || read -r -a hf_folders <<< "$EVAL_HF"
+if [ -n "$EVAL_HF_SET" ]; then _items EVAL_HF; hf_folders=("${items[@]}")
+else hf_folders=("${default_hf[@]}"); fi
 for item in "${hf_folders[@]}"; do
   path=${item#*=}
   [ -f "$path/config.json" ] ||
@@ -61,6 +80,11 @@ done
 [ ! -e "$EVAL_OUT" ] || die "EVAL_OUT=$EVAL_OUT already exists; delete it or set EVAL_OUT to a new folder"
 
 read -r -a lengths <<< "$EVAL_LENGTHS"
+[ "${#lengths[@]}" -gt 0 ] || die "EVAL_LENGTHS is empty: give prompt lengths in tokens, e.g. 32768 65536"
+for length in "${lengths[@]}"; do
+  [[ $length =~ ^[1-9][0-9]*$ ]] ||
+    die "EVAL_LENGTHS=$EVAL_LENGTHS: '$length' is not a length in tokens (a whole number >= 1)"
+done
 read -r -a depths <<< "$EVAL_DEPTHS"
 args=("${targets[@]}" --tokenizer "$TOKENIZER" --lengths "${lengths[@]}" --depths "${depths[@]}"
       --samples "$EVAL_SAMPLES" --out "$EVAL_OUT" --no-progress)
@@ -81,6 +105,12 @@ if [ "${#checkpoints[@]}" -gt 0 ]; then
 else
   command=("$PYTHON" -m engine.evaluate "${args[@]}")  # Hugging Face folders only: one process
 fi
+# engine.evaluate's own checks (tasks, lengths, depths, tokenizer, checkpoints, --out, layout)
+# in one process: a refused evaluation stops here, before torchrun starts anything.
+check_world=1
+[ "${#checkpoints[@]}" -eq 0 ] || check_world=$EVAL_GPUS
+"$PYTHON" -m engine.evaluate --check --world-size "$check_world" "${args[@]}" ||
+  die "engine.evaluate refused the evaluation (the error above); nothing was launched"
 printf '%q ' "${command[@]}"; printf '\n'
 [ "$MODE" = run ] || exit 0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(if_tiny 1 8)}

@@ -165,3 +165,170 @@ def test_bad_inputs_stop_with_exit_2_naming_the_value(tiny, tmp_path):
         assert result.returncode == 2, (args, result.stdout[-2000:])
         assert message in result.stdout, (message, result.stdout[-2000:])
         assert "Traceback" not in result.stdout and not out.exists()
+
+
+def _copy_checkpoint(tiny, folder):
+    import shutil
+    step = sorted((tiny["root"] / "ckpt").glob("step_*"))[-1]
+    shutil.copytree(step, folder)
+    return folder
+
+
+def _largest_file(folder, pattern="*"):
+    return max((p for p in folder.rglob(pattern) if p.is_file() and not p.name.endswith(
+        ".json")), key=lambda p: p.stat().st_size)
+
+
+def _hf_copy(tiny, folder, change):
+    """A copy of the export whose weights are links (or, with ``change`` "truncate", a cut
+    copy of the largest shard) and whose config.json ``change`` may edit."""
+    import shutil
+    folder.mkdir()
+    for path in (tiny["root"] / "export").iterdir():
+        if path.suffix == ".safetensors" and change != "truncate":
+            (folder / path.name).symlink_to(path)
+        else:
+            shutil.copy(path, folder / path.name)
+    if change == "truncate":
+        shard = _largest_file(folder, "*.safetensors")
+        data = shard.read_bytes()
+        shard.write_bytes(data[:len(data) // 2])
+    elif change == "no_vocab":
+        config = json.loads((folder / "config.json").read_text())
+        del config["vocab_size"]
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _read_only_probe(monkeypatch, name):
+    """Creating files in folders called ``name`` fails as on a read-only mount (root, who runs
+    the tests in CI containers, is not stopped by mode bits)."""
+    import errno
+    import os
+    import tempfile
+
+    from data_tools import outputs
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and os.path.basename(dir) == name:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize("case", [
+    "report_json_folder", "out_file", "out_under_file", "out_read_only", "depths_1_5",
+    "no_long_document", "no_short_document", "huge_length", "truncated_checkpoint",
+    "no_manifest", "hf_no_vocab_size", "hf_truncated_shard", "port_taken", "world_size_0"])
+def test_check_and_run_refuse_bad_input_before_any_work(case, tiny, tmp_path, capsys,
+                                                        monkeypatch):
+    """python -m engine.evaluate, in this process, with and without --check: exit 2 naming
+    the input, the value and the fix; no traceback, no process group, nothing written."""
+    import socket
+
+    import torch.distributed as dist
+
+    from engine.evaluate.__main__ import main
+    root = tiny["root"]
+    out = tmp_path / "out"
+    target = ["--checkpoint", str(root / "ckpt")]
+    measures = ["--tokenizer", tiny["tokenizer"], "--tasks", "niah_single", "--lengths", "256",
+                "--depths", "0.5", "--no-progress"]
+    holder = None
+    if case == "report_json_folder":
+        (out / "report.json").mkdir(parents=True)
+        message = f"--out {out} holds report.json (a folder), which is not part of"
+    elif case == "out_file":
+        out.write_text("x")
+        message = f"--out {out} is a file, where the report folder would be written"
+    elif case == "out_under_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+        message = f"{tmp_path / 'file'} is a file, not a folder"
+    elif case == "out_read_only":
+        (tmp_path / "read_only").mkdir()
+        _read_only_probe(monkeypatch, "read_only")
+        out = tmp_path / "read_only" / "out"
+        message = f"cannot create files in {tmp_path / 'read_only'}: it is on a read-only file"
+    elif case == "depths_1_5":
+        measures[measures.index("0.5")] = "1.5"
+        message = "--depths 1.5: one value of 1 or more is a count of depths; give a whole count"
+    elif case == "no_long_document":
+        measures = ["--long-documents", str(root / "docs"), "--position-length", "1000"]
+        message = (f"--long-documents {root / 'docs'}: no document holds --position-length 1000 "
+                   f"tokens (the longest of its 10 holds 300): lower --position-length")
+    elif case == "no_short_document":
+        measures = ["--short-documents", str(root / "docs"), "--position-length", "7"]
+        message = (f"--short-documents {root / 'docs'}: no document of 2 to 6 tokens (its 10 "
+                   f"documents hold 7 or more)")
+    elif case == "huge_length":
+        measures[measures.index("256")] = "100000000000"
+        message = ("--lengths 100000000000 is beyond 8 x the longest context the models were "
+                   "trained for (ckpt: 4096 tokens): give lengths up to 32768")
+    elif case == "truncated_checkpoint":
+        step = _copy_checkpoint(tiny, tmp_path / "step_00000000")
+        victim = _largest_file(step)
+        victim.write_bytes(victim.read_bytes()[:-10])
+        target = ["--checkpoint", str(step)]
+        message = victim.name
+    elif case == "no_manifest":
+        step = _copy_checkpoint(tiny, tmp_path / "step_00000000")
+        (step / "manifest.json").unlink()
+        target = ["--checkpoint", str(step)]
+        message = "manifest.json is missing, but"
+    elif case in ("hf_no_vocab_size", "hf_truncated_shard"):
+        change = "no_vocab" if case == "hf_no_vocab_size" else "truncate"
+        folder = _hf_copy(tiny, tmp_path / "hf", change)
+        target = ["--hf", str(folder)]
+        message = (f"--hf {folder}: {folder / 'config.json'} has vocab_size None, not a positive"
+                   if change == "no_vocab" else f"--hf {folder}: ")
+        if change == "truncate":
+            message += f"{_largest_file(folder, '*.safetensors').name} is damaged (it holds"
+    elif case == "port_taken":
+        holder = socket.socket()
+        holder.bind(("", 0))
+        holder.listen()
+        monkeypatch.setenv("MASTER_PORT", str(holder.getsockname()[1]))
+        message = f"MASTER_PORT {holder.getsockname()[1]} cannot be used"
+    elif case == "world_size_0":
+        measures += ["--world-size", "0"]
+        message = "--world-size 0: give the run's number of processes (>= 1)"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    try:
+        for check in (["--check"], []):
+            assert main([*check, *target, *measures, "--out", str(out)]) == 2, case
+            err = capsys.readouterr().err
+            assert message in err, err
+            assert "Traceback" not in err and not dist.is_initialized()
+            assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+def test_check_passes_what_runs_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
+    from engine.evaluate.__main__ import main
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # the check may pick one for this process
+    out = tmp_path / "out"
+    args = ["--checkpoint", f"base={tiny['root'] / 'ckpt'}", "--hf",
+            f"export={tiny['root'] / 'export'}", *tiny["common"], "--out", str(out)]
+    assert main(["--check", *args]) == 0
+    assert "evaluation plan ok: 2 target(s), 8 recall examples" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_a_checkpoint_damaged_inside_a_file_ends_with_exit_2(tiny, tmp_path):
+    """Contents are checked by the load, after the process group exists: still exit 2 naming
+    the file, no traceback, no report."""
+    step = _copy_checkpoint(tiny, tmp_path / "step_00000000")
+    victim = _largest_file(step)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = _evaluate("--checkpoint", str(step), "--tokenizer", tiny["tokenizer"], "--tasks",
+                       "niah_single", "--lengths", "256", "--depths", "0.5", "--no-progress",
+                       "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert f"error: --checkpoint {step}: " in result.stdout and victim.name in result.stdout
+    assert "Traceback" not in result.stdout and not (tmp_path / "out").exists()

@@ -201,6 +201,68 @@ def test_bad_reports_write_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(report_module, "_save_png", failing_save)
     with pytest.raises(OSError, match="disk full"):
         write_report(EvaluationReport([base]), str(out))
-    assert os.listdir(out) == ["recall_heatmap_json_kv.png"]
+    # Nothing is published, and the staging folder beside it is gone.
+    assert os.listdir(tmp_path) == []
     with pytest.raises(EvaluationError, match="cannot read report"):
         read_report(str(out / "report.json"))
+
+
+def test_a_rewritten_report_replaces_the_old_one_whole(tmp_path, monkeypatch):
+    """A reused folder ends with the new report only (no heat map of a task it lacks); a write
+    that fails part-way leaves the previous report exactly as it was."""
+    out = tmp_path / "eval"
+    first, _ = _checkpoint("base", 0.5)
+    write_report(EvaluationReport([first]), str(out))
+    assert "recall_heatmap_json_kv.png" in os.listdir(out)
+    fewer, _ = _checkpoint("base", 0.7, tasks=("niah_single",))
+    written = write_report(EvaluationReport([fewer]), str(out))
+    assert sorted(os.listdir(out)) == sorted(written) and \
+        "recall_heatmap_json_kv.png" not in os.listdir(out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    save_png, calls = report_module._save_png, []
+
+    def dying_save(figure, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would stop it: between two plots
+        save_png(figure, path)
+
+    monkeypatch.setattr(report_module, "_save_png", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(EvaluationReport([first]), str(out))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["eval"]
+
+
+@pytest.mark.parametrize("make, out_name, message", [
+    (lambda root: (root / "eval" / "report.json").mkdir(parents=True), "eval",
+     "holds report.json (a folder), which is not part of an evaluation report"),
+    (lambda root: (root / "eval").write_text("x"), "eval", "eval is a file, where the report"),
+    (lambda root: (root / "file").write_text("x"), "file/eval", "is a file, not a folder"),
+    (lambda root: (root / "eval").mkdir() or (root / "eval" / "notes.txt").write_text("x"),
+     "eval", "holds notes.txt, which is not part of an evaluation report"),
+    (lambda root: (root / "read_only").mkdir(), "read_only/eval",
+     "cannot create files in {root}/read_only: it is on a read-only file system"),
+])
+def test_an_unusable_report_folder_is_refused_before_anything_is_written(
+        make, out_name, message, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from data_tools import outputs
+    make(tmp_path)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # root ignores mode bits; a read-only mount not
+        if dir is not None and os.path.basename(dir) == "read_only":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    base, _ = _checkpoint("base", 0.5)
+    with pytest.raises(EvaluationError) as info:
+        report_module.check_report_folder(str(tmp_path / out_name))
+    assert message.replace("{root}", str(tmp_path)) in str(info.value)
+    with pytest.raises(EvaluationError):
+        write_report(EvaluationReport([base]), str(tmp_path / out_name))
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

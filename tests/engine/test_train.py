@@ -213,6 +213,8 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(packed_tiny_dataset, train_
     (["parallel.tensor_parallel=2"], "world size 1 is not divisible by TP x PP x CP = 2"),
     (["optimizer.learning_rate=1"], "unknown setting 'learning_rate'"),
     (["data.global_batch=3", "parallel.tensor_parallel=1"], None),
+    # Passed the old checks, then failed in the model build after the process group existed.
+    (["model.overrides={rope_base: abc}"], "rope_base 'abc' must be a finite positive number"),
 ])
 def test_bad_config_stops_before_training(overrides, message, packed_tiny_dataset, train_config,
                                           tmp_path):
@@ -226,6 +228,136 @@ def test_bad_config_stops_before_training(overrides, message, packed_tiny_datase
     assert result.returncode == 2, result.stdout[-2000:]
     assert message in result.stdout
     assert "Initializing" not in result.stdout and not (tmp_path / "ckpt").exists()
+
+
+def _damaged_order_copy(packed, folder):
+    """A copy of packed dataset ``packed`` whose order.npy names a source it lacks."""
+    import shutil
+
+    import numpy as np
+    shutil.copytree(packed, folder)
+    order = np.load(folder / "order.npy")
+    order[5, 0] = 7
+    np.save(folder / "order.npy", order)
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    (["model.overrides={num_attention_heads: 0}"],
+     "num_attention_heads 0 must be a positive whole number"),
+    (["model.overrides={max_position_embeddings: abc}"],
+     "max_position_embeddings 'abc' must be a positive whole number"),
+    (["model.overrides={rope_base: abc}"], "rope_base 'abc' must be a finite positive number"),
+    (["model.overrides={num_layers: -2}"], "num_layers -2 must be a positive whole number"),
+    (["seed=1e23"], "seed = 1e+23 must be int"),
+    (["seed=100000000000000000000000"], "seed = 100000000000000000000000 must be <= 4294967295"),
+    (["collective_timeout_s=1e300"], "collective_timeout_s = 1e+300 must be <= 1000000"),
+    (["--config", "{tmp}"], "config file {tmp} is a directory: give a YAML file in it"),
+    (["--config", "{tmp}/latin1.yaml"], "config file {tmp}/latin1.yaml is not UTF-8 text"),
+    (["data.path={tmp}/damaged"], "{tmp}/damaged/order.npy names source 7, but packed.json "
+                                  "lists 2 source(s): the dataset is damaged"),
+    (["checkpoint.dir={tmp}/a_file/ckpt"],
+     "checkpoint.dir {tmp}/a_file/ckpt/latest: {tmp}/a_file is a file, not a folder"),
+    (["checkpoint.dir={tmp}/a_file"],
+     "checkpoint.dir {tmp}/a_file/latest: {tmp}/a_file is a file, not a folder"),
+    (["logging.dir={tmp}/a_file/logs"],
+     "logging.dir {tmp}/a_file/logs/config.yaml: {tmp}/a_file is a file, not a folder"),
+    (["logging.dir={tmp}/read_only/logs"],
+     "logging.dir {tmp}/read_only/logs/config.yaml: cannot create files in {tmp}/read_only"),
+    (["checkpoint.dir={tmp}/read_only"],
+     "checkpoint.dir {tmp}/read_only/latest: cannot create files in {tmp}/read_only"),
+    (["--world-size", "0"], "--world-size 0: give the run's number of processes (>= 1)"),
+    # The final evaluation, after the last step, would have measured nothing.
+    (["eval.final=true", "eval.long_documents={data}/long", "eval.position_length=1000"],
+     "eval.long_documents {data}/long: no document holds eval.position_length 1000 tokens "
+     "(the longest of its 12 holds"),
+])
+def test_check_catches_what_the_run_would_fail_on(case, message, packed_tiny_dataset,
+                                                  train_config, tmp_path, capsys, monkeypatch):
+    """engine.train --check, in this process: exit 2 naming the setting, its value and the fix,
+    no traceback, no process group, nothing written."""
+    import errno
+    import tempfile
+
+    import torch.distributed as dist
+
+    from data_tools import outputs
+    from engine.train import main
+    (tmp_path / "latin1.yaml").write_bytes("model: {name: tiny}  # caf\xe9\n".encode("latin-1"))
+    (tmp_path / "a_file").write_text("")
+    _damaged_order_copy(packed_tiny_dataset, tmp_path / "damaged")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # root ignores the mode bits; a read-only mount not
+        if dir is not None and Path(dir) == read_only:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    data = str(Path(packed_tiny_dataset).parent)
+    case = [part.replace("{tmp}", str(tmp_path)).replace("{data}", data) for part in case]
+    args = train_args(train_config, packed_tiny_dataset, tmp_path / "ckpt")
+    if case[0] == "--config":
+        args[1] = case[1]
+    elif case[0] == "--world-size":
+        args = case + args
+    else:
+        args += case
+    assert main(["--check", *args]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)).replace("{data}", data) in err, err
+    assert "Traceback" not in err and not dist.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_taken_master_port_is_refused_before_the_process_group(
+        packed_tiny_dataset, train_config, tmp_path, capsys, monkeypatch):
+    """The run itself (no --check) stops with exit 2 naming MASTER_PORT, instead of a
+    DistNetworkError traceback from init_process_group."""
+    import socket
+
+    import torch.distributed as dist
+
+    from engine.train import main
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        for check in (["--check"], []):
+            assert main([*check, *train_args(train_config, packed_tiny_dataset,
+                                             tmp_path / "ckpt")]) == 2
+            err = capsys.readouterr().err
+            assert (f"MASTER_PORT {port} cannot be used (another process is listening on it): "
+                    f"set MASTER_PORT to a free port") in err, err
+    assert not dist.is_initialized() and not (tmp_path / "ckpt").exists()
+
+
+def test_resume_of_another_model_shape_is_refused_before_anything_is_written(
+        packed_tiny_dataset, train_config, tmp_path, capsys):
+    """The run directory of a 2-layer run, resumed with num_layers 4: --check refuses it (it
+    said "run plan ok"), and so does the run, before the process group and without replacing
+    the run's config.yaml."""
+    import torch.distributed as dist
+
+    from engine.train import main
+    run = tmp_path / "run"
+    result = run_command([sys.executable, "-m", "engine.train",
+                          *train_args(train_config, packed_tiny_dataset, run, "train_steps=1")],
+                         timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:]
+    saved = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for check in (["--check"], []):
+        assert main([*check, *train_args(train_config, packed_tiny_dataset, run,
+                                         "model.overrides={num_layers: 4}")]) == 2
+        err = capsys.readouterr().err
+        assert "num_layers: checkpoint 2 vs config 4" in err and "checkpoint.dir" in err, err
+        assert not dist.is_initialized()
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved
 
 
 def test_checkpoint_of_another_model_shape_is_refused(packed_tiny_dataset, train_config,

@@ -3,6 +3,7 @@ missing input stops with exit code 2 naming it before anything runs, the layout 
 planner's unless TP/PP/CP are set, and shellcheck passes on every script."""
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -82,6 +83,14 @@ BAD_INPUT = [
     ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
                 EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none", EVAL_TP=4),
      "EVAL_TP x EVAL_PP x EVAL_CP = 4 x 1 x 1 does not divide EVAL_GPUS=2"),
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none", EVAL_LENGTHS="256 abc"),
+     "EVAL_LENGTHS=256 abc: 'abc' is not a length in tokens (a whole number >= 1)"),
+    # engine.evaluate --check, before torchrun: its message, then the script's.
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none",
+                EVAL_TASKS="niah_single niah_triple"),
+     "invalid choice: 'niah_triple'"),
     ("04", dict(RECOMPUTE="some"), "RECOMPUTE=some must be none, selective or full"),
     ("04", dict(TINY=2), "TINY=2 must be 0 or 1"),
 ]
@@ -101,6 +110,78 @@ def test_bad_input_stops_with_exit_2_naming_it_before_anything_runs(fake_work, s
     assert "torch.distributed.run" not in result.stdout  # no launch was even printed
     assert sorted(p.relative_to(fake_work) for p in fake_work.rglob("*")) == before
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.yaml", None, "config file {path} does not exist: give the path of a YAML file"),
+    ("broken.yaml", "data: {path: [1,\n", "{path}: not valid YAML"),
+    ("list.yaml", "- a\n- b\n", "{path}: the top level must be a mapping of sections"),
+    ("folder.yaml", "", "config file {path} is a directory: give a YAML file in it"),
+])
+def test_train_torchrun_refuses_a_bad_config_file_without_a_traceback(tmp_path, name, content,
+                                                                      message):
+    path = tmp_path / name
+    if name == "folder.yaml":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    result = _run("examples/train_torchrun.sh", str(path))
+    assert result.returncode == 2, result.stdout
+    assert ("error: examples/train_torchrun.sh: " + message.format(path=path)) in result.stdout
+    assert "Traceback" not in result.stdout and "torch.distributed.run" not in result.stdout
+
+
+ODD_PATH = "a dir:with colon"  # a space and a colon, as WORK and RAW_DIR may hold
+
+
+def test_stage_01_takes_folders_holding_spaces_and_colons(tmp_path):
+    raw = tmp_path / ODD_PATH / "raw data"
+    shutil.copytree(REPO / "data_tools" / "sample", raw)
+    work = tmp_path / ODD_PATH / "work"
+    result = _run(_script("01"), "--check", RAW_DIR=raw, WORK=work)
+    assert result.returncode == 0, result.stdout
+    for source, file in (("code-repos", "code.jsonl.zst"), ("docs", "docs.jsonl.gz")):
+        line = next(line for line in result.stdout.splitlines() if f"/{source} " in line)
+        assert shlex.split(line)[3:6] == [str(raw / file), "--output-prefix",
+                                          str(work / "data" / "tokenized" / source)]
+    downloads = {}
+    for name in ("64K", "512K"):
+        downloads[name] = tmp_path / ODD_PATH / f"prolong {name}"
+        (downloads[name] / f"book-{name}").mkdir(parents=True)
+    result = _run(_script("01"), "--check", DATA_FROM="prolong", WORK=work,
+                  PROLONG_DATA_64K=downloads["64K"], PROLONG_DATA_512K=downloads["512K"])
+    assert result.returncode == 0, result.stdout
+    commands = [shlex.split(line) for line in result.stdout.splitlines()
+                if line.startswith("lce-data import-mds")]
+    assert [c[2:] for c in commands] == [
+        [str(downloads[name] / f"book-{name}"), "--output-prefix",
+         str(work / "data" / "tokenized" / f"prolong-{name}" / f"book-{name}")]
+        for name in ("64K", "512K")]
+
+
+def test_stage_08_takes_a_work_folder_holding_spaces_and_colons(tmp_path):
+    """The default checkpoint and export lists stay whole under such a WORK: each refusal
+    names the whole path, and the paths reach engine.evaluate whole."""
+    work = tmp_path / ODD_PATH
+    runs = ["llama3-8b-instruct", "prolong-stage1-64k", "prolong-stage2-512k"]
+    for run in runs:
+        (work / "checkpoints" / run).mkdir(parents=True)
+        (work / "checkpoints" / run / "latest").write_text("step_00000000\n")
+    settings = dict(WORK=work, EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none")
+    sft = work / "checkpoints" / "prolong-sft"
+    result = _run(_script("08"), **settings)
+    assert result.returncode == 2
+    assert f"EVAL_CHECKPOINTS: no engine checkpoint at {sft} ('sft={sft}'" in result.stdout
+    sft.mkdir()
+    (sft / "latest").write_text("step_00000000\n")
+    hf = work / "hf" / "prolong-8b-instruct"
+    result = _run(_script("08"), **settings)
+    assert result.returncode == 2
+    assert f"EVAL_HF: no Hugging Face model at {hf} ('hf={hf}'" in result.stdout
+    result = _run(_script("08"), EVAL_HF="none", **settings)
+    assert result.returncode == 2  # the checkpoints are empty folders: engine.evaluate says so
+    assert f"--checkpoint {work / 'checkpoints' / runs[0]}" in result.stdout
+    assert "engine.evaluate refused the evaluation" in result.stdout
 
 
 def test_a_bad_manifest_line_is_named_with_its_number(tmp_path):
@@ -159,10 +240,11 @@ def test_shellcheck_passes_on_every_script():
     scripts = sorted(str(p) for p in (REPO / "examples").rglob("*")
                      if p.suffix in (".sh", ".sbatch"))
     scripts += [str(REPO / "tests" / "run.sh"), str(REPO / ".ci" / "run")]
-    result = subprocess.run(["shellcheck", "--shell=bash", *scripts], cwd=REPO,
-                            capture_output=True, text=True)
+    # No --shell: each file must name its shell itself (a shebang, or a directive in the
+    # sourced common.sh), as shellcheck run on that one file needs.
+    result = subprocess.run(["shellcheck", *scripts], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
-    assert len(scripts) >= 14
+    assert len(scripts) >= 14 and str(REPO / "examples" / "common.sh") in scripts
 
 
 SBATCH = "examples/train_slurm.sbatch"
@@ -178,6 +260,20 @@ def test_the_sbatch_wrapper_refuses_what_it_cannot_launch(args, env, message):
     result = run_command(["bash", SBATCH, *args], timeout=30, env=recipe_env(**env))
     assert result.returncode == 2, result.stdout
     assert f"error: train_slurm.sbatch: {message}" in result.stdout
+
+
+def test_the_sbatch_wrapper_without_the_slurm_commands_says_so(tmp_path):
+    """SLURM_JOB_ID set where scontrol is not (a job's environment copied to another shell):
+    exit 2 naming the missing command, not 127 "command not found"."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "bash").symlink_to(shutil.which("bash"))
+    env = recipe_env(SLURM_JOB_ID="7", SLURM_NNODES="1", SLURM_JOB_NODELIST="node0",
+                     PATH=str(tmp_path / "bin"))
+    result = run_command([str(tmp_path / "bin" / "bash"), SBATCH,
+                          "examples/prolong/04_train_stage1_64k.sh"], timeout=30, env=env)
+    assert result.returncode == 2, result.stdout
+    assert (f"error: train_slurm.sbatch: SLURM_JOB_ID=7 is set but 'scontrol' is not on PATH "
+            f"({tmp_path / 'bin'})") in result.stdout
 
 
 def test_the_generic_launcher_takes_the_configs_layout_and_checks_its_data(tmp_path):
