@@ -24,20 +24,36 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Devices that stand for a GPU: "meta" is what a dry run computes on. On it (and on FakeTensorMode
+# tensors of any device) the kernels' custom ops run their shape-only fake implementations.
+GPU_DEVICE_TYPES = ("cuda", "meta")
+
+
 def triton_runs_on(device: torch.device | str) -> bool:
-    """Whether a Triton kernel can run on ``device`` in this process (CUDA, or the CPU under
-    TRITON_INTERPRET=1)."""
+    """Whether a Triton kernel can run on ``device`` in this process (CUDA, the meta device of a
+    dry run through the ops' fake implementations, or the CPU under TRITON_INTERPRET=1)."""
     if not triton_importable():
         return False
     device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    return device.type in GPU_DEVICE_TYPES or (device.type == "cpu" and triton_interpreting())
 
 
 def ours_by_default(device: torch.device | str) -> bool:
     """What "auto" means for every kernel choice, here and in the engine's KernelChoices: our
-    Triton kernels on CUDA, the plain-PyTorch references elsewhere (on CPU the interpreter is
-    far too slow for real use)."""
-    return torch.device(device).type == "cuda" and triton_importable()
+    Triton kernels on CUDA (and on the meta device that stands for it in a dry run), the
+    plain-PyTorch references elsewhere (on CPU the interpreter is far too slow for real use)."""
+    return torch.device(device).type in GPU_DEVICE_TYPES and triton_importable()
+
+
+def values_readable(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors hold data a check may read on the host: not under torch.compile
+    tracing, not meta, not FakeTensorMode. Shape checks run either way; value checks (label
+    ranges, cu_seqlens offsets) only where this is True."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(t.device.type == "meta" or is_fake(t) for t in tensors)
 
 
 def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from csrc.attention.merge import merge_attention_outputs
 from csrc.attention.reference import reference_varlen_attention
-from csrc.triton_support import resolve_impl
+from csrc.triton_support import resolve_impl, values_readable
 
 __all__ = ["varlen_attention", "merge_attention_outputs", "reference_varlen_attention", "validate_varlen_inputs"]
 
@@ -32,6 +32,8 @@ _VALIDATED: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
 
 
 def _check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    if not values_readable(cu_seqlens):  # shapes only: a dry run's meta tensors, torch.compile tracing
+        return _check_cu_seqlens_values(name, cu_seqlens, total, max_seqlen, max_name)
     key = (cu_seqlens._version, total, max_seqlen)
     entry = _VALIDATED.get(id(cu_seqlens))
     if entry is not None and entry[0]() is cu_seqlens and entry[1] == key:
@@ -47,6 +49,8 @@ def _check_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int, ma
             f"{name} must be an int32 tensor [n_docs + 1] with n_docs >= 1, got dtype {cu_seqlens.dtype} "
             f"shape {tuple(cu_seqlens.shape)}; build it as torch.tensor([0, len0, len0 + len1, ...], dtype=torch.int32)"
         )
+    if not values_readable(cu_seqlens):  # a dry run's meta tensors, or torch.compile tracing
+        return
     offsets = cu_seqlens.tolist()  # the one host sync of the call: cheap next to attention itself
     if offsets[0] != 0 or offsets[-1] != total:
         raise ValueError(

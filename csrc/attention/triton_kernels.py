@@ -85,8 +85,8 @@ def _fwd_key_loop(
 @triton.jit
 def _document_of_program(block_doc, block_row, cu_seqlens_q, cu_seqlens_k, n_programs):
     """(document or -1 for a spare program, first row/key of the block, q start, lq, k start, lk)."""
-    # Reverse order: the last (most expensive, causal) blocks of each document start first.
-    blk = n_programs - 1 - tl.program_id(1)
+    # The block table lists the heaviest blocks first (_block_table), so they start first.
+    blk = tl.program_id(1)
     doc = tl.load(block_doc + blk)
     safe_doc = tl.maximum(doc, 0)
     block_start = tl.load(block_row + blk)
@@ -334,13 +334,22 @@ def _attn_bwd_dkdv_kernel(
                  dv.to(dV.dtype.element_ty), mask=key_ok[:, None])
 
 
-def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Map program index -> (document, first row of its block inside the document), on the device.
+def _block_table(cu_seqlens: torch.Tensor, total: int, block: int,
+                 heavy_end: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Map program index -> (document, first row of its block inside the document), on the device,
+    heaviest blocks first.
+
+    Under the causal mask a query block's work grows with its position in the document (it sees
+    more keys) and a key block's shrinks (fewer queries see it): heavy_end="last" for tables of
+    query blocks (forward, dQ), "first" for key blocks (dK/dV). Programs are sorted by that work,
+    longest first, so that the heaviest start first and the short ones fill the tail of the grid.
 
     The number of blocks sum_d ceil(len_d / block) is at most ceil(total / block) + n_docs, so the
-    grid uses that bound and the spare programs (document -1) exit at once: no host sync.
-    Returns block_doc int32 [P], block_row int32 [P], P.
+    grid uses that bound and the spare programs (document -1, sorted last) exit at once: no host
+    sync. Returns block_doc int32 [P], block_row int32 [P], P.
     """
+    if heavy_end not in ("first", "last"):
+        raise ValueError(f"heavy_end={heavy_end!r} must be 'first' (key blocks) or 'last' (query blocks)")
     n_docs = cu_seqlens.numel() - 1
     n_programs = triton.cdiv(total, block) + n_docs
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
@@ -352,97 +361,151 @@ def _block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> tuple[torc
     doc_clamped = doc.clamp(max=max(n_docs - 1, 0))
     first_block_of_doc = block_ends[doc_clamped] - blocks_per_doc[doc_clamped]
     row = (program - first_block_of_doc) * block
-    block_doc = torch.where(valid, doc, torch.full_like(doc, -1)).to(torch.int32)
-    block_row = torch.where(valid, row, torch.zeros_like(row)).to(torch.int32)
+    length = lengths[doc_clamped]
+    work = torch.minimum(row + block, length) if heavy_end == "last" else length - row
+    order = torch.argsort(torch.where(valid, work, torch.full_like(work, -1)), descending=True, stable=True)
+    block_doc = torch.where(valid, doc, torch.full_like(doc, -1))[order].to(torch.int32)
+    block_row = torch.where(valid, row, torch.zeros_like(row))[order].to(torch.int32)
     return block_doc, block_row, n_programs
 
 
-def default_blocks(head_dim: int, dtype: torch.dtype, interpreting: bool) -> dict[str, int]:
-    """Tile sizes. GPU values follow the FA2 Triton tutorial's H100 choices (untuned here: no GPU);
-    fp32 (tests) halves the tiles so that its 4-byte tiles fit in shared memory (checked by
-    tests/csrc/compile_for_h100.py). The interpreter uses 16 so small tests cover several blocks."""
+def default_blocks(head_dim: int, dtype: torch.dtype, interpreting: bool, arch: int = 90) -> dict[str, int]:
+    """Tile sizes for compute capability ``arch`` (90: Hopper, 80: Ampere). GPU values start from the
+    FA2 Triton tutorial's H100 choices (untimed here); each is compiled for sm_90 and sm_80 and
+    checked for shared memory and register spills by tests/csrc/compile_for_gpu.py. fp32 (tests)
+    halves the tiles so that its 4-byte tiles fit in shared memory. The interpreter uses 16 so
+    small tests cover several blocks."""
     if interpreting:
         return dict(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkdv_m=16, dkdv_n=16, warps_fwd=4, warps_bwd=4, stages=1)
     if dtype == torch.float32:
         return dict(fwd_m=64, fwd_n=32, dq_m=64, dq_n=32, dkdv_m=32, dkdv_n=64, warps_fwd=4, warps_bwd=4, stages=2)
     warps_fwd = 4 if head_dim <= 64 else 8
-    return dict(fwd_m=128, fwd_n=64, dq_m=128, dq_n=32, dkdv_m=32, dkdv_n=128, warps_fwd=warps_fwd, warps_bwd=4, stages=3)
+    if arch >= 90:
+        # 8 warps for the backward: with 4, dK/dV at head dim 128 spills 2.6 KB a thread and
+        # ptxas serializes its wgmma (tests/csrc/compile_for_gpu.py).
+        return dict(fwd_m=128, fwd_n=64, dq_m=128, dq_n=32, dkdv_m=32, dkdv_n=128, warps_fwd=warps_fwd,
+                    warps_bwd=8, stages=3)
+    # Ampere: no wgmma, fewer registers per tile; smaller backward tiles keep spills under 1 KB
+    return dict(fwd_m=128, fwd_n=64, dq_m=64, dq_n=32, dkdv_m=32, dkdv_n=64, warps_fwd=warps_fwd, warps_bwd=4, stages=2)
 
 
-class TritonVarlenAttention(torch.autograd.Function):
-    """autograd wrapper; inputs are validated by csrc.attention.varlen_attention."""
+# The tile configuration travels through the custom ops as a list of ints in this order.
+TILE_KEYS = ("fwd_m", "fwd_n", "dq_m", "dq_n", "dkdv_m", "dkdv_n", "warps_fwd", "warps_bwd", "stages")
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, blocks):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        total_q, n_heads_q, head_dim = q.shape
-        n_heads_kv = k.shape[1]
-        out = torch.empty_like(q)
-        lse = torch.empty((n_heads_q, total_q), dtype=torch.float32, device=q.device)
-        block_doc, block_row, n_programs = _block_table(cu_seqlens_q, total_q, blocks["fwd_m"])
-        _attn_fwd_kernel[(n_heads_q, n_programs)](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_doc, block_row,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            total_q, n_programs, softmax_scale * LOG2E,
-            GROUP=n_heads_q // n_heads_kv, HEAD_DIM=head_dim, BLOCK_M=blocks["fwd_m"], BLOCK_N=blocks["fwd_n"],
-            CAUSAL=causal, DOT_FP32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-            num_warps=blocks["warps_fwd"], num_stages=blocks["stages"],
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        # An unused output (usually lse) then arrives as None instead of a zero tensor to read.
-        ctx.set_materialize_grads(False)
-        ctx.softmax_scale, ctx.causal, ctx.blocks = softmax_scale, causal, blocks
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        blocks, scale, causal = ctx.blocks, ctx.softmax_scale, ctx.causal
-        total_q, n_heads_q, head_dim = q.shape
-        total_k, n_heads_kv, _ = k.shape
-        group = n_heads_q // n_heads_kv
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
-        if d_lse is not None:
-            d_lse = d_lse.contiguous()  # the delta kernel indexes it as dense [Hq, Tq]; lse.sum() gives strides 0
-        common = dict(GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal,
-                      DOT_FP32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
+def _contiguous_rows(*tensors):
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
-        delta = torch.empty_like(lse)
-        block_t = 64
-        _bwd_delta_kernel[(n_heads_q, triton.cdiv(total_q, block_t))](
-            out, d_out, d_lse if d_lse is not None else lse, delta,
-            out.stride(0), out.stride(1), d_out.stride(0), d_out.stride(1), total_q,
-            HAS_DLSE=d_lse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
-        )
 
-        dq = torch.empty_like(q)
-        q_doc, q_row, n_q_programs = _block_table(cu_seqlens_q, total_q, blocks["dq_m"])
-        _attn_bwd_dq_kernel[(n_heads_q, n_q_programs)](
-            q, k, v, d_out, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, q_doc, q_row,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), d_out.stride(0), d_out.stride(1),
-            dq.stride(0), dq.stride(1), total_q, n_q_programs, scale * LOG2E, scale,
-            BLOCK_M=blocks["dq_m"], BLOCK_N=blocks["dq_n"], **common,
-            num_warps=blocks["warps_bwd"], num_stages=blocks["stages"],
-        )
+@torch.library.custom_op("csrc::varlen_attention_forward", mutates_args=())
+def varlen_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    softmax_scale: float, causal: bool, tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [Tq, Hq, D], lse [Hq, Tq] fp32) of validated inputs; tiles as listed by TILE_KEYS."""
+    blocks = dict(zip(TILE_KEYS, tiles))
+    q, k, v = _contiguous_rows(q, k, v)
+    total_q, n_heads_q, head_dim = q.shape
+    n_heads_kv = k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty((n_heads_q, total_q), dtype=torch.float32, device=q.device)
+    block_doc, block_row, n_programs = _block_table(cu_seqlens_q, total_q, blocks["fwd_m"], "last")
+    _attn_fwd_kernel[(n_heads_q, n_programs)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_doc, block_row,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        total_q, n_programs, softmax_scale * LOG2E,
+        GROUP=n_heads_q // n_heads_kv, HEAD_DIM=head_dim, BLOCK_M=blocks["fwd_m"], BLOCK_N=blocks["fwd_n"],
+        CAUSAL=causal, DOT_FP32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=blocks["warps_fwd"], num_stages=blocks["stages"],
+    )
+    return out, lse
 
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        k_doc, k_row, n_k_programs = _block_table(cu_seqlens_k, total_k, blocks["dkdv_n"])
-        _attn_bwd_dkdv_kernel[(n_heads_kv, n_k_programs)](
-            q, k, v, d_out, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, k_doc, k_row,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), d_out.stride(0), d_out.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total_q, n_k_programs, scale * LOG2E, scale,
-            BLOCK_M=blocks["dkdv_m"], BLOCK_N=blocks["dkdv_n"], **common,
-            num_warps=blocks["warps_bwd"], num_stages=blocks["stages"],
-        )
-        return dq, dk, dv, None, None, None, None, None
+
+@varlen_attention_forward.register_fake
+def _varlen_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, tiles):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("csrc::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward(
+    d_out: torch.Tensor | None, d_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    softmax_scale: float, causal: bool, tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv); d_out or d_lse is None when that output received no gradient."""
+    blocks, scale = dict(zip(TILE_KEYS, tiles)), softmax_scale
+    q, k, v = _contiguous_rows(q, k, v)
+    total_q, n_heads_q, head_dim = q.shape
+    total_k, n_heads_kv, _ = k.shape
+    group = n_heads_q // n_heads_kv
+    d_out = torch.zeros_like(out) if d_out is None else _contiguous_rows(d_out)[0]
+    if d_lse is not None:
+        d_lse = d_lse.contiguous()  # the delta kernel indexes it as dense [Hq, Tq]; lse.sum() gives strides 0
+    common = dict(GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal,
+                  DOT_FP32=dot_in_fp32(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
+
+    delta = torch.empty_like(lse)
+    block_t = 64
+    _bwd_delta_kernel[(n_heads_q, triton.cdiv(total_q, block_t))](
+        out, d_out, d_lse if d_lse is not None else lse, delta,
+        out.stride(0), out.stride(1), d_out.stride(0), d_out.stride(1), total_q,
+        HAS_DLSE=d_lse is not None, HEAD_DIM=head_dim, BLOCK_T=block_t,
+    )
+
+    dq = torch.empty_like(q)
+    q_doc, q_row, n_q_programs = _block_table(cu_seqlens_q, total_q, blocks["dq_m"], "last")
+    _attn_bwd_dq_kernel[(n_heads_q, n_q_programs)](
+        q, k, v, d_out, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, q_doc, q_row,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), d_out.stride(0), d_out.stride(1),
+        dq.stride(0), dq.stride(1), total_q, n_q_programs, scale * LOG2E, scale,
+        BLOCK_M=blocks["dq_m"], BLOCK_N=blocks["dq_n"], **common,
+        num_warps=blocks["warps_bwd"], num_stages=blocks["stages"],
+    )
+
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    k_doc, k_row, n_k_programs = _block_table(cu_seqlens_k, total_k, blocks["dkdv_n"], "first")
+    _attn_bwd_dkdv_kernel[(n_heads_kv, n_k_programs)](
+        q, k, v, d_out, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, k_doc, k_row,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), d_out.stride(0), d_out.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total_q, n_k_programs, scale * LOG2E, scale,
+        BLOCK_M=blocks["dkdv_m"], BLOCK_N=blocks["dkdv_n"], **common,
+        num_warps=blocks["warps_bwd"], num_stages=blocks["stages"],
+    )
+    return dq, dk, dv
+
+
+@varlen_attention_backward.register_fake
+def _varlen_attention_backward_fake(d_out, d_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                    softmax_scale, causal, tiles):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, tiles = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    # An unused output (usually lse) then arrives as None instead of a zero tensor to read.
+    ctx.set_materialize_grads(False)
+    ctx.softmax_scale, ctx.causal, ctx.tiles = softmax_scale, causal, tiles
+
+
+def _attention_backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_backward(d_out, d_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                           ctx.softmax_scale, ctx.causal, ctx.tiles)
+    return dq, dk, dv, None, None, None, None, None
+
+
+varlen_attention_forward.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def triton_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, blocks=None):
     """Run the Triton kernels on validated inputs; see csrc.attention.varlen_attention."""
     from csrc.triton_support import triton_interpreting
 
-    blocks = blocks or default_blocks(q.shape[-1], q.dtype, triton_interpreting())
-    return TritonVarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, blocks)
+    if blocks is None:
+        arch = 10 * torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 90
+        blocks = default_blocks(q.shape[-1], q.dtype, triton_interpreting(), arch)
+    tiles = [int(blocks[key]) for key in TILE_KEYS]
+    return varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, float(softmax_scale), bool(causal), tiles)

@@ -20,7 +20,7 @@ from csrc.linear_cross_entropy.reference import (
     reference_linear_cross_entropy,
     vocab_shard_start,
 )
-from csrc.triton_support import resolve_impl
+from csrc.triton_support import resolve_impl, values_readable
 
 __all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy", "linear_token_scores",
            "default_chunk_size", "IGNORE_INDEX"]
@@ -53,7 +53,7 @@ def _validate(hidden, weight, labels, loss_mask, tp_group, chunk_size) -> None:
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens")
     vocab = weight.shape[0] * (1 if tp_group is None else dist.get_world_size(tp_group))
-    if labels.numel():
+    if labels.numel() and values_readable(labels):  # not on a dry run's meta tensors
         real = labels.masked_fill(labels == IGNORE_INDEX, 0)
         low, high = torch.stack([real.min(), real.max()]).tolist()  # one host sync
         if low < 0 or high >= vocab:
@@ -96,12 +96,12 @@ def fused_linear_cross_entropy(
     chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     if resolved == "torch":
         return reference_linear_cross_entropy(hidden, weight, labels, loss_mask, tp_group, chunk)
-    from csrc.linear_cross_entropy.triton_kernels import FusedLinearCrossEntropy
+    from csrc.linear_cross_entropy.triton_kernels import fused_linear_cross_entropy_loss
 
     counted = counted_tokens(labels, loss_mask)
     target_col = labels - vocab_shard_start(weight, tp_group)
     in_shard = counted & (target_col >= 0) & (target_col < weight.shape[0])
     target_col = torch.where(in_shard, target_col, torch.full_like(target_col, -1))
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    loss_sum = FusedLinearCrossEntropy.apply(hidden, weight, target_col, counted, tp_group, chunk)
+    loss_sum = fused_linear_cross_entropy_loss(hidden, weight, target_col, counted, tp_group, chunk)
     return loss_sum, counted.sum()

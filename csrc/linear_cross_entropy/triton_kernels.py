@@ -10,12 +10,13 @@ upstream gradient, which backward applies as one scale):
                                            logits buffer is overwritten in place with
                                            (softmax - onehot) for counted rows, 0 otherwise
         grad_h[c] = dlogits @ W            cuBLAS
-        grad_W   += dlogits.T @ h_c        cuBLAS, accumulated in W's dtype
+        grad_W   += dlogits.T @ h_c        cuBLAS, accumulated in fp32
 
 Peak memory is hidden + weight + their gradients + one [C, V_local] chunk, the floor the issue asks
 for. Under tensor parallelism the row statistics are all-reduced between the statistics kernel and
-the gradient kernel. grad_W accumulates across chunks in the weight's dtype (like Liger-Kernel):
-for bf16 that adds one bf16 rounding per chunk, the price of not holding an fp32 [V, H] buffer.
+the gradient kernel. grad_W accumulates across chunks in an fp32 [V_local, H] buffer, rounded to the
+weight's dtype once in backward (a bf16 running sum would add one rounding per chunk); the buffer
+lives from forward to backward, 2 bytes per weight element more than a bf16 one.
 """
 from __future__ import annotations
 
@@ -122,33 +123,109 @@ def _chunk_loss_and_grad(logits, target_col, counted, tp_group) -> torch.Tensor:
     return torch.where(counted, lse - sums_and_target[1], torch.zeros_like(lse))
 
 
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """autograd wrapper; inputs are validated by csrc.linear_cross_entropy.fused_linear_cross_entropy."""
+def _add_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
+    """grad_weight (fp32) += dlogits.T @ hidden_chunk, summed in fp32 across chunks.
 
-    @staticmethod
-    def forward(ctx, hidden, weight, target_col, counted, tp_group, chunk_size):
-        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-        grad_weight = torch.zeros_like(weight) if want_weight_grad else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for c0 in range(0, hidden.shape[0], chunk_size):
-            c1 = min(c0 + chunk_size, hidden.shape[0])
-            hidden_chunk = hidden[c0:c1]
-            logits = hidden_chunk @ weight.t()
-            loss_sum += _chunk_loss_and_grad(logits, target_col[c0:c1], counted[c0:c1], tp_group).sum()
-            if want_hidden_grad:
-                torch.mm(logits, weight, out=grad_hidden[c0:c1])
-            if want_weight_grad:
-                grad_weight.addmm_(logits.t(), hidden_chunk)
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
-        ctx.has_grads = (want_hidden_grad, want_weight_grad)
-        return loss_sum
+    Adding each chunk's product to a bf16 buffer would round the running sum once per chunk (64
+    roundings at 64K tokens, whose errors grow with the sum); cuBLAS writes the fp32 sum directly
+    (out_dtype). Elsewhere (the CPU interpreter in tests) the product is formed in slabs of rows so
+    that its temporary stays small.
+    """
+    if dlogits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(dlogits.t(), hidden_chunk)
+    elif grad_weight.is_cuda:
+        torch.addmm(grad_weight, dlogits.t(), hidden_chunk, out_dtype=torch.float32, out=grad_weight)
+    else:
+        slab = 4096
+        for v0 in range(0, grad_weight.shape[0], slab):
+            grad_weight[v0:v0 + slab] += (dlogits[:, v0:v0 + slab].t() @ hidden_chunk).float()
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        grads = []
-        for has_grad in ctx.has_grads:
-            # Scaled in place: these buffers exist only to be returned once.
-            grads.append(next(saved).mul_(grad_loss.to(torch.float32)) if has_grad else None)
-        return grads[0], grads[1], None, None, None, None
+
+@torch.library.custom_op("csrc::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, target_col: torch.Tensor, counted: torch.Tensor,
+    tp_group_name: str | None, chunk_size: int, hidden_grad: bool, weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_sum fp32 scalar, d loss_sum / d hidden or an empty tensor, d loss_sum / d weight in
+    fp32 or an empty tensor). tp_group_name names the vocabulary-parallel group (None: one rank)."""
+    tp_group = None if tp_group_name is None else dist.distributed_c10d._resolve_process_group(tp_group_name)
+    grad_hidden = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
+    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_grad
+                   else weight.new_empty(0, dtype=torch.float32))
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for c0 in range(0, hidden.shape[0], chunk_size):
+        c1 = min(c0 + chunk_size, hidden.shape[0])
+        hidden_chunk = hidden[c0:c1]
+        logits = hidden_chunk @ weight.t()
+        loss_sum += _chunk_loss_and_grad(logits, target_col[c0:c1], counted[c0:c1], tp_group).sum()
+        if hidden_grad:
+            torch.mm(logits, weight, out=grad_hidden[c0:c1])
+        if weight_grad:
+            _add_weight_grad(grad_weight, logits, hidden_chunk)
+    return loss_sum, grad_hidden, grad_weight
+
+
+@linear_cross_entropy_forward.register_fake
+def _linear_cross_entropy_forward_fake(hidden, weight, target_col, counted, tp_group_name, chunk_size,
+                                       hidden_grad, weight_grad):
+    return (hidden.new_empty((), dtype=torch.float32),
+            torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0),
+            weight.new_empty(weight.shape if weight_grad else (0,), dtype=torch.float32))
+
+
+def _adds_to_main_grad(weight: torch.Tensor) -> bool:
+    """Whether megatron's data-parallel wrapper keeps an fp32-or-wider main_grad for this weight
+    that backward may add to directly (as its fused weight-gradient GEMMs do). Not for a weight
+    shared with the embedding: its other gradient still arrives through .grad."""
+    main_grad = getattr(weight, "main_grad", None)
+    return (main_grad is not None and hasattr(weight, "grad_added_to_main_grad")
+            and main_grad.shape == weight.shape and main_grad.dtype == torch.float32
+            and not getattr(weight, "shared_embedding", False) and not getattr(weight, "shared", False))
+
+
+def _linear_cross_entropy_setup_context(ctx, inputs, output):
+    _, weight, *_ = inputs
+    _, grad_hidden, grad_weight = output
+    ctx.save_for_backward(grad_hidden, grad_weight)
+    ctx.weight_dtype = weight.dtype
+    ctx.weight = weight if _adds_to_main_grad(weight) else None
+    # The gradient buffers are outputs only to carry them to backward: no gradient flows into
+    # them, and none should be materialized as zeros of their size.
+    ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _grad_of_grad_hidden, _grad_of_grad_weight):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 8
+    scale = grad_loss.to(torch.float32)
+    # grad_hidden is scaled in place: the buffer exists only to be returned once. grad_weight
+    # is rounded to the weight's dtype once, after the fp32 sum over every chunk.
+    d_hidden = grad_hidden.mul_(scale) if ctx.needs_input_grad[0] else None
+    d_weight = None
+    if ctx.needs_input_grad[1] and ctx.weight is not None:
+        # Straight into megatron's fp32 main_grad: no rounding to the weight's dtype at all.
+        # Like megatron's own fused GEMMs, flag it and hand autograd a placeholder, which the
+        # wrapper's gradient hook then drops instead of adding.
+        weight = ctx.weight
+        weight.main_grad.addcmul_(grad_weight, scale)
+        weight.grad_added_to_main_grad = True
+        d_weight = torch.empty(weight.shape, dtype=ctx.weight_dtype, device=weight.device)
+    elif ctx.needs_input_grad[1]:
+        d_weight = (grad_weight * scale).to(ctx.weight_dtype)
+    return d_hidden, d_weight, None, None, None, None, None, None
+
+
+linear_cross_entropy_forward.register_autograd(_linear_cross_entropy_backward,
+                                               setup_context=_linear_cross_entropy_setup_context)
+
+
+def fused_linear_cross_entropy_loss(hidden, weight, target_col, counted, tp_group, chunk_size) -> torch.Tensor:
+    """loss_sum of validated inputs (csrc.linear_cross_entropy.fused_linear_cross_entropy), its
+    gradients formed during the forward for the inputs that require one."""
+    grad_enabled = torch.is_grad_enabled()
+    loss_sum, _, _ = linear_cross_entropy_forward(
+        hidden, weight, target_col, counted, None if tp_group is None else tp_group.group_name, int(chunk_size),
+        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad)
+    return loss_sum

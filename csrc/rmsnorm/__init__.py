@@ -36,8 +36,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, impl: str
             f"rms_norm: the Triton kernel takes bf16/fp16/fp32 rows of at most {MAX_TRITON_HIDDEN}, got {x.dtype} "
             f"H={x.shape[-1]}; use impl='torch'"
         )
-    from csrc.rmsnorm.triton_kernels import TritonRMSNorm
+    from csrc.rmsnorm.triton_kernels import triton_rms_norm
 
     rows = x.reshape(-1, x.shape[-1])
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    return TritonRMSNorm.apply(rows, weight.contiguous(), float(eps)).view(x.shape)
+    return triton_rms_norm(rows, weight.contiguous(), float(eps)).view(x.shape)

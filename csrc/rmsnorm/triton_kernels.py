@@ -56,31 +56,64 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return min(n_rows, 4)
 
 
-class TritonRMSNorm(torch.autograd.Function):
-    """autograd wrapper over [N, H] rows; csrc.rmsnorm.rms_norm validates and reshapes."""
+def _forward_launch(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps): the whole row in one program."""
+    block_h = triton.next_power_of_2(n_cols)
+    return block_h, min(max(block_h // 256, 1), 16)
 
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        n_rows, n_cols = x.shape
-        y = torch.empty_like(x)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block_h = triton.next_power_of_2(n_cols)
-        warps = min(max(block_h // 256, 1), 16)
-        _rms_norm_fwd_kernel[(n_rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), n_cols, eps,
-                                        BLOCK_H=block_h, num_warps=warps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.block_h, ctx.warps = block_h, warps
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dy = dy.contiguous()
-        n_rows, n_cols = x.shape
-        dx = torch.empty_like(x)
-        programs = max(_backward_programs(n_rows, x.device), 1)
-        dw_partial = torch.zeros(programs, n_cols, dtype=torch.float32, device=x.device)
-        if n_rows:
-            _rms_norm_bwd_kernel[(programs,)](x, weight, dy, dx, rstd, dw_partial, x.stride(0), dy.stride(0),
-                                              dx.stride(0), n_rows, n_cols, BLOCK_H=ctx.block_h, num_warps=ctx.warps)
-        return dx, dw_partial.sum(0).to(weight.dtype), None
+@torch.library.custom_op("csrc::rms_norm_forward", mutates_args=())
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [N, H] in x's dtype, rstd [N] fp32) of rows x [N, H] with unit last stride."""
+    n_rows, n_cols = x.shape
+    y = torch.empty_like(x)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block_h, warps = _forward_launch(n_cols)
+    _rms_norm_fwd_kernel[(n_rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), n_cols, eps,
+                                    BLOCK_H=block_h, num_warps=warps)
+    return y, rstd
+
+
+@rms_norm_forward.register_fake
+def _rms_norm_forward_fake(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("csrc::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, d weight in weight's dtype, this rank's rows only)."""
+    dy = dy.contiguous()
+    n_rows, n_cols = x.shape
+    dx = torch.empty_like(x)
+    programs = max(_backward_programs(n_rows, x.device), 1)
+    dw_partial = torch.zeros(programs, n_cols, dtype=torch.float32, device=x.device)
+    if n_rows:
+        block_h, warps = _forward_launch(n_cols)
+        _rms_norm_bwd_kernel[(programs,)](x, weight, dy, dx, rstd, dw_partial, x.stride(0), dy.stride(0),
+                                          dx.stride(0), n_rows, n_cols, BLOCK_H=block_h, num_warps=warps)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+@rms_norm_backward.register_fake
+def _rms_norm_backward_fake(dy, x, weight, rstd):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_backward(ctx, dy, _d_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+rms_norm_forward.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+
+
+def triton_rms_norm(rows: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y for validated rows [N, H] with unit last stride (csrc.rmsnorm.rms_norm reshapes)."""
+    return rms_norm_forward(rows, weight, eps)[0]

@@ -62,17 +62,34 @@ def _launch(x, half, cos, sin, positions, inv_freq, inverse):
     return y
 
 
-class TritonRope(torch.autograd.Function):
-    """autograd wrapper; x [T, H, D] with unit last stride. Either (cos, sin) or (positions, inv_freq)."""
+@torch.library.custom_op("csrc::rope", mutates_args=())
+def rope(x: torch.Tensor, half: int, cos: torch.Tensor | None, sin: torch.Tensor | None,
+         positions: torch.Tensor | None, inv_freq: torch.Tensor | None, inverse: bool) -> torch.Tensor:
+    """x [T, H, D] (unit last stride) rotated by +angle (or -angle when inverse)."""
+    return _launch(x, half, cos, sin, positions, inv_freq, inverse)
+
+
+@rope.register_fake
+def _rope_fake(x, half, cos, sin, positions, inv_freq, inverse):
+    return torch.empty_like(x)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, ctx.half, cos, sin, positions, inv_freq, ctx.inverse = inputs
+    ctx.save_for_backward(cos, sin, positions, inv_freq)
+
+
+def _rope_backward(ctx, dy):
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    return rope(dy, ctx.half, *ctx.saved_tensors, not ctx.inverse), None, None, None, None, None, None
+
+
+rope.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
+class TritonRope:
+    """Entry point: x [T, H, D] with unit last stride; either (cos, sin) or (positions, inv_freq)."""
 
     @staticmethod
-    def forward(ctx, x, half, cos, sin, positions, inv_freq):
-        ctx.save_for_backward(cos, sin, positions, inv_freq)
-        ctx.half = half
-        return _launch(x, half, cos, sin, positions, inv_freq, inverse=False)
-
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin, positions, inv_freq = ctx.saved_tensors
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        return _launch(dy, ctx.half, cos, sin, positions, inv_freq, inverse=True), None, None, None, None, None
+    def apply(x, half, cos, sin, positions, inv_freq):
+        return rope(x, half, cos, sin, positions, inv_freq, False)

@@ -24,8 +24,8 @@ def swiglu(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         return reference_swiglu(gate_up)
     if gate_up.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"swiglu: the Triton kernel takes bf16/fp16/fp32, got {gate_up.dtype}; use impl='torch'")
-    from csrc.swiglu.triton_kernels import TritonSwiGLU
+    from csrc.swiglu.triton_kernels import swiglu_forward
 
     rows = gate_up.reshape(-1, gate_up.shape[-1])
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    return TritonSwiGLU.apply(rows).view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    return swiglu_forward(rows).view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)

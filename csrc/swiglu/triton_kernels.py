@@ -40,26 +40,45 @@ def _swiglu_bwd_kernel(GateUp, dOut, dGateUp, stride_in, stride_dout, stride_din
 BLOCK = 1024
 
 
-class TritonSwiGLU(torch.autograd.Function):
-    """autograd wrapper over rows [N, 2F] with unit last stride; csrc.swiglu.swiglu reshapes."""
+@torch.library.custom_op("csrc::swiglu_forward", mutates_args=())
+def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of rows [N, 2F] with unit last stride; returns [N, F]."""
+    n_rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(n_rows, n_cols, dtype=gate_up.dtype, device=gate_up.device)
+    if n_rows:
+        _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+            gate_up, out, gate_up.stride(0), out.stride(0), n_cols, BLOCK=BLOCK)
+    return out
 
-    @staticmethod
-    def forward(ctx, gate_up):
-        n_rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
-        out = torch.empty(n_rows, n_cols, dtype=gate_up.dtype, device=gate_up.device)
-        if n_rows:
-            _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-                gate_up, out, gate_up.stride(0), out.stride(0), n_cols, BLOCK=BLOCK)
-        ctx.save_for_backward(gate_up)
-        return out
 
-    @staticmethod
-    def backward(ctx, d_out):
-        (gate_up,) = ctx.saved_tensors
-        d_out = d_out.contiguous()
-        n_rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
-        d_gate_up = torch.empty_like(gate_up)
-        if n_rows:
-            _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-                gate_up, d_out, d_gate_up, gate_up.stride(0), d_out.stride(0), d_gate_up.stride(0), n_cols, BLOCK=BLOCK)
-        return d_gate_up
+@swiglu_forward.register_fake
+def _swiglu_forward_fake(gate_up):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
+@torch.library.custom_op("csrc::swiglu_backward", mutates_args=())
+def swiglu_backward(d_out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d gate_up [N, 2F], recomputing silu from the saved input."""
+    d_out = d_out.contiguous()
+    n_rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
+    d_gate_up = torch.empty_like(gate_up)
+    if n_rows:
+        _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+            gate_up, d_out, d_gate_up, gate_up.stride(0), d_out.stride(0), d_gate_up.stride(0), n_cols, BLOCK=BLOCK)
+    return d_gate_up
+
+
+@swiglu_backward.register_fake
+def _swiglu_backward_fake(d_out, gate_up):
+    return torch.empty_like(gate_up)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, d_out):
+    return swiglu_backward(d_out, ctx.saved_tensors[0])
+
+
+swiglu_forward.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)

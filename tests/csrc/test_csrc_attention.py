@@ -285,3 +285,24 @@ def test_triton_backward_from_one_output_only(use, device):
         grads[impl] = [torch.zeros_like(t) if g is None else g for g, t in zip(got, (q, k, v))]  # lse ignores v
     for name, a, b in zip(("dq", "dk", "dv"), grads["ours"], grads["torch"]):
         assert_close(a, b, 1e-4, 0, f"{name} from {use}")
+
+
+def test_block_table_launches_the_heaviest_blocks_first():
+    """Causal work grows along a document for query blocks and shrinks for key blocks: the forward
+    and dQ tables start with the last blocks of the longest documents, dK/dV with the first ones.
+    Every (document, block) appears once; spare programs come last."""
+    from csrc.attention.triton_kernels import _block_table
+
+    lengths = [300, 700, 0, 50]
+    cu_seqlens = cu(lengths, torch.device("cpu"))
+    expected_blocks = {(d, r) for d, n in enumerate(lengths) for r in range(0, n, 128)}
+    for heavy_end in ("last", "first"):
+        block_doc, block_row, n_programs = _block_table(cu_seqlens, sum(lengths), 128, heavy_end)
+        pairs = list(zip(block_doc.tolist(), block_row.tolist()))
+        real = [p for p in pairs if p[0] >= 0]
+        assert len(pairs) == n_programs and set(real) == expected_blocks and len(real) == len(expected_blocks)
+        assert pairs[: len(real)] == real, f"{heavy_end}: spare programs must come last: {pairs}"
+        work = [min(r + 128, lengths[d]) if heavy_end == "last" else lengths[d] - r for d, r in real]
+        assert work == sorted(work, reverse=True), f"{heavy_end}: not heaviest first: {pairs}"
+    assert _block_table(cu_seqlens, sum(lengths), 128, "first")[1][:3].tolist() == [0, 128, 256]  # doc 1's first blocks
+    assert _block_table(cu_seqlens, sum(lengths), 128, "last")[1][:2].tolist() == [640, 512]  # doc 1's last blocks
