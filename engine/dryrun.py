@@ -19,12 +19,15 @@ errors surface as in a real run. It also keeps the live bytes of every device st
 the peak beside the planner's estimate (engine.planner.memory) for the same layout.
 
 What a dry run cannot know: values. A number read back to the host (a loss, a gradient norm)
-reads as 1. Kernels: the attention is a shape-only stand-in with FlashAttention's memory profile
-(it keeps Q, K, V, the output and the log-sum-exp); the other parts run the plain-PyTorch modules
-(kernels "torch"), and the planner is asked about the same kernels.
+reads as 1. Kernels: those a GPU run chooses (the plan is resolved for the simulated device);
+csrc's custom ops run their shape-only implementations. An attention other than ours (a config
+that names "torch" or "flash-attn") becomes a shape-only stand-in with FlashAttention's memory
+profile (it keeps Q, K, V, the output and the log-sum-exp). The planner is asked about the same
+kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import linecache
 import os
@@ -94,6 +97,10 @@ class DryRunMode(TorchDispatchMode):
         # Inside torch's object collectives (all_gather_object, ...), which pick their tensors'
         # device themselves (the current GPU under NCCL, the host under the fake group).
         self.object_collectives = 0
+        # ENGINE_DRY_RUN_TRACE=1: where each storage was allocated, the largest at the peak.
+        self.trace = os.environ.get("ENGINE_DRY_RUN_TRACE") == "1"
+        self.where_of: dict[int, str] = {}
+        self.peak_largest: list = []
 
     # -- naming ---------------------------------------------------------------------------
     def describe(self, tensor: torch.Tensor) -> str:
@@ -113,6 +120,8 @@ class DryRunMode(TorchDispatchMode):
         size = storage.nbytes()
         kind = "temporaries" if self.phase == "step" else "build"
         self.kind_of[key], self.bytes_of[key] = kind, size
+        if self.trace:
+            self.where_of[key] = _where()
         self.storages[key] = weakref.ref(storage)
         weakref.finalize(storage, self._free, key)
         self.live[kind] += size
@@ -129,6 +138,10 @@ class DryRunMode(TorchDispatchMode):
         total = sum(self.live.values())
         if total > self.peak_total:
             self.peak_total, self.peak = total, dict(self.live)
+            if self.trace and self.phase == "step":
+                self.peak_largest = sorted(
+                    ((self.bytes_of[k], self.kind_of[k], self.where_of.get(k, "?"))
+                     for k in self.kind_of), reverse=True)[:int(os.environ.get("ENGINE_DRY_RUN_TOP", "12"))]
 
     def reclassify(self, kind_of_storage) -> None:
         """Give every live storage of kind "build" the kind ``kind_of_storage(key)`` says."""
@@ -349,10 +362,15 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
     megatron_buffers._coalescing_manager = _one_by_one
     build.wrap_data_parallel = _checked_before_wrapping(build.wrap_data_parallel)
     megatron_clip_grads.l2_norm_impl = _device_l2_norm
-    for module in (model_attention, context_module):
-        module.varlen_attention_function = lambda backend: shape_only_attention
+    if plan.kernels.attention != "ours":
+        # Only our kernel has a shape-only implementation (a csrc custom op); the others read
+        # document boundaries or need a GPU library.
+        for module in (model_attention, context_module):
+            module.varlen_attention_function = lambda backend: shape_only_attention
     layout = plan.layout
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    # The fake backend for meta tensors too (pipeline p2p looks the backend up by device).
+    dist.init_process_group("cpu:fake,cuda:fake,meta:fake", store=FakeStore(), rank=rank,
+                            world_size=world_size)
     # megatron's distributed optimizer asks for its gloo groups (checkpoint gathers); under the
     # fake process group they are fake groups too.
     new_group = dist.new_group
@@ -392,10 +410,17 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
             position_mode=plan.data.position_mode if plan.data else "continuous",
             mask_cross_document=True, balance_attention=False)
         mode.phase = "step"
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: (mode.mark_saved(t), t)[1], lambda t: t), flop_counter:
+        hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: (mode.mark_saved(t), t)[1],
+                                                          lambda t: t)
+                 if os.environ.get("ENGINE_DRY_RUN_NOHOOK") != "1" else contextlib.nullcontext())
+        with hooks, flop_counter:
             train_step(state.chunks, state.optimizer, state.scheduler, micro_batches,
                        plan.num_microbatches, plan.seq_length, plan.micro_batch)
+    if mode.trace:
+        import gc
+        left = sum(1 for k in mode.kind_of if mode.kind_of[k] in ("temporaries", "activations"))
+        gc.collect()
+        print(f"  after the step: {left} step storages alive, {sum(1 for k in mode.kind_of if mode.kind_of[k] in ('temporaries', 'activations'))} after gc", flush=True)
     executed = float(flop_counter.get_total_flops())
     # The stand-in attention does no arithmetic: count what the kernel would, forward 1x,
     # backward 2.5x (dQ, dK, dV and the recomputed scores), forward again under full recompute.
@@ -415,6 +440,8 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
     planner = estimate_memory(plan.model, layout, work)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+    for size, kind, where in mode.peak_largest:
+        print(f"  at the peak: {size / GIB:8.3f} GiB {kind:<12} {where}", flush=True)
     peak = {kind: mode.peak.get(kind, 0) for kind in KINDS}
     peak["total"] = sum(peak.values())
     return DryRunResult(rank, stage, peak, {**planner.__dict__, "total": planner.total,

@@ -241,7 +241,9 @@ def dry_run(config: TrainConfig, world_size: int, rank: Optional[int],
     """``--dry-run``: every check first (no data needed), then engine.dryrun."""
     from engine.dryrun import DryRunError, check_dry_run, default_ranks, run
 
-    plan = plan_from_config(config, world_size, with_data=False)
+    # Kernels resolved for the simulated GPU: the ones a GPU run chooses (csrc's custom ops
+    # run their shape-only implementations on meta).
+    plan = plan_from_config(config, world_size, device=torch.device("meta"), with_data=False)
     if rank is not None and not 0 <= rank < world_size:
         raise ConfigError(f"--rank {rank} is outside the {world_size} ranks of "
                           f"{plan.layout.describe()}: pick 0..{world_size - 1}")
