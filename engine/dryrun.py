@@ -17,6 +17,8 @@ collective is handed a host tensor (NCCL takes device tensors only); shape and d
 errors surface as in a real run. It also keeps the live bytes of every device storage by kind
 (weights, gradients, optimizer state, activations saved for backward, temporaries) and reports
 the peak beside the planner's estimate (engine.planner.memory) for the same layout.
+ENGINE_DRY_RUN_TRACE=1 adds the stack to every error and lists the largest storages live at
+the peak with the line that allocated each (ENGINE_DRY_RUN_TOP of them, default 12).
 
 What a dry run cannot know: values. A number read back to the host (a loss, a gradient norm)
 reads as 1. Kernels: those a GPU run chooses (the plan is resolved for the simulated device);
@@ -27,7 +29,6 @@ kernels.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import linecache
 import os
@@ -410,17 +411,10 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
             position_mode=plan.data.position_mode if plan.data else "continuous",
             mask_cross_document=True, balance_attention=False)
         mode.phase = "step"
-        hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: (mode.mark_saved(t), t)[1],
-                                                          lambda t: t)
-                 if os.environ.get("ENGINE_DRY_RUN_NOHOOK") != "1" else contextlib.nullcontext())
-        with hooks, flop_counter:
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: (mode.mark_saved(t), t)[1], lambda t: t), flop_counter:
             train_step(state.chunks, state.optimizer, state.scheduler, micro_batches,
                        plan.num_microbatches, plan.seq_length, plan.micro_batch)
-    if mode.trace:
-        import gc
-        left = sum(1 for k in mode.kind_of if mode.kind_of[k] in ("temporaries", "activations"))
-        gc.collect()
-        print(f"  after the step: {left} step storages alive, {sum(1 for k in mode.kind_of if mode.kind_of[k] in ('temporaries', 'activations'))} after gc", flush=True)
     executed = float(flop_counter.get_total_flops())
     # The stand-in attention does no arithmetic: count what the kernel would, forward 1x,
     # backward 2.5x (dQ, dK, dV and the recomputed scores), forward again under full recompute.
