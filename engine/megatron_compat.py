@@ -13,6 +13,8 @@ Patches:
 1. ``enable_cpu_support``: megatron-core has no CPU path. Its CUDA assumptions are routed to the
    CPU when no GPU is present (device placement, CUDA RNG state, the optimizer's CUDA type
    checks), so every layout runs on a laptop with gloo. Process-wide, and only without a GPU.
+   ``enable_meta_support`` routes the same calls to the ``meta`` device instead, for the dry
+   run (engine.dryrun): megatron then takes its GPU branch with shape-only tensors.
 2. ``patch_reshardable_optimizer_load``: loading the "fully_reshardable" distributed-optimizer
    checkpoint format copies every destination state key, including torch Adam's per-parameter
    ``step``, which the checkpoint does not hold (KeyError 'step'). The patched copy takes the
@@ -80,21 +82,31 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA placements to the CPU for every torch call made under it."""
+    """Rewrites CUDA placements to the CPU (or ``target``) for every torch call made under it."""
+
+    def __init__(self, target: str = "cpu"):
+        super().__init__()
+        self.target = target
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = dict(kwargs, device="cpu")
+            kwargs = dict(kwargs, device=self.target)
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0] if self.target == "cpu" else args[0].to(self.target)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
+            args = (args[0], self.target) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             # megatron's optimizers accept only torch.cuda.*Tensor parameters.
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if caller.startswith("megatron.core.optimizer"):
+                if self.target == "meta":
+                    # Only device parameters pass, as on a GPU: a host one keeps its name and
+                    # megatron refuses it.
+                    if not name.startswith("torch.meta."):
+                        return name
+                    name = name.replace("torch.meta.", "torch.")
                 return _CPU_TYPE_AS_CUDA.get(name, name)
             return name
         return func(*args, **kwargs)
@@ -106,6 +118,27 @@ def _cpu_rng_get_state(device=None, clone=False, graph_safe=False):
 
 def _cpu_rng_set_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
+
+
+def _redirect_cuda(target: str) -> None:
+    """megatron's explicit CUDA calls, process-wide, onto ``target`` ("cpu" or "meta")."""
+    # A device rather than an ordinal: megatron passes it as ``device=`` also inside autograd
+    # backward functions, where no TorchFunctionMode is active.
+    torch.cuda.current_device = lambda: torch.device(target)
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.synchronize = lambda device=None: None
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which must stay a no-op here.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.memory_allocated = lambda device=None: 0
+    torch.cuda.max_memory_allocated = lambda device=None: 0
+    # megatron's model-parallel RNG tracker saves and restores CUDA generator states.
+    megatron_random._get_cuda_rng_state = _cpu_rng_get_state
+    megatron_random._set_cuda_rng_state = _cpu_rng_set_state
+    # Pushed for the life of the process: megatron creates CUDA tensors lazily, e.g. in its
+    # gradient buffers and pipeline send/receive buffers.
+    _CudaToCpuMode(target).__enter__()
 
 
 def cpu_support_enabled() -> bool:
@@ -123,25 +156,25 @@ def enable_cpu_support(force: bool = False) -> bool:
         return True
     if torch.cuda.is_available() and not force:
         return False
-    # A device rather than an ordinal: megatron passes it as ``device=`` also inside autograd
-    # backward functions, where no TorchFunctionMode is active.
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.set_device = lambda device: None
-    torch.cuda.synchronize = lambda device=None: None
-    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which must stay a no-op here.
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    torch.cuda.memory_allocated = lambda device=None: 0
-    torch.cuda.max_memory_allocated = lambda device=None: 0
-    # megatron's model-parallel RNG tracker saves and restores CUDA generator states.
-    megatron_random._get_cuda_rng_state = _cpu_rng_get_state
-    megatron_random._set_cuda_rng_state = _cpu_rng_set_state
-    # Pushed for the life of the process: megatron creates CUDA tensors lazily, e.g. in its
-    # gradient buffers and pipeline send/receive buffers.
-    _CudaToCpuMode().__enter__()
+    _redirect_cuda("cpu")
     _cpu_support_enabled = True
     return True
+
+
+def enable_meta_support() -> None:
+    """Route megatron-core's CUDA calls to the ``meta`` device, for a dry run in a process of
+    its own (engine.dryrun): what enable_cpu_support does for the CPU, with the GPU branch of
+    megatron's own device decisions taken. Process-wide; not undone.
+
+    The RNG calls use the host generator: no meta operation draws random numbers, and
+    megatron's recompute still saves and restores a state, as on a GPU.
+    """
+    global _cpu_support_enabled
+    if _cpu_support_enabled:
+        raise RuntimeError("enable_meta_support after enable_cpu_support: run the dry run in a "
+                           "process of its own")
+    _redirect_cuda("meta")
+    _cpu_support_enabled = True
 
 
 # ---------------------------------------------------------------------------------------------

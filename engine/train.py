@@ -31,6 +31,7 @@ from engine.checkpoint import (
     load_newest_intact,
     save_checkpoint,
 )
+from engine.device import accelerator
 from engine.evaluate.validation import Validation
 from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import (
@@ -63,7 +64,7 @@ class TrainingStopped(RuntimeError):
 
 
 def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
@@ -224,12 +225,23 @@ def main(argv=None) -> int:
                              "--world-size processes, in this one process without any process "
                              "group, and exit: 0 if it would start, 2 naming the problem")
     parser.add_argument("--world-size", type=int,
-                        help="with --check: processes of the run (default: WORLD_SIZE, else 1)")
+                        help="with --check or --dry-run: processes of the run (default: "
+                             "WORLD_SIZE, else 1)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run one training step of the config as rank(s) of --world-size "
+                             "on the meta device, without data or a GPU (engine.dryrun), and "
+                             "report peak memory, FLOPs and a predicted step time")
+    parser.add_argument("--rank", type=int, help="with --dry-run: the rank to simulate "
+                        "(default: the first rank of the first and of the last pipeline stage)")
+    parser.add_argument("--dry-run-report", help="with --dry-run: write the report here (JSON)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        world_size = _world_size(args)
+        if args.dry_run:
+            return dry_run(config, world_size, args.rank, args.dry_run_report)
         # Every check that needs no process group, first.
-        plan = plan_from_config(config, _world_size(args))
+        plan = plan_from_config(config, world_size)
         validation = Validation.prepare(config.eval, plan)
         check_rendezvous_port()
         if args.check:
@@ -239,6 +251,26 @@ def main(argv=None) -> int:
     except (ConfigError, LayoutError, CheckpointError, LaunchError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+
+
+def dry_run(config: TrainConfig, world_size: int, rank: Optional[int],
+            report: Optional[str]) -> int:
+    """``--dry-run``: every check first (no data needed), then engine.dryrun."""
+    from engine.dryrun import DryRunError, check_dry_run, default_ranks, run
+
+    # Kernels resolved for the simulated GPU: the ones a GPU run chooses (csrc's custom ops
+    # run their shape-only implementations on meta).
+    plan = plan_from_config(config, world_size, device=torch.device("meta"), with_data=False)
+    if rank is not None and not 0 <= rank < world_size:
+        raise ConfigError(f"--rank {rank} is outside the {world_size} ranks of "
+                          f"{plan.layout.describe()}: pick 0..{world_size - 1}")
+    check_dry_run(plan)
+    try:
+        return run(plan, world_size, [rank] if rank is not None else default_ranks(plan.layout),
+                   report)
+    except DryRunError as error:
+        print(f"error: dry run: {error}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

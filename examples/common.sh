@@ -104,6 +104,7 @@ knobs_launch() {
   LOCAL_ADDR=${LOCAL_ADDR:-}                   ## this node's address for the others (empty: its hostname)
   SOCKET_IFNAME=${SOCKET_IFNAME:-}             ## network interface for gloo/NCCL (empty: their choice)
   STOP_GRACE_S=${STOP_GRACE_S:-240}            ## seconds after SIGTERM for the checkpoint before SIGKILL
+  DRY_RUN=${DRY_RUN:-$(if_tiny 0 1)}           ## 1: --check also runs one step of the run on no GPU (engine.train --dry-run)
 }
 
 # --- arguments and help ----------------------------------------------------------------------
@@ -360,6 +361,14 @@ train_stage() {
   note "node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes per node; layout ${LAYOUT_OVERRIDES[*]}"
   note "layout $LAYOUT_SOURCE"
   printf '%q ' "${command[@]}"; printf '\n'
+  if [ "$MODE" = check ] && [ "$DRY_RUN" = 1 ]; then
+    # One training step of this very run, as the first rank of the first and of the last
+    # pipeline stage, on the meta device (seconds of CPU a rank): a shape, layout or
+    # host/device error stops here, before any GPU is asked for.
+    "$PYTHON" -m engine.train --dry-run --world-size "$((NNODES * GPUS_PER_NODE))" \
+      "${train_args[@]}" ||
+      die "the dry run failed (the error above): a GPU run of these settings would fail there"
+  fi
   [ "$MODE" = run ] || return 0
   # The trainer's own checks (config, data, layout, checkpoints) in one process first: a
   # refused run stops here with one message, before torchrun starts any process.

@@ -26,6 +26,7 @@ from engine.checkpoint import SHAPE_FIELDS
 from engine.convert.hf_mapping import ConversionError
 from engine.convert.importer import check_hf_folder
 from engine.model.config import LlamaConfig
+from engine.device import to_accelerator
 from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
@@ -117,12 +118,14 @@ def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int
         load_checkpoint(path, [chunk], model_config=model)
         chunk.eval()
         with torch.no_grad():
-            ours = {"unpacked": chunk(unpacked, torch.arange(seq_length).expand_as(unpacked),
-                                      None)}
+            # The model is on the accelerator (build_model); inputs go there, logits come back.
+            ours = {"unpacked": chunk(to_accelerator(unpacked), to_accelerator(
+                torch.arange(seq_length).expand_as(unpacked)), None).cpu()}
             for mode, micro_batch in packed.items():
+                micro_batch = micro_batch.to_accelerator()
                 ours[f"packed_{mode}_positions"] = chunk(
                     micro_batch.tokens, micro_batch.position_ids, None,
-                    packed_seq_params=micro_batch.packed_seq_params())
+                    packed_seq_params=micro_batch.packed_seq_params()).cpu()
     finally:
         destroy_parallel()
 

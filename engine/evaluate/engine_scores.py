@@ -43,7 +43,7 @@ def _unwrap(chunk):
 
 
 def _score_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = next(data_iterator).to_accelerator()
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
                    loss_mask=batch.loss_mask, packed_seq_params=batch.packed_seq_params())
     return output, lambda scores, non_loss_data=True: scores
@@ -102,7 +102,7 @@ def score_samples(chunks, plan: RunPlan, samples: SampleSource, indices: Sequenc
                 if layout.context_parallel > 1:
                     parts = [torch.empty_like(local) for _ in range(layout.context_parallel)]
                     dist.all_gather(parts, local, group=group)
-                    local = torch.cat(parts)[order]
+                    local = torch.cat(parts)[order.to(local.device)]
                 full.append(local.cpu().numpy())
             results[index] = SampleScores(full[0], full[1])
     keep = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)

@@ -87,7 +87,8 @@ def measure(seq_lengths, recompute_modes=("none", "full")) -> list[dict]:
             for seq in seq_lengths:
                 rng = np.random.default_rng(0)
                 tokens = rng.integers(0, model.vocab_size, seq)
-                batch = build_micro_batch([tokens], [np.array([seq // 4, seq - seq // 4])])
+                batch = build_micro_batch([tokens], [np.array([seq // 4, seq - seq // 4])]
+                                          ).to_accelerator()
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
                 def forward():

@@ -191,6 +191,10 @@ def estimate_memory(model: LlamaConfig, layout: ParallelLayout, work: Workload) 
         comm += tokens * model.hidden_size * wb  # sequence-parallel all-gather
     if pp > 1:
         comm += 2 * tokens * h_local * wb  # p2p send / receive
+    # Under recompute the output layer's logits (end of the forward, start of the backward) and
+    # the layer the backward recomputes (later) are never live together: the peak holds the
+    # larger of the two, not both (the dry run, engine.dryrun, sees exactly that).
+    activations -= min(transient * wb, logits)
     return MemoryBreakdown(weights, gradients, optimizer, activations, logits, comm,
                            parameters=params)
 

@@ -120,7 +120,7 @@ def _run(args, plan: RunPlan) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = {name: param.detach().float().clone() for chunk in state.chunks
+    shards = {name: param.detach().float().clone().cpu() for chunk in state.chunks
               for name, param in canonical_named_parameters(chunk.module)}
     rank = torch.distributed.get_rank()
     torch.save({"tp_rank": parallel_state.get_tensor_model_parallel_rank(),

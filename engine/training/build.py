@@ -21,6 +21,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from engine.device import accelerator, module_to_accelerator, on_accelerator
 from engine.megatron_compat import mark_tensor_parallel
 from engine.model.config import LlamaConfig
 from engine.model.gpt import LlamaGPTModel
@@ -42,7 +43,7 @@ def transformer_config(plan: RunPlan, **overrides) -> TransformerConfig:
     """megatron-core's TransformerConfig for Llama-3 under ``plan``'s layout, precision,
     recompute and kernels (``overrides``: further TransformerConfig fields, for tests)."""
     model, layout = plan.model, plan.layout
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = not on_accelerator()
     fields = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -130,19 +131,26 @@ def build_model_chunks(plan: RunPlan, config: TransformerConfig) -> list[LlamaGP
             cross_entropy=kernels.cross_entropy,
             scored_vocab_size=model.vocab_size,
         )
-        initialize_canonically(chunk, model, plan.seed)
+        # A dry run's device holds no values: computing 8B weights on the host for it would
+        # cost minutes and prove nothing.
+        initialize_canonically(chunk, model, plan.seed,
+                               values=accelerator().type != "meta")
         chunks.append(chunk)
     return chunks
 
 
 @torch.no_grad()
-def initialize_canonically(chunk: torch.nn.Module, model: LlamaConfig, seed: int) -> None:
+def initialize_canonically(chunk: torch.nn.Module, model: LlamaConfig, seed: int,
+                           values: bool = True) -> None:
+    """Set ``chunk``'s weights to this rank's shards of the canonical initialization (with
+    ``values``) and mark them tensor-parallel as the engine shards them."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in canonical_named_parameters(chunk):
-        shape = full_shape(name, param.shape, tp_size)
-        full = canonical_init(name, shape, model.init_method_std, model.num_layers, seed)
-        param.copy_(shard_for_rank(name, full, tp_rank, tp_size))
+        if values:
+            shape = full_shape(name, param.shape, tp_size)
+            full = canonical_init(name, shape, model.init_method_std, model.num_layers, seed)
+            param.copy_(shard_for_rank(name, full, tp_rank, tp_size))
         # megatron's grad-norm and checkpoint code read these to tell sharded from replicated
         # parameters; which of them megatron has set already depends on its release.
         mark_tensor_parallel(name, param, tensor_parallel_dim(name), tensor_parallel_stride(name))
@@ -150,25 +158,39 @@ def initialize_canonically(chunk: torch.nn.Module, model: LlamaConfig, seed: int
 
 def wrap_data_parallel(chunks: list[LlamaGPTModel], config: TransformerConfig,
                        distributed_optimizer: bool) -> list[DistributedDataParallel]:
+    # On a GPU each gradient bucket is reduced as soon as backward has filled it, behind the
+    # rest of the backward (as Megatron-LM's recipes run). On the host the reduction stays
+    # after the backward: the proven CPU path, and gloo has no streams to overlap on.
+    overlap = on_accelerator()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap,
         use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                        # Only the first chunk's bucket may skip overlap.
                                        disable_bucketing=index > 0)
                for index, chunk in enumerate(chunks)]
+    if overlap:
+        # The schedules hold the reductions back until the last micro-batch's backward (no_sync)
+        # and start each chunk's as its backward ends (Megatron-LM's train setup).
+        no_sync = [chunk.no_sync for chunk in wrapped]
+        grad_sync = [chunk.start_grad_sync for chunk in wrapped]
+        config.no_sync_func = no_sync[0] if len(wrapped) == 1 else no_sync
+        config.grad_sync_func = grad_sync[0] if len(wrapped) == 1 else grad_sync
     for chunk in wrapped:
         chunk.broadcast_params()
     return wrapped
 
 
 def build_model(plan: RunPlan) -> list[DistributedDataParallel]:
-    """This rank's model chunks for ``plan``, in megatron's DDP (process groups must exist)."""
+    """This rank's model chunks for ``plan`` on the accelerator, in megatron's DDP (process
+    groups must exist)."""
     config = transformer_config(plan)
-    return wrap_data_parallel(build_model_chunks(plan, config), config,
-                              plan.layout.distributed_optimizer)
+    # Built and initialized on the host (use_cpu_initialization), then moved once, before DDP
+    # sizes its gradient buffers on the parameters' device and the optimizer wraps them.
+    chunks = [module_to_accelerator(chunk) for chunk in build_model_chunks(plan, config)]
+    return wrap_data_parallel(chunks, config, plan.layout.distributed_optimizer)
 
 
 @dataclass

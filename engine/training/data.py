@@ -19,6 +19,7 @@ for sequences built in memory (tools, conversion checks, tests).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
@@ -27,6 +28,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from data_tools.packed_dataset import PackedSequence
+from engine.device import pinned, to_accelerator
 from engine.parallel.context.chunks import chunk_length, load_balanced_chunks
 
 POSITION_MODES = ("continuous", "document")
@@ -53,6 +55,16 @@ class MicroBatch:
     max_seqlen: int = 0
     # Fault injection for tests: this micro-batch's loss becomes NaN, as after a divergence.
     inject_nan: bool = False
+
+    def to_accelerator(self) -> "MicroBatch":
+        """This micro-batch on the accelerator (non-blocking copies from pinned memory on a GPU,
+        itself on the host), as the model reads it; cu_seqlens keeps its host values for the
+        attention's planning (engine.device.host_copy)."""
+        moved = {name: to_accelerator(getattr(self, name))
+                 for name in ("tokens", "labels", "loss_mask", "position_ids")}
+        if self.cu_seqlens is not None:
+            moved["cu_seqlens"] = to_accelerator(self.cu_seqlens, keep_host_copy=True)
+        return dataclasses.replace(self, **moved)
 
     def packed_seq_params(self) -> Optional[PackedSeqParams]:
         if self.cu_seqlens is None:
@@ -227,11 +239,12 @@ def micro_batch_for_rank(samples: SampleSource, indices: Sequence[int], cp_rank:
     flat = np.concatenate(all_lengths)
     cu_seqlens = np.zeros(len(flat) + 1, dtype=np.int32)
     np.cumsum(flat, out=cu_seqlens[1:])
-    return MicroBatch(tokens=torch.from_numpy(np.stack(rows["tokens"])),
-                      labels=torch.from_numpy(np.stack(rows["labels"])),
-                      loss_mask=torch.from_numpy(np.stack(rows["loss_mask"])),
-                      position_ids=torch.from_numpy(np.stack(rows["position_ids"])),
-                      cu_seqlens=torch.from_numpy(cu_seqlens), max_seqlen=int(flat.max()))
+    # Pinned on a GPU machine, so the copies to the GPU (MicroBatch.to_accelerator) overlap.
+    return MicroBatch(tokens=pinned(torch.from_numpy(np.stack(rows["tokens"]))),
+                      labels=pinned(torch.from_numpy(np.stack(rows["labels"]))),
+                      loss_mask=pinned(torch.from_numpy(np.stack(rows["loss_mask"]))),
+                      position_ids=pinned(torch.from_numpy(np.stack(rows["position_ids"]))),
+                      cu_seqlens=pinned(torch.from_numpy(cu_seqlens)), max_seqlen=int(flat.max()))
 
 
 def build_micro_batch(tokens: Sequence[np.ndarray], doc_lengths: Sequence[np.ndarray],

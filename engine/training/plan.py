@@ -100,14 +100,19 @@ class RunPlan:
         """A plan with the kernels resolved for ``device`` (default: CUDA if present, else CPU)
         and bf16 defaulting to the device (bf16 on GPU, fp32 on CPU)."""
         device = device or default_device()
+        kernels = kernels or KernelChoices()
         try:
-            resolved = (kernels or KernelChoices()).resolve(device)
+            resolved = kernels.resolve(device)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         return cls(model=model, layout=layout, kernels=resolved, seq_length=seq_length,
                    global_batch=global_batch,
                    bf16=device.type == "cuda" if bf16 is None else bf16,
-                   use_transformer_engine=transformer_engine_available() and device.type == "cuda",
+                   # transformer-engine's linears carry their own fused RMSNorm: taken on GPUs
+                   # unless the config asks for our norm kernel by name (describe() says so).
+                   use_transformer_engine=(transformer_engine_available()
+                                           and device.type == "cuda"
+                                           and kernels.rmsnorm != "ours"),
                    **settings)
 
     @property
@@ -130,7 +135,10 @@ class RunPlan:
                 f"step ({self.num_microbatches} micro-batches of {self.micro_batch}), "
                 f"{'bf16' if self.bf16 else 'fp32'}, kernels {self.kernels.describe()}, "
                 f"{self.model.describe_rope()}"
-                f"{'' if self.model.untie_embeddings else ', tied embeddings'}")
+                f"{'' if self.model.untie_embeddings else ', tied embeddings'}"
+                + (", transformer-engine linears with their fused RMSNorm in place of "
+                   "kernels.rmsnorm (set kernels.rmsnorm: ours to keep ours)"
+                   if self.use_transformer_engine else ""))
 
 
 def _model_from_config(config: TrainConfig) -> LlamaConfig:
@@ -215,9 +223,11 @@ def _check_resume_shape(ckpt_dir: str, model: LlamaConfig) -> None:
 
 
 def plan_from_config(config: TrainConfig, world_size: int,
-                     device: Optional[torch.device] = None) -> RunPlan:
+                     device: Optional[torch.device] = None, with_data: bool = True) -> RunPlan:
     """The run plan of a training config on ``world_size`` processes; raises ConfigError or
-    LayoutError naming the setting, the value and the fix."""
+    LayoutError naming the setting, the value and the fix. Without ``with_data`` (a dry run)
+    neither the dataset nor the checkpoint to start from is read: samples are
+    data.seq_length (default: the model's max_position_embeddings) tokens long."""
     model = _model_from_config(config)
     p = config.parallel
     layout = ParallelLayout.for_world_size(
@@ -225,12 +235,19 @@ def plan_from_config(config: TrainConfig, world_size: int,
         context_parallel=p.context_parallel, virtual_stages=p.virtual_stages,
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
         cp_algorithm=p.cp_algorithm, recompute=p.recompute)
-    data, seq_length = _data_plan(config, model)
+    if with_data:
+        data, seq_length = _data_plan(config, model)
+    else:
+        seq_length = config.data.seq_length or model.max_position_embeddings
+        data = DataPlan(config.data.path, seq_length, config.data.position_mode,
+                        config.data.mask_cross_document, config.data.balance_attention)
     if not config.checkpoint.dir:
         raise ConfigError("checkpoint.dir is empty: every run needs a directory to save into")
-    _check_run_directories(config)
-    _check_resume_shape(config.checkpoint.dir, model)
-    if config.checkpoint.init_from:
+    if with_data:
+        # A dry run writes nothing and reads no checkpoint.
+        _check_run_directories(config)
+        _check_resume_shape(config.checkpoint.dir, model)
+    if config.checkpoint.init_from and with_data:
         source = Path(config.checkpoint.init_from)
         try:
             check_compatible(latest_checkpoint(source) or source, model)

@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from engine.device import accelerator
 from engine.model.gpt import SummedTokenLoss
 from engine.training.config import OptimizerSettings
 from engine.training.data import MicroBatch
@@ -82,7 +83,9 @@ def _token_loss(loss_mask: torch.Tensor, inject_nan: bool, output):
 
 
 def _forward_step(data_iterator: Iterator[MicroBatch], model):
-    batch = next(data_iterator)
+    # Built on the host (pinned); copied to the GPU right before its forward, as Megatron-LM's
+    # get_batch does.
+    batch = next(data_iterator).to_accelerator()
     # Per-token losses [b, s], or SummedTokenLoss when kernels.cross_entropy is "ours".
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels,
                    loss_mask=batch.loss_mask, packed_seq_params=batch.packed_seq_params())
@@ -143,7 +146,8 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: Iterable[Micro
 
 def _reduce_losses(losses: list) -> tuple[float, float]:
     """Sum (loss, tokens) over micro-batches and DP ranks; every rank gets the result."""
-    totals = torch.zeros(2, dtype=torch.float64)
+    # On the collective's device: NCCL takes GPU tensors only.
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for entry in losses:
             totals += entry["lm loss"].double()

@@ -33,8 +33,9 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def recipe_env(**settings) -> dict:
-    """Environment for the examples/prolong scripts with TINY=1 and ``settings``."""
-    env = test_env(**{"TINY": 1, **settings})
+    """Environment for the examples/prolong scripts with TINY=1, no dry run in --check (its
+    own test runs it) and ``settings``."""
+    env = test_env(**{"TINY": 1, "DRY_RUN": 0, **settings})
     if "MASTER_PORT" not in settings:
         # The scripts' own default (29500, or the sbatch wrapper's port from the job id).
         env.pop("MASTER_PORT")

@@ -220,6 +220,16 @@ def test_the_layout_is_the_planners_for_the_cluster(fake_work, stage, seq_length
     assert "is_host=false" in command  # node 3 joins the rendezvous node 0 hosts
 
 
+def test_check_runs_the_dry_run_of_the_real_run(fake_work):
+    result = run_command(["bash", _script("04"), "--check"], timeout=600,
+                         env=recipe_env(TINY=0, DRY_RUN=1, WORK=fake_work, NNODES=8))
+    assert result.returncode == 0, result.stdout
+    # The planner's layout for 64 GPUs (its own test checks which), one pipeline stage.
+    assert re.search(r"dry run: rank 0 \(first\+last pipeline stage\) of TP\d+ x PP1 x CP\d+ x "
+                     r"DP\d+ .*, 64 x 65536 tokens per step", result.stdout), result.stdout
+    assert "PREDICTION (not a measurement)" in result.stdout
+
+
 def test_tp_pp_cp_when_set_replace_the_planner(fake_work):
     result = _run(_script("05"), "--check", "optimizer.lr=3e-6", TINY=0, WORK=fake_work,
                   TP=2, CP=4, CP_ALGORITHM="ulysses", RECOMPUTE="selective", GLOBAL_BATCH=32,

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from csrc.attention import varlen_attention
-from engine.parallel.context.chunks import gathered_to_sequence_order, load_balanced_chunks
+from engine.device import copy_to, host_copy
+from engine.parallel.context.chunks import device_permutation, load_balanced_chunks
 from engine.parallel.context.comm import all_gather_sequence
 
 
@@ -83,7 +84,7 @@ def rank_attention_plans(cu_seqlens: torch.Tensor, seq_length: int, cp_rank: int
     entry = _PLANS.get(id(cu_seqlens))
     if entry is not None and entry[0]() is cu_seqlens and entry[1] == key:
         return entry[2]
-    bounds = cu_seqlens.detach().cpu().numpy().astype(np.int64)
+    bounds = host_copy(cu_seqlens).numpy().astype(np.int64)
     if bounds[-1] % seq_length:
         raise ValueError(f"cu_seqlens ends at {bounds[-1]} tokens, not a whole number of "
                          f"sequences of {seq_length}: under context parallelism cu_seqlens "
@@ -99,7 +100,9 @@ def rank_attention_plans(cu_seqlens: torch.Tensor, seq_length: int, cp_rank: int
 
 
 def _to_device(plan: ChunkAttentionPlan, device) -> ChunkAttentionPlan:
-    return ChunkAttentionPlan(plan.cu_seqlens_q.to(device), plan.cu_seqlens_k.to(device),
+    # Host copies kept: the attention kernel checks the boundaries without reading the GPU.
+    return ChunkAttentionPlan(copy_to(plan.cu_seqlens_q, device, keep_host_copy=True),
+                              copy_to(plan.cu_seqlens_k, device, keep_host_copy=True),
                               plan.max_seqlen_q, plan.max_seqlen_k)
 
 
@@ -123,7 +126,7 @@ def all_gather_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     chunk_len = local_len // 2
     # One collective for K and V; gathered blocks are rank-ordered, then put in sequence order.
     gathered = all_gather_sequence(torch.cat([key, value], dim=2), group)
-    order = gathered_to_sequence_order(seq_length, cp_size).to(query.device)
+    order = device_permutation("gathered_to_sequence", seq_length, cp_size, query.device)
     # [S, b, 2kv, d] -> [b * S, 2kv, d] in one copy: sequences back to back, as cu_seqlens.
     tokens = gathered.transpose(0, 1).index_select(1, order).reshape(
         batch * seq_length, 2 * kv_heads, dim)

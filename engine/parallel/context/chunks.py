@@ -9,6 +9,8 @@ A rank's tokens are laid out as [chunk r, chunk 2CP-1-r] along the sequence dime
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -51,3 +53,14 @@ def sequence_to_gathered_order(seq_length: int, cp_size: int) -> torch.Tensor:
     """Inverse of gathered_to_sequence_order: gathered[i] = sequence[p[i]]."""
     return torch.from_numpy(np.concatenate([rank_token_indices(seq_length, r, cp_size)
                                             for r in range(cp_size)]))
+
+
+@functools.lru_cache(maxsize=32)
+def device_permutation(kind: str, seq_length: int, cp_size: int,
+                       device: torch.device) -> torch.Tensor:
+    """gathered_to_sequence_order ("gathered_to_sequence") or sequence_to_gathered_order
+    ("sequence_to_gathered") on ``device``, built and copied once per (length, CP, device):
+    every layer of every micro-batch, forward and recompute, uses the same few."""
+    build = {"gathered_to_sequence": gathered_to_sequence_order,
+             "sequence_to_gathered": sequence_to_gathered_order}[kind]
+    return build(seq_length, cp_size).to(device)

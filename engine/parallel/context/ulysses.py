@@ -14,10 +14,7 @@ import torch
 import torch.distributed as dist
 
 from csrc.attention import varlen_attention
-from engine.parallel.context.chunks import (
-    gathered_to_sequence_order,
-    sequence_to_gathered_order,
-)
+from engine.parallel.context.chunks import device_permutation
 from engine.parallel.context.comm import ulysses_all_to_all
 
 
@@ -69,7 +66,7 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     sent = torch.cat([head_blocks(query, q_per), head_blocks(key, kv_per),
                       head_blocks(value, kv_per)], dim=3)
     received = ulysses_all_to_all(sent, group)  # block j: rank j's tokens, my head group
-    order = gathered_to_sequence_order(seq_length, cp_size).to(query.device)
+    order = device_permutation("gathered_to_sequence", seq_length, cp_size, query.device)
     # [CP, s, b, h', d] -> [b, S, h', d] in sequence order -> tokens [b * S, h', d].
     full = received.reshape(seq_length, batch, -1, dim).transpose(0, 1).index_select(1, order)
     full = full.reshape(batch * seq_length, -1, dim)
@@ -77,7 +74,7 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     out, _ = attend(q_full, k_full, v_full, cu_seqlens, cu_seqlens, max_seqlen,
                               max_seqlen, softmax_scale=softmax_scale, causal=True)
     # Back to rank order, then trade heads for sequence: block j returns to rank j.
-    back_order = sequence_to_gathered_order(seq_length, cp_size).to(query.device)
+    back_order = device_permutation("sequence_to_gathered", seq_length, cp_size, query.device)
     out = out.view(batch, seq_length, q_per, dim).index_select(1, back_order)
     out = out.view(batch, cp_size, local_len, q_per, dim).permute(1, 2, 0, 3, 4)
     returned = ulysses_all_to_all(out, group)  # block j: my tokens, head group j
