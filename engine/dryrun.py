@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import linecache
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -43,8 +44,30 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import param_and_grad_buffer as megatron_buffers
+from megatron.core.optimizer import clip_grads as megatron_clip_grads
+from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import engine.model.attention as model_attention
+import engine.parallel.context.module as context_module
+from engine.device import simulated_accelerator
+from engine.megatron_compat import allocate_distributed_optimizer_state, enable_meta_support
+from engine.planner.memory import Workload, estimate_memory
+from engine.planner.plan import PlanError, check_fits
+from engine.training import build
+from engine.training.config import ConfigError
+from engine.training.data import (
+    InMemorySequences,
+    SampleSource,
+    global_batch_slots,
+    rank_micro_batches,
+)
+from engine.training.metrics import training_flops
+from engine.training.step import train_step
 
 GIB = 1024 ** 3
 # Dense bf16 tensor-core peak of the card, from its datasheet (without sparsity).
@@ -271,7 +294,6 @@ _OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_obj
 
 
 def _allow_object_collectives(mode: DryRunMode) -> None:
-    import torch.distributed as dist
 
     def wrap(function):
         def wrapped(*args, **kwargs):
@@ -342,21 +364,7 @@ def _storage_kinds(state, names: dict) -> callable:
 
 def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRunResult:
     """One training step of ``plan`` as rank ``rank`` of ``world_size``, in this process."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import param_and_grad_buffer as megatron_buffers
-    from megatron.core.optimizer import clip_grads as megatron_clip_grads
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    import engine.model.attention as model_attention
-    import engine.parallel.context.module as context_module
-    from engine.device import simulated_accelerator
-    from engine.megatron_compat import allocate_distributed_optimizer_state, enable_meta_support
-    from engine.planner.memory import Workload, estimate_memory
-    from engine.training import build
-    from engine.training.data import InMemorySequences, SampleSource, rank_micro_batches
-    from engine.training.metrics import training_flops
-    from engine.training.step import train_step
 
     started = time.process_time()
     enable_meta_support()
@@ -444,7 +452,6 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
 
 
 def _rank_slots(plan, parallel_state):
-    from engine.training.data import global_batch_slots
 
     lengths = synthetic_document_lengths(plan.seq_length, plan.global_batch, plan.seed)
     slots = global_batch_slots(lengths, data_parallel=plan.layout.data_parallel,
@@ -456,9 +463,6 @@ def _rank_slots(plan, parallel_state):
 def check_dry_run(plan, gpu_memory_gb: float = 80.0) -> None:
     """ConfigError unless ``plan`` fits ``gpu_memory_gb`` GPUs by the planner's estimate for the
     kernels a GPU run chooses (engine.planner.plan.check_fits), before any process group."""
-    from engine.planner.memory import Workload
-    from engine.planner.plan import PlanError, check_fits
-    from engine.training.config import ConfigError
 
     work = Workload(plan.seq_length, plan.micro_batch, weight_bytes=2 if plan.bf16 else 4)
     try:
@@ -504,7 +508,6 @@ def format_result(result: DryRunResult, plan) -> str:
 def run(plan, world_size: int, ranks: list[int], report: Optional[str]) -> int:
     """The dry run of ``ranks``, each in a fresh process (megatron's process groups and the
     meta redirection are process-wide); prints and writes the report; 0 on success."""
-    import subprocess
 
     results = []
     for rank in ranks:

@@ -32,6 +32,7 @@ from engine.checkpoint import (
     save_checkpoint,
 )
 from engine.device import accelerator
+from engine.dryrun import DryRunError, check_dry_run, default_ranks, run
 from engine.evaluate.validation import Validation
 from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import (
@@ -256,8 +257,6 @@ def main(argv=None) -> int:
 def dry_run(config: TrainConfig, world_size: int, rank: Optional[int],
             report: Optional[str]) -> int:
     """``--dry-run``: every check first (no data needed), then engine.dryrun."""
-    from engine.dryrun import DryRunError, check_dry_run, default_ranks, run
-
     # Kernels resolved for the simulated GPU: the ones a GPU run chooses (csrc's custom ops
     # run their shape-only implementations on meta).
     plan = plan_from_config(config, world_size, device=torch.device("meta"), with_data=False)

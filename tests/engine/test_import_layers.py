@@ -3,7 +3,8 @@ to hide one.
 
 Layers, lowest first: megatron_compat and device (where tensors live); model (what the model is, nothing about parallelism);
 parallel (how it is spread); checkpoint; training (plan, build, data, step); then the users of
-training side by side (convert, planner, evaluate, tools); the entry point train.py on top.
+training side by side (convert, planner, evaluate, tools); the dry run (which asks the planner);
+the entry point train.py on top.
 A module may import its own package and any lower layer, never a higher or a sibling one.
 """
 import ast
@@ -18,7 +19,8 @@ LAYERS = {
     "engine.checkpoint": 3,
     "engine.training": 4,
     "engine.convert": 5, "engine.planner": 5, "engine.evaluate": 5, "engine.tools": 5,
-    "engine.train": 6,
+    "engine.dryrun": 6,
+    "engine.train": 7,
 }
 # Imported inside functions on purpose: optional GPU or test libraries, and slow imports used
 # by one path only.
