@@ -39,6 +39,8 @@ setup(
         "matplotlib>=3.7",
         # megatron's checkpoint writer processes need it, and hang the save without it.
         "psutil>=5.9",
+        # Version comparisons (engine.megatron_compat's start-up check).
+        "packaging>=20",
     ],
     extras_require={
         # GPU extras: used when present, never required. flash-attn (>= 2.1) and

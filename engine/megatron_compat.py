@@ -65,15 +65,17 @@ import sys
 from importlib.metadata import version
 
 import torch
+from megatron.core.optimizer import distrib_optimizer as megatron_distrib_optimizer
+from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import random as megatron_random
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
 CHECKED_VERSIONS = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
-# torch major.minor releases the suite ran on: 2.13 (CPU, Python 3.11), 2.14 (Python 3.12 in CI),
-# 2.11 (H100 machine).
-TESTED_TORCH = ("2.11", "2.13", "2.14")
+# torch major.minor releases the suite ran on: 2.13 (CPU, Python 3.11), 2.14 (Python 3.12 in CI).
+TESTED_TORCH = ("2.13", "2.14")
 
 _cpu_support_enabled = False
 
@@ -269,9 +271,8 @@ SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
 
 
 def _identifier_modules():
-    from megatron.core.optimizer import distrib_optimizer, optimizer
     # Each module reads its own global when it pairs groups (distrib_optimizer imported it).
-    return [module for module in (optimizer, distrib_optimizer)
+    return [module for module in (megatron_optimizer, megatron_distrib_optimizer)
             if hasattr(module, "param_group_identifier_keys")]
 
 
@@ -320,7 +321,6 @@ def give_cuda_a_cpu_stream() -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _minor(version_text: str) -> str:
-    from packaging.version import Version
     release = Version(version_text).release
     return f"{release[0]}.{release[1] if len(release) > 1 else 0}"
 
