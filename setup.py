@@ -14,10 +14,14 @@ setup(
     include_package_data=True,
     package_data={"data_tools": ["recipes/*.yaml", "sample/*"], "engine": ["configs/*.yaml"]},
     install_requires=[
-        # Tested: torch 2.13.0 (CPU, this repo's CI) and 2.11 (H100 machine).
-        "torch>=2.6,<2.14",
-        # 0.16.1 is the newest for Python 3.11; our CPU shim patches its internals by name.
-        "megatron-core>=0.16.1,<0.19",
+        # No upper bound: a GPU image's torch (a newer release, or a pre-release build such as
+        # NGC's 2.14.0a0+...) must stay. Versions not in engine.megatron_compat.TESTED_TORCH
+        # warn at start-up instead.
+        "torch>=2.6",
+        # 0.16.1 is the newest for Python 3.11. engine/megatron_compat.py patches megatron's
+        # internals by name and was checked on the releases in CHECKED_VERSIONS; a release of the
+        # next minor is held back until that file has been checked on it.
+        "megatron-core>=0.16.1,<0.20",
         "numpy>=1.24",
         "sentencepiece>=0.2",
         "tensorboard>=2.14",
@@ -35,12 +39,15 @@ setup(
         "matplotlib>=3.7",
         # megatron's checkpoint writer processes need it, and hang the save without it.
         "psutil>=5.9",
+        # Version comparisons (engine.megatron_compat's start-up check).
+        "packaging>=20",
     ],
     extras_require={
-        # GPU extras: used when present, never required. flash-attn >= 2.1 aligns the causal
-        # mask bottom-right when a document has fewer queries than keys; the all-gather CP
-        # attention relies on it (older versions align top-left: wrong attention, no error).
-        "gpu": ["flash-attn>=2.1", "transformer-engine[pytorch]", "triton"],
+        # GPU extras: used when present, never required. flash-attn (>= 2.1) and
+        # transformer-engine are not listed: they build against the installed torch, which pip's
+        # build isolation hides (their builds fail with "No module named 'torch'"). The README
+        # installs them with --no-build-isolation.
+        "gpu": ["triton>=3.1"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.44", "triton>=3.1",
                  "ruff>=0.6"],
     },

@@ -35,25 +35,49 @@ Differences between releases that the engine bridges:
    megatron sets when it initializes. Up to 0.17 megatron sets none without initializing; from
    0.18 its parallel linears and embeddings set them anyway and refuse a second setting.
 
+6. ``patch_param_group_matching``: from 0.19 megatron pairs saved optimizer param groups with
+   the current ones by a key that includes the schedule's values (``max_lr``, ``min_lr``,
+   ``start_wd``, ``end_wd``), so a stage that starts from another stage's optimizer state at a
+   new learning rate finds no matching group (KeyError in the distributed optimizer, ValueError
+   in the others). The patched key leaves the schedule's values out, as up to 0.18: groups pair by
+   what they hold (``wd_mult``, ``lr_mult``, expert/decoupled flags), the loaded groups carry the
+   saved schedule values, and engine.train puts this run's back. The engine builds its groups
+   from one OptimizerConfig, so no two of its groups differ only in schedule values (the case
+   megatron widened the key for).
+7. ``torch.cuda.current_stream`` on the CPU: from 0.19 the gradient buffer's ``start_grad_sync``
+   asks for the current CUDA stream on every reduction (to wait on CUDA-graph events); a CPU
+   torch raises there. ``enable_cpu_support`` gives it a stream whose waits are no-ops (CPU work
+   is synchronous).
+
+Versions: ``CHECKED_VERSIONS`` lists the megatron-core releases this file was checked on and
+``TESTED_TORCH`` the torch releases (major.minor) the suite ran on. pip keeps whatever torch and
+megatron-core (0.16.1-0.19.x) an environment has; ``warn_untested_versions`` prints one line at
+start-up (rank 0) when either is not one of those.
+
 Checked on (the whole CPU suite, tests/ engine and kernel selection): megatron-core 0.16.1, the
-newest for Python 3.11, with torch 2.13; and 0.17.1 and 0.18.2 on Python 3.12 with torch 2.13
-(the releases NeMo/NGC images carry). 0.19 is not supported yet: it matches the optimizer's
-param groups by their learning rate when loading, so a stage that starts from another stage's
-optimizer state with a new lr fails, and it waits on CUDA streams while reducing gradients.
+newest for Python 3.11, with torch 2.13; 0.17.1 and 0.18.2 on Python 3.12 with torch 2.13 (the
+releases NeMo/NGC images carry); and 0.19.2 on Python 3.12 with torch 2.14 (CI's megatron-core
+subset, .ci/run).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from importlib.metadata import version
 
 import torch
+from megatron.core.optimizer import distrib_optimizer as megatron_distrib_optimizer
+from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import random as megatron_random
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
-CHECKED_VERSIONS = ("0.16.1", "0.17.1", "0.18.2")
+CHECKED_VERSIONS = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
+# torch major.minor releases the suite ran on: 2.13 (CPU, Python 3.11), 2.14 (Python 3.12 in CI).
+TESTED_TORCH = ("2.13", "2.14")
 
 _cpu_support_enabled = False
 
@@ -136,6 +160,8 @@ def _redirect_cuda(target: str) -> None:
     # megatron's model-parallel RNG tracker saves and restores CUDA generator states.
     megatron_random._get_cuda_rng_state = _cpu_rng_get_state
     megatron_random._set_cuda_rng_state = _cpu_rng_set_state
+    # megatron-core 0.19 waits on the current CUDA stream while reducing gradients (patch 7).
+    give_cuda_a_cpu_stream()
     # Pushed for the life of the process: megatron creates CUDA tensors lazily, e.g. in its
     # gradient buffers and pipeline send/receive buffers.
     _CudaToCpuMode(target).__enter__()
@@ -267,3 +293,97 @@ def mark_tensor_parallel(name: str, param: torch.nn.Parameter, dim: int | None,
             f"megatron-core {megatron_version()} marks parameter {name} as "
             f"(tensor_model_parallel, partition_dim, partition_stride) = {found}, the engine's "
             f"sharding (engine/model/sharding.py) says {wanted}: make the two agree")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Pairing saved optimizer param groups with the current ones
+# ---------------------------------------------------------------------------------------------
+
+# The param-group values a run's schedule sets (megatron's scheduler reads them each step), as
+# opposed to the values that say which parameters a group holds and how they are treated.
+SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _identifier_modules():
+    # Each module reads its own global when it pairs groups (distrib_optimizer imported it).
+    return [module for module in (megatron_optimizer, megatron_distrib_optimizer)
+            if hasattr(module, "param_group_identifier_keys")]
+
+
+def patch_param_group_matching() -> None:
+    """Drop the schedule's values from megatron's param-group pairing key (idempotent; nothing
+    to do before 0.19, whose key never held them)."""
+    for module in _identifier_modules():
+        keys = module.param_group_identifier_keys
+        module.param_group_identifier_keys = tuple(k for k in keys if k not in SCHEDULE_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The current CUDA stream on the CPU
+# ---------------------------------------------------------------------------------------------
+
+class _CpuStream:
+    """What torch.cuda.current_stream() returns under CPU support: CPU work is synchronous, so
+    there is never anything to wait for or record."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+# torch's own, for the test that checks megatron still needs the replacement.
+cuda_current_stream = torch.cuda.current_stream
+
+
+def give_cuda_a_cpu_stream() -> None:
+    """Make torch.cuda.current_stream return a stream whose waits are no-ops (part of
+    enable_cpu_support and enable_meta_support)."""
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions pip kept that this file was not checked on
+# ---------------------------------------------------------------------------------------------
+
+def _minor(version_text: str) -> str:
+    release = Version(version_text).release
+    return f"{release[0]}.{release[1] if len(release) > 1 else 0}"
+
+
+def untested_versions(torch_version: str, megatron_core_version: str) -> str | None:
+    """One line naming the torch / megatron-core version that was not tested and the tested
+    ones; None when both were tested. torch counts by major.minor (2.14.0a0+nv... is 2.14)."""
+    untested = []
+    if _minor(torch_version) not in TESTED_TORCH:
+        untested.append(f"torch {torch_version} (tested: {', '.join(TESTED_TORCH)})")
+    if megatron_core_version not in CHECKED_VERSIONS:
+        untested.append(f"megatron-core {megatron_core_version} (tested: "
+                        f"{', '.join(CHECKED_VERSIONS)})")
+    if not untested:
+        return None
+    return (f"longctx-engine: warning: untested {' and '.join(untested)}; it should work, but "
+            f"run tests/engine/test_megatron_compat.py here before trusting results")
+
+
+def warn_untested_versions() -> None:
+    """Print ``untested_versions`` for the running torch and megatron-core to stderr, from the
+    first process of a launch only (RANK / SLURM_PROCID unset or 0)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank != "0":
+        return
+    message = untested_versions(torch.__version__, megatron_version())
+    if message:
+        print(message, file=sys.stderr, flush=True)
+
+
+# Once per process, at the first import (every entry point that touches megatron-core gets here).
+warn_untested_versions()

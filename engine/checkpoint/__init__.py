@@ -49,6 +49,7 @@ from engine.checkpoint.integrity import (
 from engine.checkpoint.writer import take_write_failure, write_in_process
 from engine.megatron_compat import (
     allocate_distributed_optimizer_state,
+    patch_param_group_matching,
     patch_reshardable_optimizer_load,
     untie_adam_steps,
 )
@@ -119,6 +120,7 @@ def _sharded_state(model_chunks, optimizer=None, is_loading: bool = False) -> di
     if optimizer is not None:
         if is_loading:
             patch_reshardable_optimizer_load()
+            patch_param_group_matching()
             allocate_distributed_optimizer_state(optimizer)
         # Nested per chunk: virtual stages on one rank share keys (at different offsets).
         # "fully_reshardable": the distributed optimizer stores per-parameter state (not its

@@ -5,11 +5,14 @@ Prints one JSON line: for the reshardable optimizer load, the error megatron's o
 and whether the patched load restores Adam's state exactly; for the optimizer state allocation,
 whether megatron can describe an empty distributed optimizer's state without it; whether
 megatron's load shares one Adam step among the parameters, and the steps after the engine's
-load and one more step.
+load and one more step; whether megatron's own param-group pairing refuses optimizer state saved
+at another learning rate, and what the patched load restores; whether megatron's gradient
+reduction asks for the current CUDA stream.
 """
 import json
 import sys
 import tempfile
+from dataclasses import replace
 
 import torch
 
@@ -25,8 +28,14 @@ def main() -> None:
     from engine.training.data import build_micro_batch
     from engine.training.plan import RunPlan
     from engine.training.step import train_step
+    from engine.megatron_compat import cuda_current_stream
+    from engine.training.config import OptimizerSettings
+    from megatron.core.optimizer import distrib_optimizer, optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    # Before any load patches them: megatron's own param-group pairing keys.
+    megatron_keys = {module: getattr(module, "param_group_identifier_keys", None)
+                     for module in (optimizer, distrib_optimizer)}
     model = get_model_config("tiny", num_layers=2)
     plan = RunPlan.create(model, ParallelLayout(distributed_optimizer=True), seq_length=16,
                           global_batch=1, kernels=KernelChoices.parse("all=torch"),
@@ -34,8 +43,19 @@ def main() -> None:
     initialize_parallel(plan.layout, seed=plan.seed, timeout_s=60)
     trained = build_training_state(plan)
     batch = build_micro_batch([torch.arange(16).numpy()], [[16]])
-    train_step(trained.chunks, trained.optimizer, trained.scheduler, [batch], 1, 16, 1)
     report = {}
+    # 7. megatron's gradient reduction with torch's own current_stream on a CPU machine.
+    patched_stream = torch.cuda.current_stream
+    torch.cuda.current_stream = cuda_current_stream
+    try:
+        train_step(trained.chunks, trained.optimizer, trained.scheduler, [batch], 1, 16, 1)
+        report["unpatched_stream_error"] = None
+    except Exception as error:  # noqa: BLE001 - the kind of error is the finding
+        report["unpatched_stream_error"] = f"{type(error).__name__}: {error}"[:300]
+    finally:
+        torch.cuda.current_stream = patched_stream
+    trained = build_training_state(plan)
+    train_step(trained.chunks, trained.optimizer, trained.scheduler, [batch], 1, 16, 1)
     with tempfile.TemporaryDirectory() as root:
         path = checkpoint.save_checkpoint(root, 1, trained.chunks, trained.optimizer,
                                           trained.scheduler, model, plan.layout, {})
@@ -89,6 +109,50 @@ def main() -> None:
         inner = empty.optimizer.chained_optimizers[0] if hasattr(
             empty.optimizer, "chained_optimizers") else empty.optimizer
         report["optimizer_state_empty_before_allocation"] = not inner.optimizer.state
+        # 6. The next stage: the same model at three times the learning rate starts from this
+        # optimizer state, with the distributed optimizer and with megatron's plain one.
+        report["new_lr"] = {}
+        plain_plan = replace(plan, layout=ParallelLayout(distributed_optimizer=False))
+        for kind, saved_plan in (("distributed", plan), ("plain", plain_plan)):
+            saved = build_training_state(saved_plan)
+            train_step(saved.chunks, saved.optimizer, saved.scheduler, [batch], 1, 16, 1)
+            saved_path = checkpoint.save_checkpoint(f"{root}/{kind}", 1, saved.chunks,
+                                                    saved.optimizer, saved.scheduler, model,
+                                                    saved_plan.layout, {})
+            next_plan = replace(saved_plan, optimizer=OptimizerSettings(
+                lr=saved_plan.optimizer.lr * 3))
+            result = {}
+            patch = checkpoint.patch_param_group_matching
+            patched_keys = {module: getattr(module, "param_group_identifier_keys", None)
+                            for module in megatron_keys}
+            for module, keys in megatron_keys.items():
+                if keys is not None:
+                    module.param_group_identifier_keys = keys
+            checkpoint.patch_param_group_matching = lambda: None
+            try:
+                unpatched = build_training_state(next_plan)
+                checkpoint.load_checkpoint(saved_path, unpatched.chunks, unpatched.optimizer,
+                                           model_config=model)
+                result["unpatched_error"] = None
+            except Exception as error:  # noqa: BLE001 - the kind of error is the finding
+                result["unpatched_error"] = f"{type(error).__name__}: {error}"[:300]
+            finally:
+                checkpoint.patch_param_group_matching = patch
+                for module, keys in patched_keys.items():
+                    if keys is not None:
+                        module.param_group_identifier_keys = keys
+            loaded = build_training_state(next_plan)
+            result["max_lr_before_load"] = sorted(
+                {group["max_lr"] for group in loaded.optimizer.param_groups})
+            checkpoint.load_checkpoint(saved_path, loaded.chunks, loaded.optimizer,
+                                       model_config=model)
+            result["max_lr_after_load"] = sorted(
+                {group["max_lr"] for group in loaded.optimizer.param_groups})
+            saved_moments, loaded_moments = moments(saved.optimizer), moments(loaded.optimizer)
+            result["restores_adam_state"] = len(saved_moments) == len(loaded_moments) > 0 and all(
+                torch.equal(a, b) for a, b in zip(saved_moments, loaded_moments))
+            result["saved_lr"] = saved_plan.optimizer.lr
+            report["new_lr"][kind] = result
     print(json.dumps(report))
     sys.stdout.flush()
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from packaging.version import Version
 
 from engine import megatron_compat
 from tests.distributed import REPO, free_port, test_env, torchrun
@@ -70,9 +71,19 @@ def test_megatron_without_cpu_support_cannot_seed_its_rng_on_a_cpu_machine():
     assert "PATCHED WORKS" in result.stdout
 
 
-def test_reshardable_optimizer_load_still_needs_the_patch_and_the_patch_restores_adam():
-    result = torchrun("tests.engine.megatron_compat_worker", 1, [], timeout=180)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def worker_report() -> dict:
+    result = torchrun("tests.engine.megatron_compat_worker", 1, [], timeout=300)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def megatron_at_least(release: str) -> bool:
+    return Version(megatron_compat.megatron_version()) >= Version(release)
+
+
+def test_reshardable_optimizer_load_still_needs_the_patch_and_the_patch_restores_adam(
+        worker_report):
+    report = worker_report
     assert report["unpatched_error"] and "KeyError" in report["unpatched_error"] and (
         "step" in report["unpatched_error"]), (
         f"megatron's own load no longer fails as patch 2 says ({report['unpatched_error']}): "
@@ -109,3 +120,72 @@ def test_tensor_parallel_marks_are_set_where_missing_and_must_agree_where_megatr
                                            r"\(True, 1, 1\)"):
         megatron_compat.mark_tensor_parallel("decoder.layers.0.self_attention.linear_proj.weight",
                                              proj, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["distributed", "plain"])
+def test_a_stage_starts_from_optimizer_state_saved_at_another_learning_rate(worker_report, kind):
+    """Patch 6: megatron-core >= 0.19 pairs param groups by a key holding max_lr/min_lr."""
+    result = worker_report["new_lr"][kind]
+    if megatron_at_least("0.19"):
+        expected = "KeyError" if kind == "distributed" else "ValueError"
+        assert result["unpatched_error"] and result["unpatched_error"].startswith(expected), (
+            f"megatron-core {megatron_compat.megatron_version()} now loads optimizer state saved "
+            f"at another learning rate ({result['unpatched_error']}): drop "
+            f"patch_param_group_matching (patch 6)")
+    else:
+        assert result["unpatched_error"] is None, result["unpatched_error"]
+    # The load restores Adam exactly and the saved schedule values; engine.train then puts the
+    # new stage's back.
+    assert result["restores_adam_state"]
+    assert result["max_lr_before_load"] == [pytest.approx(3 * result["saved_lr"])]
+    assert result["max_lr_after_load"] == [pytest.approx(result["saved_lr"])]
+
+
+def test_patched_param_group_key_leaves_out_only_the_schedule_values():
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    megatron_compat.patch_param_group_matching()
+    for module in (optimizer, distrib_optimizer):
+        keys = getattr(module, "param_group_identifier_keys", None)
+        if keys is None:
+            assert not megatron_at_least("0.19")
+            continue
+        assert not set(keys) & set(megatron_compat.SCHEDULE_KEYS)
+        # What says which parameters a group holds stays in the key.
+        assert {"wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr"} <= set(keys)
+
+
+def test_gradient_reduction_on_a_cpu_machine_needs_the_cpu_stream(worker_report):
+    """Patch 7: megatron-core >= 0.19 asks for the current CUDA stream in every reduction."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: there is nothing to route to the CPU")
+    error = worker_report["unpatched_stream_error"]
+    if megatron_at_least("0.19"):
+        assert error, ("megatron's gradient reduction no longer asks for the current CUDA stream "
+                       "on a CPU machine: drop give_cuda_a_cpu_stream (patch 7)")
+    else:
+        assert error is None, error
+
+
+def test_untested_versions_warn_in_one_line_naming_the_tested_ones():
+    tested_torch = megatron_compat.TESTED_TORCH[-1]
+    tested_megatron = megatron_compat.CHECKED_VERSIONS[-1]
+    assert megatron_compat.untested_versions(f"{tested_torch}.1", tested_megatron) is None
+    # A local build of a tested release (NGC's pre-releases, +cpu wheels) counts as tested.
+    for build in (f"{tested_torch}.0a0+nv26.4", f"{tested_torch}.0+cpu"):
+        assert megatron_compat.untested_versions(build, tested_megatron) is None
+    message = megatron_compat.untested_versions("2.99.1", "0.19.7")
+    assert "\n" not in message
+    assert "torch 2.99.1" in message and "megatron-core 0.19.7" in message
+    for version in megatron_compat.TESTED_TORCH + megatron_compat.CHECKED_VERSIONS:
+        assert version in message
+
+
+@pytest.mark.parametrize("rank, warns", [("0", True), ("1", False)])
+def test_the_version_warning_comes_from_the_first_rank_only(monkeypatch, capsys, rank, warns):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(megatron_compat.torch, "__version__", "2.99.1")
+    megatron_compat.warn_untested_versions()
+    err = capsys.readouterr().err
+    assert ("untested torch 2.99.1" in err) == warns
+    assert err.count("\n") == int(warns)
