@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
                              lengths)
     tokenizer = f"{llama3_tokenizer_dir()}/tokenizer.model"
     common = ["--tokenizer", tokenizer, "--tasks", *TASKS, "--lengths", "256", "--depths", "2",
-              "--long-documents", str(root / "docs"), "--position-length", "256",
+              "--samples", "1", "--long-documents", str(root / "docs"), "--position-length", "256",
               "--short-documents", str(root / "docs"), "--no-progress"]
     return {"root": root, "common": common, "tokenizer": tokenizer}
 
@@ -111,7 +111,7 @@ def test_parallel_layouts_score_like_one_process(nproc, overrides, tiny, single,
 def test_generation_finds_at_least_what_teacher_forcing_finds(tiny, single, tmp_path):
     result = _evaluate("--hf", f"export={tiny['root'] / 'export'}", "--tokenizer",
                        tiny["tokenizer"], "--tasks", *TASKS, "--lengths", "256", "--depths", "2",
-                       "--no-progress", "--out", str(tmp_path))
+                       "--samples", "1", "--no-progress", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:]
     generated = _report(tmp_path)["export"]
     assert generated["scoring"] == "generation"
@@ -125,7 +125,7 @@ def test_a_length_beyond_the_trained_context_warns_and_runs(tiny, tmp_path):
     # The tiny model was built with max_position_embeddings 4096.
     result = _evaluate("--checkpoint", str(tiny["root"] / "ckpt"), "--tokenizer",
                        tiny["tokenizer"], "--tasks", "niah_single", "--lengths", "4200",
-                       "--depths", "0.5", "--no-progress", "--out", str(tmp_path))
+                       "--depths", "0.5", "--samples", "1", "--no-progress", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "beyond the 4096 tokens of context" in result.stdout
     assert (tmp_path / "report.json").exists()
@@ -153,3 +153,18 @@ def test_bad_inputs_stop_with_exit_2_naming_the_value(tiny, tmp_path):
         assert result.returncode == 2, (args, result.stdout[-2000:])
         assert message in result.stdout, (message, result.stdout[-2000:])
         assert "Traceback" not in result.stdout and not out.exists()
+
+
+def test_samples_default_to_a_usable_interval_unless_a_config_sets_them(tmp_path):
+    from engine.evaluate.__main__ import DEFAULT_SAMPLES, _config, _parser
+
+    def samples(*argv):
+        return _config(_parser().parse_args(["--out", str(tmp_path), *argv])).eval.samples
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("eval:\n  samples: 3\n")
+    assert DEFAULT_SAMPLES == 20 and samples() == 20
+    assert samples("--samples", "5") == 5
+    assert samples("--config", str(config)) == 3
+    assert samples("eval.samples=2") == 2
+    assert samples("--config", str(config), "--samples", "7") == 7
