@@ -52,7 +52,7 @@ def single(tiny):
     out = tiny["root"] / "single"
     result = _evaluate("--checkpoint", f"base={tiny['root'] / 'ckpt'}", "--hf",
                        f"export={tiny['root'] / 'export'}", "--hf-scoring", "teacher-forced",
-                       *tiny["common"], "--out", str(out))
+                       "--write-examples", *tiny["common"], "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:]
     return out
 
@@ -93,6 +93,13 @@ def test_the_command_writes_every_output_and_the_engine_matches_its_export(singl
     # transformers on the exported folder (fp32) scores what the engine scores.
     _assert_same_measures(engine, export, 1e-4)
     assert "| base |" in (single / "report.md").read_text()
+    # examples.jsonl: the engine's teacher-forced argmax text of each answer is the export's.
+    lines = [json.loads(line) for line in (single / "examples.jsonl").read_text().splitlines()]
+    predicted = {}
+    for line in lines:
+        predicted.setdefault(line["checkpoint"], []).append(line["predicted"])
+    assert len(predicted["base"]) == 2 * len(TASKS) and all(predicted["base"])
+    assert predicted["base"] == predicted["export"]
 
 
 @pytest.mark.parametrize("nproc, overrides", [
