@@ -100,7 +100,7 @@ def teacher_forced_results(chunks, plan: RunPlan, examples: Sequence[RecallExamp
             predicted = scores[k].argmax[start:start + answer]
             answer_loss = float(np.mean(scores[k].loss[start:start + answer]))
             results[i] = ExampleResult.of(example, score_teacher_forced(example, predicted),
-                                          answer_loss=answer_loss)
+                                          answer_loss=answer_loss, predicted_ids=predicted)
         bar.update(len(members))
     bar.close()
     return results

@@ -5,7 +5,9 @@ One JSON line per (checkpoint, example): checkpoint, scoring ("teacher_forced" |
 task, length, depth, index, prompt (the decoded prompt ids, BOS included as its text),
 prompt_tokens, answer_prefix (the end of the prompt the answer continues), gold, found (per gold
 value), score (RULER's metric: the fraction found) and output (the generated text; null when
-teacher-forced, where the canonical answer is fed and `found` says which values were predicted).
+teacher-forced, where the canonical answer is fed and `found` says which values were predicted)
+and, teacher-forced, predicted: the text of the argmax token at each answer position (what the
+model put where each answer token stood; null when generated).
 The mean `score` of the lines of one cell is that cell's score in report.json.
 """
 from __future__ import annotations
@@ -46,7 +48,9 @@ def example_lines(examples: Sequence, reports: Sequence, tokenizer) -> list[dict
                 "prompt_tokens": int(len(example.prompt_ids)),
                 "answer_prefix": answer_prefix(tail), "gold": list(example.gold),
                 "found": [bool(f) for f in result.found], "score": result.score,
-                "output": result.output})
+                "output": result.output,
+                "predicted": None if result.predicted_ids is None else tokenizer.decode(
+                    list(result.predicted_ids))})
     return lines
 
 

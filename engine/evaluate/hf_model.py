@@ -176,7 +176,8 @@ def evaluate_teacher_forced(model, examples: Sequence, progress: bool = True) ->
         _warn_if_beyond_context(model, example.length)
         output = teacher_forced_reference(model, example)
         results.append(ExampleResult.of(example, output.score(example),
-                                        answer_loss=float(output.token_losses.mean())))
+                                        answer_loss=float(output.token_losses.mean()),
+                                        predicted_ids=output.predicted_ids))
     return results
 
 

@@ -14,7 +14,9 @@ output and score) and, with --hf, report.json and report.md: per task and length
 (RULER's string_match_all, string_match_part for QA; HELMET's substring exact match for json_kv
 and ruler_recall for the needles) with its 95% confidence interval, always "generated" with the
 task's budget. Without --hf only the examples are written, for other
-harnesses. Bad input (an unknown task, a missing or malformed haystack file, a length too short
+harnesses. --checkpoint scores an engine checkpoint the same way: it is exported to a temporary
+Hugging Face folder (engine.convert export, under TMPDIR) and generated with on one device, so
+only lengths that fit one device. Bad input (an unknown task, a missing or malformed haystack file, a length too short
 for a task's budget) exits with code 2 before anything is written.
 """
 from __future__ import annotations
@@ -22,9 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from data_tools.tokenizer import TokenizerError, load_tokenizer
+from engine.checkpoint import CheckpointError
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.helmet import HELMET_RECALL_TASKS, helmet_score, load_helmet_examples
 from engine.evaluate.ruler import (RULER_TASKS, RulerSources, build_ruler_example,
@@ -46,6 +51,11 @@ def _parser(protocol: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--tokenizer", required=True, help="the model's tokenizer")
     parser.add_argument("--hf", help="Hugging Face folder to generate with (else: examples only)")
+    parser.add_argument("--checkpoint", help="engine checkpoint to generate with, through a "
+                                             "temporary Hugging Face export (one device)")
+    parser.add_argument("--export-dtype", default="bfloat16",
+                        choices=("bfloat16", "float16", "float32"),
+                        help="the temporary export's dtype (--checkpoint; default bfloat16)")
     parser.add_argument("--out", required=True, help="folder for examples.jsonl and the report")
     parser.add_argument("--tasks", nargs="+", default=list(tasks), metavar="TASK",
                         help=f"default: all of {', '.join(tasks)}")
@@ -68,6 +78,7 @@ def _parser(protocol: str) -> argparse.ArgumentParser:
 def main(argv=None, protocol: str = "ruler") -> int:
     args = _parser(protocol).parse_args(argv)
     tasks = RULER_TASKS if protocol == "ruler" else HELMET_RECALL_TASKS
+    export_dir = None
     try:
         unknown = [t for t in args.tasks if t not in tasks]
         if unknown:
@@ -75,6 +86,8 @@ def main(argv=None, protocol: str = "ruler") -> int:
                                   f"{', '.join(tasks)}")
         if args.samples < 1:
             raise EvaluationError(f"--samples {args.samples}; give at least 1")
+        if args.hf and args.checkpoint:
+            raise EvaluationError("give --hf or --checkpoint, not both: one model per run")
         tokenizer = load_tokenizer(args.tokenizer)
         # Every prompt is built before a model is loaded or a file written.
         chat = None
@@ -98,12 +111,19 @@ def main(argv=None, protocol: str = "ruler") -> int:
                         for e in load_helmet_examples(task, args.helmet_data, length,
                                                       args.samples, tokenizer)]
         model = None
-        if args.hf:
+        if args.checkpoint:
+            export_dir = tempfile.mkdtemp(prefix="engine-export-")
+            model = _exported_model(args.checkpoint, export_dir, args.export_dtype)
+        elif args.hf:
             from engine.evaluate.hf_model import load_hf_model
             model = load_hf_model(args.hf)
-    except (EvaluationError, TokenizerError, ValueError, OSError) as error:
+    except (EvaluationError, TokenizerError, CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        # The weights are in memory once loaded: the exported folder is not needed again.
+        if export_dir is not None:
+            shutil.rmtree(export_dir, ignore_errors=True)
     rows = [dict(_row(e, protocol), chat_template=chat.source if chat else None)
             for e in examples]
     if model is not None:
@@ -130,12 +150,23 @@ def main(argv=None, protocol: str = "ruler") -> int:
     if model is not None:
         report = report_from_rows(rows)
         with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-            json.dump({"protocol": protocol, "model": args.hf, "seed": args.seed,
+            json.dump({"protocol": protocol, "model": args.hf or args.checkpoint,
+                       "exported_from_checkpoint": bool(args.checkpoint), "seed": args.seed,
                        "cells": report}, f, indent=2)
         with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
             f.write(report_markdown(report, protocol))
     print(f"wrote {len(rows)} examples to {args.out}", flush=True)
     return 0
+
+
+def _exported_model(checkpoint: str, folder: str, dtype: str):
+    """The engine checkpoint as a transformers model, through an export into `folder`."""
+    from engine.convert.export import export_checkpoint
+    from engine.evaluate.hf_model import load_hf_model
+
+    export_checkpoint(checkpoint, os.path.join(folder, "hf"), dtype=dtype,
+                      log=lambda message: print(message, flush=True))
+    return load_hf_model(os.path.join(folder, "hf"))
 
 
 def _row(example, protocol: str) -> dict:

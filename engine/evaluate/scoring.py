@@ -105,7 +105,7 @@ def answer_token_losses(answer_ids, logits=None, log_probs=None) -> np.ndarray:
 @dataclass
 class ExampleResult:
     """One scored example: which gold values were found, optionally its mean answer-token loss
-    (nats) and the generated text."""
+    (nats), the generated text, and (teacher-forced) the argmax token at each answer position."""
     task: str
     length: int
     depth: float
@@ -113,6 +113,7 @@ class ExampleResult:
     found: tuple[bool, ...]
     answer_loss: Optional[float] = None
     output: Optional[str] = None
+    predicted_ids: Optional[tuple[int, ...]] = None
 
     @property
     def score(self) -> float:
@@ -120,9 +121,10 @@ class ExampleResult:
 
     @classmethod
     def of(cls, example, score: RecallScore, answer_loss: Optional[float] = None,
-           output: Optional[str] = None) -> "ExampleResult":
+           output: Optional[str] = None, predicted_ids=None) -> "ExampleResult":
         return cls(example.task, example.length, example.depth, example.index, score.found,
-                   answer_loss, output)
+                   answer_loss, output,
+                   None if predicted_ids is None else tuple(int(t) for t in predicted_ids))
 
 
 @dataclass

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
                              lengths)
     tokenizer = f"{llama3_tokenizer_dir()}/tokenizer.model"
     common = ["--tokenizer", tokenizer, "--tasks", *TASKS, "--lengths", "256", "--depths", "2",
-              "--long-documents", str(root / "docs"), "--position-length", "256",
+              "--samples", "1", "--long-documents", str(root / "docs"), "--position-length", "256",
               "--short-documents", str(root / "docs"), "--no-progress"]
     return {"root": root, "common": common, "tokenizer": tokenizer}
 
@@ -52,7 +52,7 @@ def single(tiny):
     out = tiny["root"] / "single"
     result = _evaluate("--checkpoint", f"base={tiny['root'] / 'ckpt'}", "--hf",
                        f"export={tiny['root'] / 'export'}", "--hf-scoring", "teacher-forced",
-                       *tiny["common"], "--out", str(out))
+                       "--write-examples", *tiny["common"], "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:]
     return out
 
@@ -93,6 +93,13 @@ def test_the_command_writes_every_output_and_the_engine_matches_its_export(singl
     # transformers on the exported folder (fp32) scores what the engine scores.
     _assert_same_measures(engine, export, 1e-4)
     assert "| base |" in (single / "report.md").read_text()
+    # examples.jsonl: the engine's teacher-forced argmax text of each answer is the export's.
+    lines = [json.loads(line) for line in (single / "examples.jsonl").read_text().splitlines()]
+    predicted = {}
+    for line in lines:
+        predicted.setdefault(line["checkpoint"], []).append(line["predicted"])
+    assert len(predicted["base"]) == 2 * len(TASKS) and all(predicted["base"])
+    assert predicted["base"] == predicted["export"]
 
 
 @pytest.mark.parametrize("nproc, overrides", [
@@ -111,7 +118,7 @@ def test_parallel_layouts_score_like_one_process(nproc, overrides, tiny, single,
 def test_generation_finds_at_least_what_teacher_forcing_finds(tiny, single, tmp_path):
     result = _evaluate("--hf", f"export={tiny['root'] / 'export'}", "--tokenizer",
                        tiny["tokenizer"], "--tasks", *TASKS, "--lengths", "256", "--depths", "2",
-                       "--no-progress", "--out", str(tmp_path))
+                       "--samples", "1", "--no-progress", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:]
     generated = _report(tmp_path)["export"]
     assert generated["scoring"] == "generation"
@@ -129,7 +136,8 @@ def test_a_length_beyond_the_trained_context_warns_and_runs(tiny, tmp_path):
     result = _evaluate("--checkpoint", f"base={tiny['root'] / 'ckpt'}", "--hf",
                        f"export={tiny['root'] / 'export'}", "--hf-scoring", "teacher-forced",
                        "--tokenizer", tiny["tokenizer"], "--tasks", "niah_single", "--lengths",
-                       "4200", "--depths", "0.5", "--no-progress", "--out", str(tmp_path))
+                       "4200", "--depths", "0.5", "--samples", "1", "--no-progress", "--out",
+                       str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:]
     assert "beyond the 4096 tokens of context" in result.stdout
     report = _report(tmp_path)
@@ -332,3 +340,18 @@ def test_a_checkpoint_damaged_inside_a_file_ends_with_exit_2(tiny, tmp_path):
     assert result.returncode == 2, result.stdout[-3000:]
     assert f"error: --checkpoint {step}: " in result.stdout and victim.name in result.stdout
     assert "Traceback" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_samples_default_to_a_usable_interval_unless_a_config_sets_them(tmp_path):
+    from engine.evaluate.__main__ import DEFAULT_SAMPLES, _config, _parser
+
+    def samples(*argv):
+        return _config(_parser().parse_args(["--out", str(tmp_path), *argv])).eval.samples
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("eval:\n  samples: 3\n")
+    assert DEFAULT_SAMPLES == 20 and samples() == 20
+    assert samples("--samples", "5") == 5
+    assert samples("--config", str(config)) == 3
+    assert samples("eval.samples=2") == 2
+    assert samples("--config", str(config), "--samples", "7") == 7

@@ -39,6 +39,7 @@ def test_examples_jsonl_round_trips_to_the_report(model, tmp_path, scoring):
             " The special magic number" if line["task"] == "niah_single" else
             "Corresponding value:")
         assert (line["output"] is None) == (scoring == "teacher-forced")
+        assert (line["predicted"] is None) == (scoring == "generation")
         assert line["score"] == sum(line["found"]) / len(line["gold"])
         by_cell[(line["task"], line["depth"])].append(line["score"])
     assert len(cells) == len(by_cell) == 4

@@ -71,3 +71,39 @@ def test_bad_input_exits_2_and_writes_nothing(tokenizer_path, tmp_path, capsys, 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_engine_checkpoint_generates_what_its_hugging_face_source_generates(
+        tokenizer_path, tmp_path, monkeypatch):
+    import tempfile
+
+    from tests.engine.test_convert_layouts import convert_cli, random_hf_llama
+
+    random_hf_llama(tmp_path / "hf", vocab_size=LLAMA3_VOCAB, max_shard_size="50MB")
+    assert convert_cli("import", "--hf", str(tmp_path / "hf"), "--out",
+                       str(tmp_path / "ckpt")).returncode == 0
+    # The export goes under TMPDIR and is gone afterwards.
+    exports = tmp_path / "tmp"
+    exports.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(exports))
+    common = ["--protocol", "ruler", "--tokenizer", tokenizer_path, "--tasks", "niah_single_1",
+              "--lengths", "512", "--samples", "2"]
+    assert main([*common, "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "from_hf")]) == 0
+    assert main([*common, "--checkpoint", str(tmp_path / "ckpt"), "--export-dtype", "float32",
+                 "--out", str(tmp_path / "from_ckpt")]) == 0
+    assert list(exports.iterdir()) == []
+    from_hf, from_ckpt = _rows(tmp_path / "from_hf" / "examples.jsonl"), _rows(
+        tmp_path / "from_ckpt" / "examples.jsonl")
+    # An fp32 import and export round trip: the same greedy outputs, token for token.
+    assert [r["output"] for r in from_ckpt] == [r["output"] for r in from_hf]
+    assert all(r["output"] for r in from_ckpt)
+    assert [r["score"] for r in from_ckpt] == [r["score"] for r in from_hf]
+    report = json.loads((tmp_path / "from_ckpt" / "report.json").read_text())
+    assert report["exported_from_checkpoint"] is True
+    assert [c["scoring"] for c in report["cells"]] == ["generated"]
+    # Bad input: no checkpoint there, or both a folder and a checkpoint.
+    assert main([*common, "--checkpoint", str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert main([*common, "--checkpoint", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "hf"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists() and list(exports.iterdir()) == []

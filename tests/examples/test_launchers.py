@@ -91,6 +91,14 @@ BAD_INPUT = [
                 EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none",
                 EVAL_TASKS="niah_single niah_triple"),
      "invalid choice: 'niah_triple'"),
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none",
+                EVAL_RULER_TASKS="vt niah_single"),
+     "EVAL_RULER_TASKS: unknown RULER task 'niah_single'; choose from: niah_single_1"),
+    ("08", dict(EVAL_CHECKPOINTS="base=$WORK/checkpoints/llama3-8b-instruct", EVAL_HF="none",
+                EVAL_LONG_DOCUMENTS="none", EVAL_SHORT_DOCUMENTS="none", EVAL_RULER_TASKS="vt",
+                EVAL_RULER_CHAT=2),
+     "EVAL_RULER_CHAT=2 must be 1 or 0"),
     ("04", dict(RECOMPUTE="some"), "RECOMPUTE=some must be none, selective or full"),
     ("04", dict(TINY=2), "TINY=2 must be 0 or 1"),
 ]
@@ -330,8 +338,12 @@ def test_prolong_released_data_is_imported_and_mixed_by_01_and_02(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("name: released\nseq_length: 128\nseed: 1\nsources:\n"
                       "  - {name: fw, path: fineweb-edu, weight: 1.0, prepacked: true}\n")
-    result = _run(_script("02"), **env, STAGE1_RECIPE=recipe, STAGE2_RECIPE=recipe)
+    # Stage 1 sized by its engine config (steps x global batch); stage 2 by the recipe alone.
+    train = tmp_path / "train.yaml"
+    train.write_text("train_steps: 5\ndata: {global_batch: 2}\n")
+    result = _run(_script("02"), **env, STAGE1_RECIPE=recipe, STAGE2_RECIPE=recipe,
+                  STAGE1_CONFIG=train, STAGE2_CONFIG="none")
     assert result.returncode == 0, result.stdout
-    for stage in ("stage1", "stage2"):
+    for stage, sequences in (("stage1", 5 * 2), ("stage2", 14)):
         packed = json.loads((work / "data" / "packed" / stage / "packed.json").read_text())
-        assert packed["num_sequences"] == 14 and packed["seq_length"] == 128
+        assert packed["num_sequences"] == sequences and packed["seq_length"] == 128
