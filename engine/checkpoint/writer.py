@@ -49,7 +49,7 @@ def _write_buckets(transform_list, use_msc, rank, write_buckets, results_queue) 
     results_queue.put(collected)
 
 
-def _in_process_queue():
+def _in_process_queue(mp_mode: str = "spawn"):
     return queue.Queue()
 
 
@@ -61,15 +61,37 @@ _REPLACED_SIGNATURE = ["transform_list", "use_msc", "rank", "write_buckets",
 
 def write_in_process() -> bool:
     """Make megatron-core's torch_dist save write from the calling process (idempotent). False
-    when this megatron-core's writer is not the one this module replaces (left as it is)."""
+    when this megatron-core's writer is not one this module knows (left as it is).
+
+    megatron-core 0.16 forks writer processes (replaced by threads here) and collects their
+    results through a multiprocessing Manager; 0.19 writes from threads already but still
+    starts a Manager process for the results queue (replaced by an in-process queue)."""
     if writes_in_process():
         return True
-    original = _Writer.write_preloaded_data_multiproc
-    if list(inspect.signature(original).parameters) != _REPLACED_SIGNATURE:
-        return False
-    _Writer.write_preloaded_data_multiproc = staticmethod(_write_buckets)
-    filesystem_async._get_write_results_queue = _in_process_queue
-    return True
+    multiproc = getattr(_Writer, "write_preloaded_data_multiproc", None)
+    if multiproc is not None:
+        if list(inspect.signature(multiproc).parameters) != _REPLACED_SIGNATURE:
+            return False
+        _Writer.write_preloaded_data_multiproc = staticmethod(_write_buckets)
+        filesystem_async._get_write_results_queue = _in_process_queue
+        return True
+    if (hasattr(_Writer, "write_preloaded_data_multithread")
+            and hasattr(filesystem_async, "get_write_results_queue")):
+        filesystem_async.get_write_results_queue = _in_process_queue
+        # Its threads' exceptions reach the caller as a RuntimeError naming only their type:
+        # keep each one (a full disk's OSError names the file) for save_checkpoint to report.
+        _Writer.write_preloaded_data = staticmethod(_recording(_Writer.write_preloaded_data))
+        return True
+    return False
+
+
+def _recording(write):
+    def write_and_record(*args, **kwargs):
+        output = write(*args, **kwargs)
+        if output is not None and isinstance(output[1], BaseException):
+            _last_failure[:] = [output[1]]
+        return output
+    return write_and_record
 
 
 def take_write_failure() -> BaseException | None:
@@ -81,5 +103,8 @@ def take_write_failure() -> BaseException | None:
 
 def writes_in_process() -> bool:
     """Whether write_in_process() is in effect."""
-    return (_Writer.write_preloaded_data_multiproc is _write_buckets
-            and filesystem_async._get_write_results_queue is _in_process_queue)
+    if hasattr(_Writer, "write_preloaded_data_multiproc"):
+        return (_Writer.write_preloaded_data_multiproc is _write_buckets
+                and getattr(filesystem_async, "_get_write_results_queue", None)
+                is _in_process_queue)
+    return getattr(filesystem_async, "get_write_results_queue", None) is _in_process_queue
