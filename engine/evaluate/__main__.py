@@ -36,7 +36,7 @@ from engine.evaluate import hf_model
 from engine.evaluate.engine_eval import (long_documents, padded_length, position_losses,
                                          short_document_loss, teacher_forced_results)
 from engine.evaluate.errors import EvaluationError
-from engine.evaluate.examples_file import write_examples
+from engine.evaluate.examples_file import examples_text
 from engine.evaluate.haystack import load_haystack
 from engine.evaluate.inputs import (SHORT_LENGTH, check_lengths, depth_setting, hf_config,
                                     long_document_ids, short_document_ids)
@@ -325,10 +325,9 @@ def main(argv=None) -> int:
                                       long_reader, short_reader, progress))
     order = {t.name: i for i, t in enumerate(targets)}
     reports.sort(key=lambda r: order[r.name])
-    files = write_report(EvaluationReport(reports), args.out)
-    if args.write_examples and examples:
-        files["examples.jsonl"] = write_examples(os.path.join(args.out, "examples.jsonl"),
-                                                 examples, reports, suite.tokenizer)
+    extra = ({"examples.jsonl": examples_text(examples, reports, suite.tokenizer)}
+             if args.write_examples and examples else {})
+    files = write_report(EvaluationReport(reports), args.out, extra)
     print("wrote " + ", ".join(str(path) for path in files.values()), flush=True)
     return 0
 

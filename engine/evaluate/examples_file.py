@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from data_tools.atomic import write_text_atomically
 
 # Where each task's answer prefix starts in the text after the context (the question's end).
 ANSWER_PREFIX_MARKERS = (" The special magic", " Answer:", "Corresponding value:")
@@ -54,8 +53,8 @@ def example_lines(examples: Sequence, reports: Sequence, tokenizer) -> list[dict
     return lines
 
 
-def write_examples(path: str, examples: Sequence, reports: Sequence, tokenizer) -> str:
-    text = "".join(json.dumps(line, ensure_ascii=False) + "\n"
+def examples_text(examples: Sequence, reports: Sequence, tokenizer) -> str:
+    """examples.jsonl's text (published with the report, engine.evaluate.report.write_report)."""
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n"
                    for line in example_lines(examples, reports, tokenizer))
-    write_text_atomically(path, text)
-    return path
+

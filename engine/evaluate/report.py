@@ -388,7 +388,8 @@ def _loss_by_position(report: EvaluationReport):
     return figure
 
 
-REPORT_FILES = ("report.json", "report.md", "recall_vs_length.png", "loss_vs_position.png")
+REPORT_FILES = ("report.json", "report.md", "recall_vs_length.png", "loss_vs_position.png",
+                "examples.jsonl")
 HEATMAP_PREFIX = "recall_heatmap_"
 
 
@@ -417,9 +418,11 @@ def check_report_folder(out_dir: str, option: str = "--out") -> None:
         raise EvaluationError(str(error)) from None
 
 
-def write_report(report: EvaluationReport, out_dir: str) -> dict[str, str]:
-    """Write report.json, report.md and the PNGs into `out_dir` (see the module docstring:
-    published together, replacing an earlier report there). Returns {file name: path}."""
+def write_report(report: EvaluationReport, out_dir: str,
+                 extra_files: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Write report.json, report.md, the PNGs and ``extra_files`` ({name in REPORT_FILES: text},
+    e.g. examples.jsonl) into `out_dir` (see the module docstring: published together,
+    replacing an earlier report there). Returns {file name: path}."""
     data = report_to_dict(report)  # checks the report before anything is written
     markdown = render_markdown(report)
     check_report_folder(out_dir)
@@ -440,5 +443,22 @@ def write_report(report: EvaluationReport, out_dir: str) -> dict[str, str]:
             f.write(markdown)
         with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(data, indent=2) + "\n")
+        write_text_files(staging, extra_files or {})
     return {name: os.path.join(out_dir, name)
-            for name in [*figures, "report.md", "report.json"]}
+            for name in [*figures, "report.md", "report.json", *(extra_files or {})]}
+
+
+def write_text_files(folder: str, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def publish_text_report(out_dir: str, files: dict[str, str]) -> None:
+    """Publish ``files`` ({name in REPORT_FILES: text}) as the report folder ``out_dir``, whole,
+    replacing an earlier report there (check_report_folder first)."""
+    check_report_folder(out_dir)
+    final = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with staged_directory(final) as staging:
+        write_text_files(staging, files)

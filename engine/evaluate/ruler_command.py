@@ -30,7 +30,10 @@ import tempfile
 
 from data_tools.tokenizer import TokenizerError, load_tokenizer
 from engine.checkpoint import CheckpointError
+from engine.convert.export import export_checkpoint
 from engine.evaluate.errors import EvaluationError
+from engine.evaluate.hf_model import greedy_generate, load_hf_model
+from engine.evaluate.report import check_report_folder, publish_text_report
 from engine.evaluate.helmet import HELMET_RECALL_TASKS, helmet_score, load_helmet_examples
 from engine.evaluate.ruler import (RULER_TASKS, RulerSources, build_ruler_example,
                                    chat_template_for, clean_prediction, encode_prompt,
@@ -80,6 +83,7 @@ def main(argv=None, protocol: str = "ruler") -> int:
     tasks = RULER_TASKS if protocol == "ruler" else HELMET_RECALL_TASKS
     export_dir = None
     try:
+        check_report_folder(args.out)
         unknown = [t for t in args.tasks if t not in tasks]
         if unknown:
             raise EvaluationError(f"unknown {protocol} task {unknown[0]!r}; choose from "
@@ -115,7 +119,6 @@ def main(argv=None, protocol: str = "ruler") -> int:
             export_dir = tempfile.mkdtemp(prefix="engine-export-")
             model = _exported_model(args.checkpoint, export_dir, args.export_dtype)
         elif args.hf:
-            from engine.evaluate.hf_model import load_hf_model
             model = load_hf_model(args.hf)
     except (EvaluationError, TokenizerError, CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -127,8 +130,6 @@ def main(argv=None, protocol: str = "ruler") -> int:
     rows = [dict(_row(e, protocol), chat_template=chat.source if chat else None)
             for e in examples]
     if model is not None:
-        from engine.evaluate.hf_model import greedy_generate
-
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         for example, row in zip(examples, rows):
             # RULER's Hugging Face client tokenizes input + answer prefix with the model's
@@ -143,27 +144,23 @@ def main(argv=None, protocol: str = "ruler") -> int:
             else:  # HELMET scores the output as generated
                 row["output"] = text
                 row["score"] = helmet_score(example.metric, text, example.outputs)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "examples.jsonl"), "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    files = {"examples.jsonl": "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                       for row in rows)}
     if model is not None:
         report = report_from_rows(rows)
-        with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-            json.dump({"protocol": protocol, "model": args.hf or args.checkpoint,
-                       "exported_from_checkpoint": bool(args.checkpoint), "seed": args.seed,
-                       "cells": report}, f, indent=2)
-        with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
-            f.write(report_markdown(report, protocol))
+        files["report.json"] = json.dumps(
+            {"protocol": protocol, "model": args.hf or args.checkpoint,
+             "exported_from_checkpoint": bool(args.checkpoint), "seed": args.seed,
+             "cells": report}, indent=2)
+        files["report.md"] = report_markdown(report, protocol)
+    # Published whole, as engine.evaluate's report: a kill leaves the previous folder or none.
+    publish_text_report(args.out, files)
     print(f"wrote {len(rows)} examples to {args.out}", flush=True)
     return 0
 
 
 def _exported_model(checkpoint: str, folder: str, dtype: str):
     """The engine checkpoint as a transformers model, through an export into `folder`."""
-    from engine.convert.export import export_checkpoint
-    from engine.evaluate.hf_model import load_hf_model
-
     export_checkpoint(checkpoint, os.path.join(folder, "hf"), dtype=dtype,
                       log=lambda message: print(message, flush=True))
     return load_hf_model(os.path.join(folder, "hf"))

@@ -1,10 +1,11 @@
 """The engine's packages import only downward, with no cycle, and nothing imports inside a function
 to hide one.
 
-Layers, lowest first: megatron_compat and device (where tensors live); model (what the model is, nothing about parallelism);
-parallel (how it is spread); checkpoint; training (plan, build, data, step); then the users of
-training side by side (convert, planner, evaluate, tools); the dry run (which asks the planner);
-the entry point train.py on top.
+Layers, lowest first: megatron_compat and device (where tensors live); model (what the model
+is, nothing about parallelism); parallel (how it is spread); checkpoint; training (plan, build,
+data, step); conversion (which evaluation uses to generate with an engine checkpoint); the
+other users of training side by side (planner, evaluate, tools); the dry run (which asks the
+planner); the entry point train.py on top.
 A module may import its own package and any lower layer, never a higher or a sibling one.
 """
 import ast
@@ -18,9 +19,10 @@ LAYERS = {
     "engine.parallel": 2,
     "engine.checkpoint": 3,
     "engine.training": 4,
-    "engine.convert": 5, "engine.planner": 5, "engine.evaluate": 5, "engine.tools": 5,
-    "engine.dryrun": 6,
-    "engine.train": 7,
+    "engine.convert": 5,
+    "engine.planner": 6, "engine.evaluate": 6, "engine.tools": 6,
+    "engine.dryrun": 7,
+    "engine.train": 8,
 }
 # Imported inside functions on purpose: optional GPU or test libraries, and slow imports used
 # by one path only.
