@@ -438,6 +438,12 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
     attention = sum(attention_flops(plan.model, d) for d in mine) * (recompute_factor + 2.5)
     executed += attention / (layout.tensor_parallel * layout.context_parallel
                              * layout.pipeline_parallel)
+    if last and plan.kernels.cross_entropy == "ours":
+        # The fused output layer + cross-entropy is a custom op too: its three matmuls (logits,
+        # hidden gradient, weight gradient) over this rank's tokens and vocabulary shard.
+        tokens = sum(int(np.sum(d)) for d in mine) / layout.context_parallel
+        vocab = plan.model.padded_vocab_size(layout.tensor_parallel) / layout.tensor_parallel
+        executed += 3 * 2 * tokens * plan.model.hidden_size * vocab
     model_flops = sum(training_flops(plan.model, d) for d in doc_lengths)
     peak_flops = DATASHEET_PEAK_FLOPS[card]
     step_s = executed / (peak_flops * ASSUMED_EFFICIENCY)

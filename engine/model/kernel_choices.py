@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from csrc.select import ATTENTION_BACKENDS, select_attention_backend
+from csrc.attention import TRITON_HEAD_DIMS
+from csrc.select import ATTENTION_BACKENDS, attention_backend_available, select_attention_backend
 from csrc.triton_support import (
     ours_by_default,
     triton_importable,
@@ -93,13 +95,25 @@ class KernelChoices:
     def resolved(self) -> bool:
         return "auto" not in dataclasses.astuple(self)
 
-    def resolve(self, device: torch.device | str) -> "KernelChoices":
-        """Concrete choices for ``device``: no "auto" left, and each one able to run there.
+    def resolve(self, device: torch.device | str,
+                head_dim: Optional[int] = None) -> "KernelChoices":
+        """Concrete choices for ``device`` (and a model of ``head_dim``): no "auto" left, and
+        each one able to run there.
 
         Raises ValueError naming the field, the reason and the fix.
         """
         device = torch.device(device)
-        resolved = {"attention": select_attention_backend(self.attention, device)}
+        attention = select_attention_backend(self.attention, device)
+        if attention == "ours" and head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
+            if self.attention == "ours":
+                raise ValueError(
+                    f"kernels: attention='ours' takes head dimensions {TRITON_HEAD_DIMS}, the "
+                    f"model's is {head_dim}: use attention='auto' (flash-attn or the reference "
+                    f"for this model) or 'torch'")
+            # "auto" on a GPU: the next backend that takes any head dimension.
+            attention = ("flash-attn" if attention_backend_available("flash-attn", device)[0]
+                         else "torch")
+        resolved = {"attention": attention}
         for name in ("rmsnorm", "rope", "swiglu", "cross_entropy"):
             value = getattr(self, name)
             if value == "auto":

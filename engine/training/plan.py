@@ -102,7 +102,7 @@ class RunPlan:
         device = device or default_device()
         kernels = kernels or KernelChoices()
         try:
-            resolved = kernels.resolve(device)
+            resolved = kernels.resolve(device, head_dim=model.head_dim)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         return cls(model=model, layout=layout, kernels=resolved, seq_length=seq_length,

@@ -142,3 +142,13 @@ def test_bad_dry_run_input_exits_2_before_any_process_group(args, message):
     assert result.returncode == 2, result.stdout[-4000:]
     assert message in result.stdout and "error:" in result.stdout
     assert "Traceback" not in result.stdout
+
+
+def test_the_quickstart_configs_run_a_gpu_step():
+    """Both quickstart stages (TP2 x PP2, head dim 32, the real 128,256-token vocabulary), first
+    and last pipeline stage: a GPU run of them must not fail in its first step."""
+    for stage in ("train-stage1.yaml", "train-stage2.yaml"):
+        result = dry_run("--world-size", "4", "--config",
+                         str(REPO / "examples" / "quickstart" / stage))
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert "first pipeline stage" in result.stdout and "last pipeline stage" in result.stdout

@@ -55,6 +55,17 @@ def test_auto_is_ours_on_cuda_and_pytorch_on_cpu(monkeypatch):
     assert KernelChoices().resolve("cuda") == KernelChoices.parse("all=ours")
 
 
+def test_auto_attention_on_a_gpu_falls_back_for_a_head_dimension_our_kernel_lacks(monkeypatch):
+    """The quickstart model (head dim 32) on a GPU: "auto" must not pick our kernel, which
+    takes head dim 64 or 128 (the dry run of examples/quickstart failed there)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert KernelChoices().resolve("cuda", head_dim=128).attention == "ours"
+    assert KernelChoices().resolve("cuda", head_dim=32).attention == "torch"  # no flash-attn
+    assert KernelChoices().resolve("cuda", head_dim=32).rmsnorm == "ours"
+    with pytest.raises(ValueError, match="attention='ours' takes head dimensions"):
+        KernelChoices(attention="ours").resolve("cuda", head_dim=32)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("attention=flash-attn", "flash-attn needs a CUDA device"),
     ("attention=transformer-engine", "transformer-engine needs a CUDA device"),
