@@ -512,9 +512,14 @@ def format_result(result: DryRunResult, plan) -> str:
     lines.append(f"  dry run / planner total: {ratio:.3f}")
     lines.append(f"  FLOPs per step (kept attention only): {result.flops_per_step:.4g}; "
                  f"executed on this rank (recompute included): {result.executed_flops_rank:.4g}")
-    lines.append(f"  PREDICTION (not a measurement): step {result.predicted_step_s:.2f} s, MFU "
-                 f"{result.predicted_mfu:.1%} at the H100 SXM datasheet bf16 peak, assuming the "
-                 f"step's arithmetic runs at {ASSUMED_EFFICIENCY:.0%} of it")
+    if result.stage == "first+last":  # every rank holds the whole model's share of the work
+        lines.append(f"  PREDICTION (not a measurement): step {result.predicted_step_s:.2f} s, "
+                     f"MFU {result.predicted_mfu:.1%} at the H100 SXM datasheet bf16 peak, "
+                     f"assuming the step's arithmetic runs at {ASSUMED_EFFICIENCY:.0%} of it")
+    else:
+        lines.append(f"  PREDICTION (not a measurement): this rank's arithmetic takes "
+                     f"{result.predicted_step_s:.2f} s at {ASSUMED_EFFICIENCY:.0%} of the H100 "
+                     f"SXM datasheet bf16 peak; the step waits for the slowest stage")
     return "\n".join(lines)
 
 
@@ -543,6 +548,15 @@ def run(plan, world_size: int, ranks: list[int], report: Optional[str]) -> int:
             print(f"error: the dry run of rank {rank} failed (above): a GPU run of this config "
                   f"would fail there too", file=sys.stderr, flush=True)
             return proc.returncode
+    if len(results) > 1:
+        # A rank's own MFU divides the whole step's FLOPs by its own time: a light pipeline
+        # stage alone would claim more than the card can do. The step waits for the slowest.
+        slowest = max(results, key=lambda r: r["predicted_step_s"])
+        mfu = slowest["flops_per_step"] / world_size / slowest["predicted_step_s"] / (
+            DATASHEET_PEAK_FLOPS["H100-SXM"])
+        print(f"PREDICTION for the step (the slowest simulated rank, {slowest['rank']}; pipeline "
+              f"bubbles not counted): {slowest['predicted_step_s']:.2f} s, MFU {mfu:.1%}",
+              flush=True)
     if report:
         Path(report).write_text(json.dumps({"layout": plan.layout.describe(),
                                             "world_size": world_size, "ranks": results},

@@ -152,3 +152,7 @@ def test_the_quickstart_configs_run_a_gpu_step():
                          str(REPO / "examples" / "quickstart" / stage))
         assert result.returncode == 0, result.stdout[-4000:]
         assert "first pipeline stage" in result.stdout and "last pipeline stage" in result.stdout
+        # The step's prediction is the slowest stage's, a share of the card's peak.
+        mfu = float(result.stdout.split("PREDICTION for the step")[1].split("MFU ")[1]
+                    .split("%")[0])
+        assert 0 < mfu < 100, result.stdout[-2000:]
