@@ -9,6 +9,9 @@ Every device decision takes its accelerator branch (engine.device.simulated_acce
 which pretends to be rank R of N. Tensors carry shapes, dtypes and devices but no values, so the
 step costs seconds of CPU at 512K tokens, with every micro-batch of the schedule, forward,
 backward with the configured recompute, gradient reduction, clipping and the optimizer step.
+Then it builds the state the first checkpoint save hands megatron's dist_checkpointing (the
+model's and optimizer's sharded state dicts, engine.checkpoint.sharded_state), writing nothing;
+that build is checked but left out of the memory peak.
 Synthetic micro-batches of the real shape (documents of a ProLong-like length mix) replace data.
 
 A dispatch mode watches every operation. It fails, naming the operation, the tensor and the
@@ -46,15 +49,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.distributed import param_and_grad_buffer as megatron_buffers
 from megatron.core.optimizer import clip_grads as megatron_clip_grads
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import engine.model.attention as model_attention
 import engine.parallel.context.module as context_module
+from engine.checkpoint import sharded_state
 from engine.device import simulated_accelerator
 from engine.megatron_compat import allocate_distributed_optimizer_state, enable_meta_support
 from engine.planner.memory import Workload, estimate_memory
@@ -141,7 +147,9 @@ class DryRunMode(TorchDispatchMode):
 
     # -- memory ---------------------------------------------------------------------------
     def _track(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "meta":
+        # The checkpoint's state is built after the step, mostly in host buffers (see
+        # __torch_dispatch__): the peak stays the step's.
+        if tensor.device.type != "meta" or self.phase == "checkpoint":
             return
         storage = tensor.untyped_storage()
         key = id(storage)
@@ -224,6 +232,20 @@ class DryRunMode(TorchDispatchMode):
         if self.phase == "step" and func._overloadpacket in flop_registry:
             self.flops += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
         return out
+
+
+class _ExplicitHostAsMeta(TorchFunctionMode):
+    """megatron's save gathers optimizer state through host buffers it places explicitly
+    (device="cpu", .cpu()): shapes only here, so no host memory at real scale. A tensor created
+    on the host by default still meets DryRunMode's checks."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cpu:
+            return args[0]
+        if str(kwargs.get("device")) == "cpu":
+            kwargs = dict(kwargs, device=torch.device("meta"))
+        return func(*args, **kwargs)
 
 
 class _ShapeOnlyAttention(torch.autograd.Function):
@@ -430,6 +452,15 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
                 lambda t: (mode.mark_saved(t), t)[1], lambda t: t):
             train_step(state.chunks, state.optimizer, state.scheduler, micro_batches,
                        plan.num_microbatches, plan.seq_length, plan.micro_batch)
+        # What the first save builds before writing (model and optimizer sharded state), so a
+        # host/device slip there fails here too; nothing is written.
+        mode.phase = "checkpoint"
+        with _ExplicitHostAsMeta():
+            checkpoint = sharded_state(state.chunks, state.optimizer)
+        print(f"rank {rank}: checkpoint state built, "
+              f"{sum(1 for _ in nested_values(checkpoint))} sharded entries (nothing written)",
+              flush=True)
+        del checkpoint
     executed = float(mode.flops)
     # The stand-in attention does no arithmetic: count what the kernel would, forward 1x,
     # backward 2.5x (dQ, dK, dV and the recomputed scores), forward again under full recompute.

@@ -111,7 +111,9 @@ def _point_latest(root: Path, name: str) -> None:
     write_text_atomically(root / LATEST, name + "\n")
 
 
-def _sharded_state(model_chunks, optimizer=None, is_loading: bool = False) -> dict:
+def sharded_state(model_chunks, optimizer=None, is_loading: bool = False) -> dict:
+    """What a save hands megatron's dist_checkpointing (and a load fills): the model's and the
+    optimizer's sharded state dicts. Building it writes nothing (the dry run builds it alone)."""
     # Tensors are matched by global key and offset, not by dict path, so the chunk structure
     # may differ between the saving and the loading layout.
     model = {f"chunk{i}": _unwrap(chunk).sharded_state_dict()
@@ -204,7 +206,7 @@ def _save_into(tmp: Path, final: Path, root: Path, step: int, model_chunks, opti
             shutil.rmtree(tmp)  # debris of an interrupted save
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded_state(model_chunks, optimizer), str(tmp))
+    dist_checkpointing.save(sharded_state(model_chunks, optimizer), str(tmp))
     _save_rng(tmp)
     # Each rank checksums what it wrote (still in its page cache); the gather is the barrier.
     checksums = {}
@@ -451,7 +453,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer=None, scheduler=No
             f"{path} holds weights only, no optimizer state (e.g. imported from Hugging Face): "
             f"load it with optimizer=None (engine.train: checkpoint.init_load_optimizer: false) "
             f"and start a fresh optimizer")
-    sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
+    sharded = sharded_state(model_chunks, optimizer, is_loading=True)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as error:  # noqa: BLE001 - any failure to parse unchecked files is damage

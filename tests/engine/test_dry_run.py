@@ -109,6 +109,24 @@ def test_loss_sum_reduced_from_a_host_tensor_is_named(tmp_path, tiny_config):
     assert "engine/training/step.py" in result.stdout and "totals +=" in result.stdout
 
 
+def test_checkpoint_state_built_from_a_host_tensor_is_named(tmp_path, tiny_config):
+    """The state the first save builds (nothing written) is built after the step and checked."""
+    result = planted(tmp_path, tiny_config, textwrap.dedent("""\
+        import torch
+        import engine.checkpoint as checkpoint
+        built = checkpoint.sharded_state
+        def slipped(chunks, optimizer=None, is_loading=False):
+            weight = next(chunks[0].parameters())
+            torch.ones(weight.shape, dtype=weight.dtype) + weight
+            return built(chunks, optimizer, is_loading)
+        checkpoint.sharded_state = slipped
+        """))
+    assert result.returncode == 1, result.stdout[-4000:]
+    assert "error: dry run: host tensor [256x64] bfloat16 on cpu meets device tensors in " \
+        "aten::add" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
 def test_collective_handed_a_host_tensor_is_named(tmp_path):
     script = tmp_path / "collective.py"
     script.write_text(textwrap.dedent("""\
