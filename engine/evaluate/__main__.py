@@ -28,7 +28,6 @@ import torch.distributed as dist
 import yaml
 
 from data_tools.indexed import IndexedReader
-from data_tools.summary import describe_tokenizer, same_tokenizer
 from data_tools.tokenizer import TokenizerError, load_tokenizer
 from engine.checkpoint import (CheckpointError, DamagedCheckpoint, check_complete,
                                load_checkpoint, model_config_from_state, read_checkpoint_state,
@@ -219,22 +218,6 @@ def _protocol(argv) -> tuple[str, list[str]]:
     return "ours", argv
 
 
-def _check_recorded_tokenizer(tokenizer, target: Target) -> None:
-    """Refuse a --tokenizer whose ids differ from those the checkpoint was trained on (the
-    vocabulary fingerprint it records); checkpoints saved before fingerprints pass, noted."""
-    saved = read_checkpoint_state(target.path).get("tokenizer")
-    if not saved or not saved.get("vocabulary_fingerprint"):
-        print(f"note: {target.name} ({target.path}) records no tokenizer fingerprint; "
-              f"--tokenizer is checked by vocabulary size only")
-        return
-    given = tokenizer.describe()
-    if not same_tokenizer(saved, given):
-        raise EvaluationError(
-            f"--tokenizer {tokenizer.path} is {describe_tokenizer(given)}, but {target.name} "
-            f"({target.path}) was trained with {describe_tokenizer(saved)}: pass the tokenizer "
-            f"the checkpoint was trained with")
-
-
 def main(argv=None) -> int:
     protocol, argv = _protocol(argv)
     if protocol not in PROTOCOLS:
@@ -273,8 +256,6 @@ def main(argv=None) -> int:
                 vocab = target.model.vocab_size if target.model else hf_config(target.path)[
                     "vocab_size"]
                 check_tokenizer_vocabulary(tokenizer, vocab, f"{target.name} ({target.path})")
-                if target.kind == "engine":
-                    _check_recorded_tokenizer(tokenizer, target)
             suite = RecallSuite(tokenizer, load_haystack(section.haystack, tokenizer),
                                 seed=section.seed)
             # Every example is made now, before any process group: a haystack too small for a

@@ -20,8 +20,6 @@ import torch
 
 from data_tools.outputs import OutputError, check_output_location
 from data_tools.packed_dataset import METADATA_FILE, PackedDataset
-from data_tools.stats import recorded_tokenizer
-from data_tools.summary import describe_tokenizer, same_tokenizer
 from engine.checkpoint import (
     CheckpointError,
     DamagedCheckpoint,
@@ -52,9 +50,6 @@ class DataPlan:
     position_mode: str = "continuous"
     mask_cross_document: bool = True
     balance_attention: bool = False
-    # The dataset's tokenizer record (data_tools.summary); checkpoints keep it, and a run
-    # continuing from one trained on other ids is refused. None: the dataset records none.
-    tokenizer: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -189,7 +184,7 @@ def _data_plan(config: TrainConfig, model: LlamaConfig) -> tuple[DataPlan, int]:
             f"{model.vocab_size} of model {config.model.name}: the data was tokenized for another "
             f"model; re-tokenize it with this model's tokenizer or pick the matching model")
     return DataPlan(d.path, packing_length, d.position_mode, d.mask_cross_document,
-                    d.balance_attention, recorded_tokenizer(d.path)), seq_length
+                    d.balance_attention), seq_length
 
 
 def _check_run_directories(config: TrainConfig) -> None:
@@ -208,24 +203,7 @@ def _check_run_directories(config: TrainConfig) -> None:
                 raise ConfigError(str(error)) from None
 
 
-def _check_checkpoint_tokenizer(setting: str, path, state: dict, data: DataPlan) -> None:
-    """Refuse continuing from a checkpoint trained on another tokenizer's ids than the data's;
-    a checkpoint or dataset that records none (saved before fingerprints) passes with a note."""
-    saved = state.get("tokenizer")
-    if not saved or not data.tokenizer:
-        print(f"note: {setting} {path} or data.path {data.path} records no tokenizer "
-              f"fingerprint; not checked that they share one")
-        return
-    if not same_tokenizer(saved, data.tokenizer):
-        raise ConfigError(
-            f"{setting}: checkpoint {path} was trained with tokenizer "
-            f"{describe_tokenizer(saved)}, data.path {data.path} holds ids of "
-            f"{describe_tokenizer(data.tokenizer)}: re-tokenize the data with the checkpoint's "
-            f"tokenizer or start from a checkpoint of this tokenizer")
-
-
-def _check_resume_shape(ckpt_dir: str, model: LlamaConfig,
-                        data: Optional[DataPlan] = None) -> None:
+def _check_resume_shape(ckpt_dir: str, model: LlamaConfig) -> None:
     """A run directory holding checkpoints of another model shape is refused here, before
     anything is written into it: the resume would refuse it only after the process group
     exists. Damaged checkpoints are left to the resume, which skips them for older ones."""
@@ -235,11 +213,9 @@ def _check_resume_shape(ckpt_dir: str, model: LlamaConfig,
             if not path.is_dir():  # a missing `latest` target: the resume reports it
                 continue
             try:
-                state = check_compatible(path, model)
+                check_compatible(path, model)
             except DamagedCheckpoint:
                 continue
-            if data is not None:
-                _check_checkpoint_tokenizer("checkpoint.dir", path, state, data)
             return
     except CheckpointError as error:
         raise ConfigError(f"checkpoint.dir {ckpt_dir} would be resumed from: {error}; or give "
@@ -270,15 +246,13 @@ def plan_from_config(config: TrainConfig, world_size: int,
     if with_data:
         # A dry run writes nothing and reads no checkpoint.
         _check_run_directories(config)
-        _check_resume_shape(config.checkpoint.dir, model, data)
+        _check_resume_shape(config.checkpoint.dir, model)
     if config.checkpoint.init_from and with_data:
         source = Path(config.checkpoint.init_from)
         try:
-            start = latest_checkpoint(source) or source
-            state = check_compatible(start, model)
+            check_compatible(latest_checkpoint(source) or source, model)
         except CheckpointError as error:
             raise ConfigError(f"checkpoint.init_from: {error}") from None
-        _check_checkpoint_tokenizer("checkpoint.init_from", start, state, data)
     try:
         kernels = KernelChoices(**config.kernels)
     except (TypeError, ValueError) as error:
