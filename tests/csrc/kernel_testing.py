@@ -43,6 +43,11 @@ def init_gloo(rank: int, world_size: int, port: int):
     """Join a gloo group on localhost with a 60 s timeout on every collective."""
     from datetime import timedelta
 
+    # Imported first on purpose: importing torch._dynamo after init_process_group (the first call
+    # of a torch.library custom op does) keeps the group alive past destroy_process_group. Its
+    # gloo threads then free the last collective's tensors during interpreter shutdown and the
+    # rank aborts ("terminate called without an active exception"). The engine imports it early.
+    import torch._dynamo  # noqa: F401
     import torch.distributed as dist
 
     dist.init_process_group(
