@@ -14,12 +14,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
-import json
 import os
 import struct
 from typing import Optional, Sequence
 
 import numpy as np
+
+from data_tools.jsonfile import read_json_object
 
 # Llama-3's pre-tokenizer regular expression (the same in tokenizer.json and Meta's tokenizer.py).
 LLAMA3_SPLIT_PATTERN = (
@@ -244,15 +245,8 @@ class HFTokenizer(TextTokenizer):
         config_path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
         config = {}
         if os.path.exists(config_path):
-            try:
-                with open(config_path, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (ValueError, UnicodeDecodeError) as error:
-                raise TokenizerError(f"{config_path} is not valid JSON ({error}); download it "
-                                     f"again or remove it (it names the BOS/EOS tokens)") from None
-            if not isinstance(config, dict):
-                raise TokenizerError(f"{config_path} holds a JSON {type(config).__name__}, not "
-                                     f"an object; download it again or remove it")
+            config = read_json_object(config_path, "download it again or remove it (it names "
+                                      "the BOS/EOS tokens)", TokenizerError)
         self.bos_id = self._special_from_config(config.get("bos_token"))
         self.eos_id = self._special_from_config(config.get("eos_token"))
         self.pad_id = self._special_from_config(config.get("pad_token"))

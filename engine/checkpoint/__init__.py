@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from data_tools.atomic import publish_directory, write_text_atomically
+from data_tools.jsonfile import read_json_object
 from engine.checkpoint.errors import CheckpointError, DamagedCheckpoint
 from engine.checkpoint.integrity import (
     MANIFEST_FILE,
@@ -348,15 +349,8 @@ def read_checkpoint_state(path: str | Path) -> dict:
     state_file = path / STATE_FILE
     if not state_file.exists():
         raise CheckpointError(f"{path} is not a checkpoint directory (no {STATE_FILE})")
-    try:
-        state = json.loads(state_file.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise DamagedCheckpoint(f"{state_file} is not valid JSON ({error}): cut short or "
-                                f"damaged") from None
-    if not isinstance(state, dict):
-        raise DamagedCheckpoint(f"{state_file} holds a JSON {type(state).__name__}, not the "
-                                f"engine state object: the checkpoint is damaged")
-    return state
+    return read_json_object(state_file, "the checkpoint is damaged (cut short?); use another "
+                            "checkpoint, or restore this one from a copy", DamagedCheckpoint)
 
 
 def saved_model_config(path: str | Path, state: Optional[dict] = None) -> dict:

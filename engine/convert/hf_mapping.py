@@ -24,7 +24,6 @@ added on import and cut on export.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from data_tools import jsonfile
 from engine.model.config import ROPE_SCALING_TYPES, LlamaConfig, RopeScaling
 from engine.model.sharding import NORM_CHECKPOINT_PREFIXES, tensor_parallel_dim
 
@@ -43,15 +43,7 @@ class ConversionError(ValueError):
 
 def read_json_object(path: Path, fix: str) -> dict:
     """A JSON file that must hold one object; ConversionError naming the file and ``fix``."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path}: not valid JSON ({error}); {fix}") from None
-    except OSError as error:
-        raise ConversionError(f"{path}: cannot be read ({error.strerror or error})") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{path}: holds a {type(value).__name__}, not a JSON object; {fix}")
-    return value
+    return jsonfile.read_json_object(path, fix, ConversionError)
 
 
 # Where a checkpoint keeps the two per-layer norm weights.

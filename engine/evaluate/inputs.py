@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from data_tools.indexed import IndexedReader
+from data_tools.jsonfile import read_json_object
 from engine.evaluate.errors import EvaluationError
 
 # Recall and loss are measured up to this many times the longest context a model was trained
@@ -98,14 +99,8 @@ def hf_config(folder: str) -> dict:
     if not path.is_file():
         raise EvaluationError(f"--hf {folder}: no config.json there: not a Hugging Face model "
                               f"folder; export one with `python -m engine.convert export`")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise EvaluationError(f"--hf {folder}: {path} is not JSON ({error}); export the folder "
-                              f"again") from None
-    if not isinstance(config, dict):
-        raise EvaluationError(f"--hf {folder}: {path} holds {type(config).__name__}, not a "
-                              f"model config; export the folder again")
+    config = read_json_object(path, "export the folder again",
+                              lambda message: EvaluationError(f"--hf {folder}: {message}"))
     vocab = config.get("vocab_size")
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
         raise EvaluationError(f"--hf {folder}: {path} has vocab_size {vocab!r}, not a positive "
