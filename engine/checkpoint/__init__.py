@@ -185,7 +185,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
         # Whatever stopped the save (a full disk, a signal, a peer's failure), its half-written
         # folder must not stay behind filling the disk; what is published is left as it is.
         shutil.rmtree(tmp, ignore_errors=True)
-        cause = _os_error(error) or _os_error(take_write_failure())
+        cause = os_error_behind(error) or os_error_behind(take_write_failure())
         if cause is None:
             raise
         raise CheckpointError(
@@ -243,7 +243,7 @@ def _write_state(directory: Path, state: dict) -> None:
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
-def _os_error(error: BaseException) -> Optional[OSError]:
+def os_error_behind(error: BaseException) -> Optional[OSError]:
     """The OSError behind ``error`` (raised here, chained, or one a megatron/torch writer
     reported for a rank), or None."""
     seen = set()

@@ -6,9 +6,11 @@ The cross-layout proof (TP2 x PP2 training from an import, logits) is in test_co
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -244,6 +246,43 @@ def test_rejects_layout_that_does_not_divide_the_model(hf_fp32, tmp_path):
 def test_rejects_export_of_a_folder_that_is_not_a_checkpoint(hf_fp32, tmp_path):
     _expect_rejected(tmp_path, ["export", "--checkpoint", str(hf_fp32[0])],
                      str(hf_fp32[0]), "latest")
+
+
+def _full_disk(*_args, **_kwargs):
+    # What a write on a full disk raises: the errno, no file name (write() and fsync() name none).
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_export_onto_a_full_disk_names_the_file_and_leaves_nothing(imported, tmp_path,
+                                                                    monkeypatch):
+    from engine.convert import safetensors_io
+
+    original = safetensors_io.ShardedSafetensorsWriter.write
+    calls = []
+
+    def write_until_full(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 5:  # some shards already written
+            _full_disk()
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_io.ShardedSafetensorsWriter, "write", write_until_full)
+    message = _expect_rejected(tmp_path, ["export", "--checkpoint", str(imported),
+                                          "--max-shard-size", "100KB"],
+                               f"--out {tmp_path / 'out'}: cannot write {tmp_path / 'out'}",
+                               "No space left on device", "free space on its disk",
+                               "nothing was published")
+    assert "Traceback" not in message and len(calls) == 5
+
+
+def test_import_onto_a_full_disk_names_the_file_and_leaves_nothing(hf_fp32, tmp_path,
+                                                                    monkeypatch):
+    # torch's checkpoint writer syncs each file it wrote; on a full disk that is where it fails,
+    # inside its writer (reported as a CheckpointException around the OSError).
+    monkeypatch.setattr(os, "fsync", _full_disk)
+    _expect_rejected(tmp_path, ["import", "--hf", str(hf_fp32[0])],
+                     f"--out {tmp_path / 'out'}: cannot write {tmp_path / 'out'}",
+                     "No space left on device", "free space on its disk", "nothing was published")
 
 
 def test_rejects_nonempty_output_folder(hf_fp32, tmp_path):
