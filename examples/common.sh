@@ -371,8 +371,10 @@ train_stage() {
   fi
   [ "$MODE" = run ] || return 0
   # The trainer's own checks (config, data, layout, checkpoints) in one process first: a
-  # refused run stops here with one message, before torchrun starts any process.
-  "$PYTHON" -m engine.train --check --world-size "$((NNODES * GPUS_PER_NODE))" \
+  # refused run stops here with one message, before torchrun starts any process. Its port
+  # check is of the rendezvous port torchrun will listen on (node 0, MASTER_ADDR here).
+  MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT \
+    "$PYTHON" -m engine.train --check --world-size "$((NNODES * GPUS_PER_NODE))" \
     "${train_args[@]}" ||
     die "engine.train refused the run (the error above); nothing was launched"
   run_torchrun "$checkpoint_dir" "${command[@]}"

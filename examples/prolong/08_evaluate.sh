@@ -121,9 +121,11 @@ else
 fi
 # engine.evaluate's own checks (tasks, lengths, depths, tokenizer, checkpoints, --out, layout)
 # in one process: a refused evaluation stops here, before torchrun starts anything.
+# torchrun --standalone picks a free port of its own: a MASTER_PORT of the environment (taken
+# or not) is none of the evaluation's business.
 check_world=1
 [ "${#checkpoints[@]}" -eq 0 ] || check_world=$EVAL_GPUS
-"$PYTHON" -m engine.evaluate --check --world-size "$check_world" "${args[@]}" ||
+env -u MASTER_PORT "$PYTHON" -m engine.evaluate --check --world-size "$check_world" "${args[@]}" ||
   die "engine.evaluate refused the evaluation (the error above); nothing was launched"
 printf '%q ' "${command[@]}"; printf '\n'
 # RULER's own protocol on each Hugging Face folder, for tables beside RULER's published ones.

@@ -238,6 +238,30 @@ def test_check_runs_the_dry_run_of_the_real_run(fake_work):
     assert "PREDICTION (not a measurement)" in result.stdout
 
 
+@pytest.mark.parametrize("settings, address, port", [
+    ({}, "localhost", "29500"),  # the scripts' defaults, which the environment does not hold
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611"}, "127.0.0.1", "29611"),
+], ids=["defaults", "set"])
+def test_the_trainers_check_is_given_the_rendezvous_port_torchrun_will_listen_on(
+        fake_work, tmp_path, settings, address, port):
+    """engine.train --check checks that MASTER_PORT is free only if it is in its environment:
+    the script's MASTER_ADDR and MASTER_PORT, defaults included, must reach it. A stand-in
+    PYTHON records them and refuses the check (nothing is launched)."""
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+if [[ " $* " == *" --check "* ]]; then
+  echo "check saw MASTER_ADDR=${{MASTER_ADDR-unset}} MASTER_PORT=${{MASTER_PORT-unset}}"
+  exit 2
+fi
+exec {shlex.quote(shutil.which("python3"))} "$@"
+""")
+    python.chmod(0o755)
+    result = _run(_script("04"), TINY=0, WORK=fake_work, PYTHON=python, TP=8, **settings)
+    assert result.returncode == 2, result.stdout
+    assert f"check saw MASTER_ADDR={address} MASTER_PORT={port}" in result.stdout, result.stdout
+    assert "nothing was launched" in result.stdout
+
+
 def test_tp_pp_cp_when_set_replace_the_planner(fake_work):
     result = _run(_script("05"), "--check", "optimizer.lr=3e-6", TINY=0, WORK=fake_work,
                   TP=2, CP=4, CP_ALGORITHM="ulysses", RECOMPUTE="selective", GLOBAL_BATCH=32,

@@ -4,6 +4,7 @@ schedule and RoPE base, the export carries the trained model, and the evaluation
 stage and the export side by side."""
 import json
 import math
+import socket
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from data_tools.indexed import IndexedReader
 from engine.checkpoint import latest_checkpoint, read_checkpoint_state
 from engine.convert.export import TOKENIZER_FILES
-from tests.distributed import run_command
+from tests.distributed import free_port, run_command
 from tests.examples.conftest import read_metrics
 from tests.examples.system import recipe_env
 
@@ -65,7 +66,8 @@ def _saved_rope_base(run_dir) -> float:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_tiny_recipe_trains_every_stage_exports_and_evaluates(tiny_work):
-    env = recipe_env(WORK=tiny_work)
+    # The launch's rendezvous port: a free one, not the scripts' default another job may hold.
+    env = recipe_env(WORK=tiny_work, MASTER_PORT=free_port())
     checkpoints = tiny_work / "checkpoints"
     stage1, stage2, sft = (checkpoints / name for name in (
         "prolong-stage1-64k", "prolong-stage2-512k", "prolong-sft"))
@@ -77,6 +79,17 @@ def test_the_tiny_recipe_trains_every_stage_exports_and_evaluates(tiny_work):
     assert "optimizer.lr = -1 must be > 0" in refused.stdout
     assert "engine.train refused the run (the error above); nothing was launched" in refused.stdout
     assert not stage1.exists()
+    # The port torchrun would listen on is checked there too (the script passes MASTER_PORT).
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        refused = run_command(["bash", f"{PROLONG}/04_train_stage1_64k.sh"], timeout=300,
+                              env=dict(env, MASTER_PORT=str(taken)))
+    assert refused.returncode == 2, refused.stdout[-4000:]
+    assert f"MASTER_PORT {taken} cannot be used (another process is listening on it)" in (
+        refused.stdout)
+    assert "nothing was launched" in refused.stdout and not stage1.exists()
 
     output = _stage("04_train_stage1_64k.sh", env)
     # The planner's layout for 2 CPU processes, checked in one process first.
@@ -130,7 +143,13 @@ def test_the_tiny_recipe_trains_every_stage_exports_and_evaluates(tiny_work):
         assert (hf / name).read_bytes() == (original / name).read_bytes(), (
             f"the export's {name} differs from {original / name}")
 
-    _stage("08_evaluate.sh", env, timeout=900)
+    # torchrun --standalone evaluates on a port of its own: a taken MASTER_PORT in the
+    # environment is no reason for 08's check to refuse.
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        _stage("08_evaluate.sh", dict(env, MASTER_PORT=str(holder.getsockname()[1])),
+               timeout=900)
     report = json.loads((tiny_work / "eval" / "report.json").read_text())
     models = {entry["name"]: entry for entry in report["checkpoints"]}
     assert list(models) == ["base", "stage1", "stage2", "sft", "hf"]
