@@ -33,6 +33,8 @@ from engine.checkpoint import (
 )
 from engine.device import accelerator
 from engine.dryrun import DryRunError, check_dry_run, default_ranks, run
+from engine.evaluate.errors import EvaluationError
+from engine.evaluate.report import check_report_folder
 from engine.evaluate.validation import Validation
 from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import (
@@ -196,7 +198,8 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
                 logger.log_eval(step, validation.run(state.chunks))
         if validation is not None and validation.section.final and step == plan.train_steps:
             files = validation.final_report(state.chunks, ckpt_dir.name,
-                                            str(latest_checkpoint(ckpt_dir)), log_dir / "eval")
+                                            str(latest_checkpoint(ckpt_dir)),
+                                            final_report_folder(plan))
             if files:
                 print0(f"final evaluation: {files['report.md']}")
     finally:
@@ -244,6 +247,8 @@ def main(argv=None) -> int:
         # Every check that needs no process group, first.
         plan = plan_from_config(config, world_size)
         validation = Validation.prepare(config.eval, plan)
+        if validation is not None and validation.section.final:
+            check_final_report_folder(plan)
         check_rendezvous_port()
         if args.check:
             print(f"run plan ok: {plan.describe()}", flush=True)
@@ -252,6 +257,21 @@ def main(argv=None) -> int:
     except (ConfigError, LayoutError, CheckpointError, LaunchError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+
+
+def final_report_folder(plan: RunPlan) -> Path:
+    """Where eval.final publishes the final checkpoint's report: LOG_DIR/eval."""
+    return Path(plan.logging.dir or plan.checkpoint.dir) / "eval"
+
+
+def check_final_report_folder(plan: RunPlan) -> None:
+    """The final report can be published where it goes: refused now, not after the last step."""
+    folder = final_report_folder(plan)
+    try:
+        check_report_folder(str(folder), "eval.final's report folder")
+    except EvaluationError as error:
+        raise ConfigError(f"{error} (eval.final writes into logging.dir, else checkpoint.dir, "
+                          f"under eval/)") from None
 
 
 def dry_run(config: TrainConfig, world_size: int, rank: Optional[int],

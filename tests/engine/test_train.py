@@ -271,6 +271,15 @@ def _damaged_order_copy(packed, folder):
     (["eval.final=true", "eval.long_documents={data}/long", "eval.position_length=1000"],
      "eval.long_documents {data}/long: no document holds eval.position_length 1000 tokens "
      "(the longest of its 12 holds"),
+    # The final report could not be published there, after the last step.
+    (["eval.final=true", "eval.long_documents={data}/long", "eval.position_length=32",
+      "checkpoint.dir={tmp}/eval_a_file"],
+     "eval.final's report folder {tmp}/eval_a_file/eval is a file, where the report folder "
+     "would be written"),
+    (["eval.final=true", "eval.long_documents={data}/long", "eval.position_length=32",
+      "logging.dir={tmp}/eval_not_a_report"],
+     "eval.final's report folder {tmp}/eval_not_a_report/eval holds notes.txt, which is not "
+     "part of an evaluation report"),
 ])
 def test_check_catches_what_the_run_would_fail_on(case, message, packed_tiny_dataset,
                                                   train_config, tmp_path, capsys, monkeypatch):
@@ -285,6 +294,10 @@ def test_check_catches_what_the_run_would_fail_on(case, message, packed_tiny_dat
     from engine.train import main
     (tmp_path / "latin1.yaml").write_bytes("model: {name: tiny}  # caf\xe9\n".encode("latin-1"))
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "eval_a_file").mkdir()
+    (tmp_path / "eval_a_file" / "eval").write_text("")
+    (tmp_path / "eval_not_a_report" / "eval").mkdir(parents=True)
+    (tmp_path / "eval_not_a_report" / "eval" / "notes.txt").write_text("mine")
     _damaged_order_copy(packed_tiny_dataset, tmp_path / "damaged")
     read_only = tmp_path / "read_only"
     read_only.mkdir()
