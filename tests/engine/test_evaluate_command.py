@@ -115,17 +115,70 @@ def test_parallel_layouts_score_like_one_process(nproc, overrides, tiny, single,
     _assert_same_measures(_report(tmp_path)["base"], _report(single)["base"], 1e-5)
 
 
-def test_generation_finds_at_least_what_teacher_forcing_finds(tiny, single, tmp_path):
-    result = _evaluate("--hf", f"export={tiny['root'] / 'export'}", "--tokenizer",
-                       tiny["tokenizer"], "--tasks", *TASKS, "--lengths", "256", "--depths", "2",
-                       "--samples", "1", "--no-progress", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stdout[-3000:]
-    generated = _report(tmp_path)["export"]
-    assert generated["scoring"] == "generation"
-    forced = {(c["task"], c["depth"]): c["score"]
-              for c in _report(single)["base"]["recall"]["cells"]}
-    for cell in generated["recall"]["cells"]:
-        assert cell["score"] >= forced[(cell["task"], cell["depth"])]
+def _chain_llama(folder, chain, eos=128001):
+    """A Hugging Face Llama that, fed token chain[i], predicts chain[i + 1] (after the last, EOS)
+    whatever came before: attention and MLP write nothing, each chain token's embedding is its
+    own axis of the residual stream and the output layer maps that axis to the next token.
+    Every other token embeds as zeros, whose logits tie at 0 (token 0, "!", wins)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=LLAMA3_VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rope_theta=500000.0, bos_token_id=128000,
+                         eos_token_id=eos, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+        for axis, (token, following) in enumerate(zip(chain, [*chain[1:], eos])):
+            model.model.embed_tokens.weight[token, axis] = 1.0
+            model.lm_head.weight[following, axis] = 1.0
+    model.save_pretrained(folder)
+
+
+def test_generation_finds_what_a_model_that_knows_the_answer_says(tmp_path):
+    """A model that knows the niah_single needle's answer (it continues the prompt's last token
+    with the answer's tokens) and nothing else: greedy generation through the command finds
+    the needle (score 1, the answer in its output), teacher forcing on it too, and neither
+    finds anything where the model knows nothing (variable_tracking)."""
+    from data_tools.tokenizer import load_tokenizer
+    from engine.evaluate.haystack import load_haystack
+    from engine.evaluate.tasks import RecallSuite
+
+    tokenizer_file = f"{llama3_tokenizer_dir()}/tokenizer.model"
+    tokenizer = load_tokenizer(tokenizer_file)
+    # The example the command makes (its defaults: the noise haystack, seed 0).
+    needle = next(RecallSuite(tokenizer, load_haystack("noise", tokenizer), seed=0).examples(
+        ["niah_single"], [256], [0.5], 1))
+    chain = [int(needle.prompt_ids[-1]), *map(int, needle.answer_ids)]
+    assert len(set(chain)) == len(chain) <= 64, chain  # one axis per token, one successor each
+    _chain_llama(tmp_path / "knows", chain)
+    scores = {}
+    for scoring in ("generation", "teacher-forced"):
+        out = tmp_path / scoring
+        result = _evaluate("--hf", f"knows={tmp_path / 'knows'}", "--hf-scoring", scoring,
+                           "--tokenizer", tokenizer_file, "--tasks", "niah_single",
+                           "variable_tracking", "--lengths", "256", "--depths", "0.5",
+                           "--samples", "1", "--write-examples", "--no-progress", "--out",
+                           str(out))
+        assert result.returncode == 0, result.stdout[-3000:]
+        report = _report(out)["knows"]
+        assert report["scoring"] == scoring.replace("-", "_")
+        scores[scoring] = {c["task"]: c["score"] for c in report["recall"]["cells"]}
+        lines = {line["task"]: line for line in map(
+            json.loads, (out / "examples.jsonl").read_text().splitlines())}
+        assert lines["niah_single"]["gold"] == list(needle.gold)
+    assert scores["generation"] == {"niah_single": 1.0, "variable_tracking": 0.0}, scores
+    assert scores["teacher-forced"] == scores["generation"]
+    # The generated text: the answer's tokens, then EOS.
+    assert lines["niah_single"]["output"] is None  # the last run was teacher-forced
+    generated = [json.loads(line) for line in (tmp_path / "generation" / "examples.jsonl")
+                 .read_text().splitlines() if '"niah_single"' in line][0]
+    assert generated["output"].startswith(tokenizer.decode(needle.answer_ids)), generated
 
 
 def test_a_length_beyond_the_trained_context_warns_and_runs(tiny, tmp_path):
