@@ -56,7 +56,7 @@ from engine.training.metrics import (
     print0,
     training_flops,
 )
-from engine.training.plan import RunPlan, plan_from_config
+from engine.training.run_plan import RunPlan, plan_from_config
 from engine.training.step import train_step
 
 

@@ -59,7 +59,7 @@ def _measure_engine(checkpoint: str, length: int, workload: str, repeats: int) -
     from engine.parallel.setup import initialize_parallel
     from engine.training.build import build_model
     from engine.training.data import InMemorySequences, SampleSource
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
 
     path = resolve_checkpoint(checkpoint)
     model = model_config_from_state(read_checkpoint_state(path), path)

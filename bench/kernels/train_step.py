@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from engine.training.build import build_training_state
     from engine.training.config import OptimizerSettings
     from engine.training.data import InMemorySequences, SampleSource, global_batch_indices, rank_micro_batches
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
 
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):

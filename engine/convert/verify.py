@@ -32,7 +32,7 @@ from engine.parallel.layout import ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import build_model
 from engine.training.data import build_micro_batch
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 
 def _free_port() -> int:

@@ -52,7 +52,7 @@ from engine.parallel.setup import (LaunchError, check_rendezvous_port, destroy_p
                                    initialize_parallel)
 from engine.training.build import build_model
 from engine.training.config import ConfigError, EvalSection, TrainConfig, load_config
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 
 # The command's examples per (task, length, depth) when neither --samples nor a config sets

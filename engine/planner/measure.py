@@ -30,7 +30,7 @@ from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.planner.memory import Workload, activation_elements, estimate_memory
 from engine.training.build import build_training_state
 from engine.training.data import build_micro_batch
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 MEASURE_MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
                      ffn_hidden_size=768, vocab_size=512)

@@ -43,7 +43,7 @@ from engine.training.data import (
     global_batch_indices,
     rank_micro_batches,
 )
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 from engine.training.step import train_step
 
 DEFAULT_TOLERANCE = 1e-5

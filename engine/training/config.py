@@ -4,7 +4,7 @@ One frozen dataclass per concern. ``load_config`` merges the files and overrides
 mappings, then builds the sections, checking every key, type and range with a message that
 names the setting, the value and the fix. What needs more than one section (the layout against
 the model, the batch against the data, the checkpoint to start from) is checked once, when the
-run plan is built (engine.training.plan), still before any process group exists.
+run plan is built (engine.training.run_plan), still before any process group exists.
 """
 from __future__ import annotations
 

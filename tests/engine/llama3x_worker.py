@@ -29,7 +29,7 @@ def _plan(args, model, seq_length: int, global_batch: int):
     from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
     from engine.training.config import OptimizerSettings
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
 
     layout = ParallelLayout.for_world_size(int(os.environ["WORLD_SIZE"]), tensor_parallel=args.tp,
                                            pipeline_parallel=args.pp, context_parallel=args.cp)

@@ -26,7 +26,7 @@ def main() -> None:
     from engine.parallel.setup import initialize_parallel
     from engine.training.build import build_training_state
     from engine.training.data import build_micro_batch
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
     from engine.megatron_compat import cuda_current_stream
     from engine.training.config import OptimizerSettings

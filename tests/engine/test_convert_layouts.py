@@ -82,7 +82,7 @@ def _train_from_imported(args) -> None:
     from engine.training.build import build_training_state
     from engine.training.config import OptimizerSettings
     from engine.training.data import MicroBatch
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
 
     source = resolve_checkpoint(args.checkpoint)

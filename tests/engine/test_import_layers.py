@@ -135,9 +135,9 @@ def test_no_function_level_import_except_optional_libraries():
 
 def test_the_layer_rule_would_catch_an_upward_import(tmp_path):
     """The checks read real import statements: an upward import in a model module is found."""
-    source = "from engine.training.plan import RunPlan\n"
+    source = "from engine.training.run_plan import RunPlan\n"
     path = tmp_path / "probe.py"
     path.write_text(source)
     (target, at_top, _), _ = list(_imports(path))
-    assert target == "engine.training.plan" and at_top
+    assert target == "engine.training.run_plan" and at_top
     assert LAYERS[_package(target)] > LAYERS[_package("engine.model.probe")]

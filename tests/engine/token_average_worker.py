@@ -19,7 +19,7 @@ def main() -> None:
     from engine.training.build import build_training_state
     from engine.training.config import OptimizerSettings
     from engine.training.data import build_micro_batch
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
 
     plan = RunPlan.create(get_model_config("tiny", num_layers=2), ParallelLayout(),

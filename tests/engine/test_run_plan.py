@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from engine.parallel.layout import LayoutError
 from engine.training.config import ConfigError, load_config
-from engine.training.plan import plan_from_config
+from engine.training.run_plan import plan_from_config
 
 
 def _plan(train_config, data, world_size=1, *overrides):
