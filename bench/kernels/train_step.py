@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from engine.parallel.setup import destroy_parallel, initialize_parallel
     from engine.tools.layout_check import synthetic_global_batch
     from engine.training.build import build_training_state
-    from engine.training.config import OptimizerSettings
+    from engine.training.config import OptimizerSection
     from engine.training.data import InMemorySequences, SampleSource, global_batch_indices, rank_micro_batches
     from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     layout = ParallelLayout.for_world_size(1, recompute=args.recompute)
     plan = RunPlan.create(model, layout, seq_length=args.seq_length, global_batch=1, micro_batch=1,
                           kernels=KernelChoices.parse(args.kernels), bf16=not args.dry, seed=1234,
-                          train_steps=args.steps + 1, optimizer=OptimizerSettings(lr=1e-5, warmup_fraction=0.0))
+                          train_steps=args.steps + 1, optimizer=OptimizerSection(lr=1e-5, warmup_fraction=0.0))
     initialize_parallel(plan.layout, seed=plan.seed, timeout_s=600.0)
     try:
         state = build_training_state(plan)

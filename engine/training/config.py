@@ -78,7 +78,7 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class OptimizerSettings:
+class OptimizerSection:
     """AdamW and its schedule: linear warm-up over ``warmup_fraction`` of the run, then cosine
     decay to ``lr x min_lr_ratio`` at its end."""
 
@@ -183,7 +183,7 @@ class TrainConfig:
     # when the run plan is built.
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     data: DataSection = field(default_factory=DataSection)
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)

@@ -35,7 +35,7 @@ from engine.training.config import (
     CheckpointSection,
     ConfigError,
     LoggingSection,
-    OptimizerSettings,
+    OptimizerSection,
     TrainConfig,
 )
 from engine.training.data import check_position_mode
@@ -64,7 +64,7 @@ class RunPlan:
     use_transformer_engine: bool = False  # transformer-engine layer specs (GPU, when installed)
     seed: int = 1234
     train_steps: int = 1
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     collective_timeout_s: float = 600.0
     data: Optional[DataPlan] = None
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
