@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from data_tools.atomic import publish_directory, write_text_atomically
 from engine.checkpoint.errors import CheckpointError, DamagedCheckpoint
 from engine.checkpoint.integrity import (
     MANIFEST_FILE,
@@ -55,6 +54,7 @@ from engine.megatron_compat import (
 )
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import ParallelLayout
+from publishing.atomic import publish_directory, write_text_atomically
 
 LATEST = "latest"
 STATE_FILE = "engine_state.json"
