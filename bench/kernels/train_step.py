@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ def main(argv=None) -> int:
     from engine.model.config import get_model_config
     from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
+    from engine.parallel.ports import free_port
     from engine.parallel.setup import destroy_parallel, initialize_parallel
     from engine.tools.layout_check import synthetic_global_batch
     from engine.training.build import build_training_state
@@ -66,9 +66,7 @@ def main(argv=None) -> int:
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
 
     model = get_model_config(args.model, num_layers=args.layers,
                              max_position_embeddings=max(args.seq_length, 8192))
