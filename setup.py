@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Train Llama-3 to 64K-512K tokens of context (ProLong recipe) on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine*", "data_tools*", "csrc*"]),
+    packages=find_packages(include=["engine*", "data_tools*", "csrc*", "publishing*"]),
     include_package_data=True,
     package_data={"data_tools": ["recipes/*.yaml", "sample/*"], "engine": ["configs/*.yaml"]},
     install_requires=[

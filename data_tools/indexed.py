@@ -21,8 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from data_tools.atomic import discard, publish, temporary_path
 from data_tools.outputs import write_failure
+from publishing.atomic import discard, publish, temporary_path
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1

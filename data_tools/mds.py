@@ -35,12 +35,12 @@ import numpy as np
 
 from data_tools.indexed import IndexedWriter, token_dtype
 from data_tools.preprocess import ProgressBar
-from data_tools.atomic import discard, publish
 from data_tools.outputs import check_output_location, empty_output_error
 from data_tools.summary import (SUMMARY_SUFFIX, remove_stale_summary, stage_summary,
                                 summary_path)
 from data_tools.tokenizer import (LLAMA3_NUM_BPE_RANKS, LLAMA3_VOCABULARY_FINGERPRINT,
                                   llama3_special_tokens, load_tokenizer)
+from publishing.atomic import discard, publish
 
 INDEX_FILE = "index.json"
 INDEX_VERSION = 2

@@ -19,9 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from data_tools.atomic import discard, publish_directory, temporary_path
 from data_tools.indexed import IndexedReader
 from data_tools.packing import PackedIndex
+from publishing.atomic import discard, publish_directory, temporary_path
 
 FORMAT = "longctx-packed-v1"
 METADATA_FILE = "packed.json"

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data_tools.atomic import discard, temporary_path, write_text_atomically
 from data_tools.outputs import write_failure
+from publishing.atomic import discard, temporary_path, write_text_atomically
 
 from data_tools.indexed import IndexedReader
 

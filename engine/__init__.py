@@ -9,3 +9,9 @@
                       self-checks (tests/engine/test_import_layers.py keeps this order)
     train             the entry point: torchrun -m engine.train --config FILE
 """
+import warnings
+
+# megatron-core warns at import, once per module, that transformer-engine and apex are absent
+# (five lines before any output); engine.megatron_compat says it in one line instead.
+warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
+                        category=UserWarning)

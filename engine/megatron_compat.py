@@ -61,6 +61,7 @@ subset, .ci/run).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -374,16 +375,45 @@ def untested_versions(torch_version: str, megatron_core_version: str) -> str | N
             f"run tests/engine/test_megatron_compat.py here before trusting results")
 
 
+def _first_process() -> bool:
+    """Whether this is the first process of a launch (RANK / SLURM_PROCID unset or 0)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def warn_untested_versions() -> None:
     """Print ``untested_versions`` for the running torch and megatron-core to stderr, from the
     first process of a launch only (RANK / SLURM_PROCID unset or 0)."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    if rank != "0":
+    if not _first_process():
         return
     message = untested_versions(torch.__version__, megatron_version())
     if message:
         print(message, file=sys.stderr, flush=True)
 
 
+# The optional GPU libraries (module, distribution) that megatron-core and the engine use when
+# present: transformer-engine's layers and fused kernels, apex's fused optimizer and norms,
+# flash-attn's attention, triton for the engine's own kernels.
+OPTIONAL_GPU_LIBRARIES = (("transformer_engine", "transformer-engine"), ("apex", "apex"),
+                          ("flash_attn", "flash-attn"), ("triton", "triton"))
+
+
+def absent_gpu_libraries() -> list[str]:
+    return [name for module, name in OPTIONAL_GPU_LIBRARIES
+            if importlib.util.find_spec(module) is None]
+
+
+def note_absent_gpu_libraries() -> None:
+    """One line on stderr, from the first process of a launch, naming the optional GPU libraries
+    that are not installed (in place of megatron-core's warnings, which engine/__init__.py
+    silences)."""
+    if not _first_process():
+        return
+    absent = absent_gpu_libraries()
+    if absent:
+        print(f"longctx-engine: optional GPU libraries not installed: {', '.join(absent)} "
+              f"(their PyTorch fallbacks are used)", file=sys.stderr, flush=True)
+
+
 # Once per process, at the first import (every entry point that touches megatron-core gets here).
 warn_untested_versions()
+note_absent_gpu_libraries()

@@ -21,7 +21,6 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 
-from data_tools.atomic import write_text_atomically
 from data_tools.packed_dataset import PackedDataset
 from engine.checkpoint import (
     CheckpointError,
@@ -58,8 +57,9 @@ from engine.training.metrics import (
     print0,
     training_flops,
 )
-from engine.training.plan import RunPlan, plan_from_config
+from engine.training.run_plan import RunPlan, plan_from_config
 from engine.training.step import train_step
+from publishing.atomic import write_text_atomically
 
 
 class TrainingStopped(RuntimeError):

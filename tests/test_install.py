@@ -88,7 +88,7 @@ def _environment(tmp_path: Path, torch_version: str) -> Path:
 def _project(tmp_path: Path) -> Path:
     """This repository's setup.py with empty packages (pip needs only its metadata)."""
     project = tmp_path / "project"
-    for package in ("engine", "data_tools", "csrc"):
+    for package in ("engine", "data_tools", "csrc", "publishing"):
         (project / package).mkdir(parents=True)
         (project / package / "__init__.py").write_text("")
     shutil.copy(REPO / "setup.py", project / "setup.py")

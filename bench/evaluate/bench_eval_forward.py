@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from engine.parallel.ports import free_port  # noqa: E402  (stdlib only: torch stays in the children)
 ANSWER_TOKENS = 16
 
 
@@ -59,7 +62,7 @@ def _measure_engine(checkpoint: str, length: int, workload: str, repeats: int) -
     from engine.parallel.setup import initialize_parallel
     from engine.training.build import build_model
     from engine.training.data import InMemorySequences, SampleSource
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
 
     path = resolve_checkpoint(checkpoint)
     model = model_config_from_state(read_checkpoint_state(path), path)
@@ -140,7 +143,7 @@ def _one(args) -> None:
 
 def _run_child(impl: str, source: dict, length: int, workload: str, repeats: int) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                WORLD_SIZE="1", RANK="0")
     result = subprocess.run(
         [sys.executable, __file__, "--child", impl, "--length", str(length), "--workload",
@@ -164,14 +167,6 @@ def _agreement(name: str, length: int, ours: dict, theirs: dict) -> dict:
         if theirs["argmax"] is not None:
             row["argmax_equal"] = ours["argmax"] == theirs["argmax"]
     return row
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _random_checkpoint(root: Path, hidden: int, layers: int) -> dict:

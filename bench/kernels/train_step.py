@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -55,27 +54,26 @@ def main(argv=None) -> int:
     from engine.model.config import get_model_config
     from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
+    from engine.parallel.ports import free_port
     from engine.parallel.setup import destroy_parallel, initialize_parallel
     from engine.tools.layout_check import synthetic_global_batch
     from engine.training.build import build_training_state
-    from engine.training.config import OptimizerSettings
+    from engine.training.config import OptimizerSection
     from engine.training.data import InMemorySequences, SampleSource, global_batch_indices, rank_micro_batches
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
 
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
 
     model = get_model_config(args.model, num_layers=args.layers,
                              max_position_embeddings=max(args.seq_length, 8192))
     layout = ParallelLayout.for_world_size(1, recompute=args.recompute)
     plan = RunPlan.create(model, layout, seq_length=args.seq_length, global_batch=1, micro_batch=1,
                           kernels=KernelChoices.parse(args.kernels), bf16=not args.dry, seed=1234,
-                          train_steps=args.steps + 1, optimizer=OptimizerSettings(lr=1e-5, warmup_fraction=0.0))
+                          train_steps=args.steps + 1, optimizer=OptimizerSection(lr=1e-5, warmup_fraction=0.0))
     initialize_parallel(plan.layout, seed=plan.seed, timeout_s=600.0)
     try:
         state = build_training_state(plan)

@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from data_tools.atomic import publish_directory, write_text_atomically
 from data_tools.jsonfile import read_json_object
 from engine.checkpoint.errors import CheckpointError, DamagedCheckpoint
 from engine.checkpoint.integrity import (
@@ -56,6 +55,7 @@ from engine.megatron_compat import (
 )
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import ParallelLayout
+from publishing.atomic import publish_directory, write_text_atomically
 
 LATEST = "latest"
 STATE_FILE = "engine_state.json"

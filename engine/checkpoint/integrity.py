@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
-from data_tools.atomic import write_text_atomically
 from engine.checkpoint.errors import DamagedCheckpoint
+from publishing.atomic import write_text_atomically
 
 MANIFEST_FILE = "manifest.json"
 BLOCK_BYTES = 8 << 20

@@ -145,11 +145,12 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
     generation = _read_optional_json(hf / "generation_config.json")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
-    layout = ParallelLayout(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
     try:
+        layout = ParallelLayout(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
         layout.validate(config)
     except LayoutError as error:
-        raise ConversionError(f"target layout {layout.describe()} does not fit {hf}: {error}") from None
+        raise ConversionError(f"target layout TP{tensor_parallel} x PP{pipeline_parallel} does "
+                              f"not fit {hf}: {error}") from None
     padded_vocab = config.padded_vocab_size(tensor_parallel)
     if padded_vocab != config.vocab_size:
         log(f"note: vocabulary {config.vocab_size} padded to {padded_vocab} for TP"

@@ -10,10 +10,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from data_tools.atomic import staged_directory
 from data_tools.outputs import OutputError, check_output_location, write_failure
 from engine.checkpoint import os_error_behind
 from engine.convert.hf_mapping import ConversionError
+from publishing.atomic import staged_directory
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

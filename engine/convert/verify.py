@@ -14,7 +14,6 @@ Meant for small models and CI: an 8B check holds both models in fp32 (~70 GB of 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +28,11 @@ from engine.model.config import LlamaConfig
 from engine.device import to_accelerator
 from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import ParallelLayout
+from engine.parallel.ports import free_port
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import build_model
 from engine.training.data import build_micro_batch
-from engine.training.plan import RunPlan
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from engine.training.run_plan import RunPlan
 
 
 def _random_doc_lengths(total: int, generator: torch.Generator) -> np.ndarray:
@@ -108,7 +102,7 @@ def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int
     del hf_model
 
     if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     plan = RunPlan.create(model, ParallelLayout(), seq_length=seq_length, global_batch=1,
                           kernels=KernelChoices.parse("all=torch"), bf16=False,
                           device=torch.device("cpu"))

@@ -47,12 +47,12 @@ from engine.evaluate.scoring import recall_cells
 from engine.evaluate.tasks import TASKS, RecallSuite, check_tokenizer_vocabulary, depth_sweep
 from engine.model.config import LlamaConfig
 from engine.model.kernel_choices import KernelChoices
-from engine.parallel.layout import LayoutError, ParallelLayout
+from engine.parallel.layout import LayoutError
 from engine.parallel.setup import (LaunchError, check_rendezvous_port, destroy_parallel,
                                    initialize_parallel)
 from engine.training.build import build_model
 from engine.training.config import ConfigError, EvalSection, TrainConfig, load_config
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 
 # The command's examples per (task, length, depth) when neither --samples nor a config sets
@@ -274,10 +274,9 @@ def main(argv=None) -> int:
         if world_size > 1 and any(t.kind == "hf" for t in targets) and not engine_targets:
             raise EvaluationError("Hugging Face folders are evaluated in one process: run "
                                   "without torchrun")
-        layout = ParallelLayout.for_world_size(world_size, **{
-            k: getattr(config.parallel, k) for k in (
-                "tensor_parallel", "pipeline_parallel", "virtual_stages", "context_parallel",
-                "cp_algorithm", "sequence_parallel")})
+        # Evaluation trains nothing: no optimizer to shard, no activations kept to recompute.
+        layout = replace(config.parallel, distributed_optimizer=False,
+                         recompute="none").with_world_size(world_size)
         # The longest sample any measure runs: the plan is checked at that length.
         longest = padded_length(max([len(e.prompt_ids) + len(e.answer_ids) for e in examples]
                                     + [section.position_length, SHORT_LENGTH if short_reader else 2]),

@@ -26,7 +26,7 @@ from engine.evaluate.tasks import RecallExample
 from engine.parallel.layout import ParallelLayout
 from engine.training.data import InMemorySequences, SampleSource, targets_and_mask
 from engine.training.metrics import is_logging_rank
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 
 # Samples are padded to a multiple of this too, so that examples whose answers differ by a few

@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from engine.parallel.context.chunks import gathered_to_sequence_order
 from engine.training.data import SampleSource, micro_batch_for_rank
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 
 @dataclass

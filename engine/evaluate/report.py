@@ -43,12 +43,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from data_tools.atomic import staged_directory
 from data_tools.outputs import OutputError, check_output_location
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.position_loss import PositionBucket, ShortDocumentLoss
 from engine.evaluate.scoring import RecallCell
 from engine.evaluate.statistics import confidence_interval
+from publishing.atomic import staged_directory
 
 SCHEMA_VERSION = 1
 SCORING_MODES = ("teacher_forced", "generation")

@@ -29,7 +29,7 @@ from engine.evaluate.tasks import TASKS, RecallExample, RecallSuite, depth_sweep
 from engine.training.config import ConfigError, EvalSection
 from engine.training.data import SampleSource
 from engine.training.metrics import is_logging_rank
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 
 def _depths(section: EvalSection) -> list[float]:

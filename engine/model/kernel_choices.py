@@ -3,7 +3,7 @@
     kernels = KernelChoices.parse("all=ours,attention=flash-attn")   # or KernelChoices()
     resolved = kernels.resolve("cuda")   # no "auto" left; an error if a choice cannot run there
 
-The run plan (engine.training.plan) resolves the config's choices once, before any process group
+The run plan (engine.training.run_plan) resolves the config's choices once, before any process group
 exists; the layer specs and modules then take concrete values and never resolve again.
 
 One vocabulary for every part, the same as csrc's ``impl=``: "ours" (our csrc/ Triton kernel),

@@ -38,6 +38,10 @@ def check_sequence_split(seq_length: int, context_parallel: int) -> int:
 
 @dataclass(frozen=True)
 class ParallelLayout:
+    """The config's ``parallel:`` section as loaded (data_parallel 1) and, placed on a world size
+    (``with_world_size``), the layout a run uses. Each field is checked when the object is made;
+    ``validate`` checks the layout against a model, world size and batch."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1
@@ -50,6 +54,24 @@ class ParallelLayout:
     cp_algorithm: str = "all-gather"
     recompute: str = "none"
 
+    CHOICES = {"cp_algorithm": CP_ALGORITHMS, "recompute": RECOMPUTE_MODES}
+    # Not a setting of the config: the world size divided by the model-parallel sizes.
+    DERIVED = ("data_parallel",)
+
+    def __post_init__(self):
+        # Messages start with the field's name: the config prefixes its section ("parallel.").
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "data_parallel",
+                     "virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LayoutError(f"{name} = {value!r} must be an integer >= 1")
+        for name in ("sequence_parallel", "distributed_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise LayoutError(f"{name} = {getattr(self, name)!r} must be true or false")
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise LayoutError(f"{name} {getattr(self, name)!r} is not one of {allowed}")
+
     @property
     def world_size(self) -> int:
         return (self.tensor_parallel * self.pipeline_parallel * self.context_parallel
@@ -57,15 +79,18 @@ class ParallelLayout:
 
     @classmethod
     def for_world_size(cls, world_size: int, **settings) -> "ParallelLayout":
-        """The layout with data_parallel derived from the world size and the other sizes."""
-        model_parallel = (settings.get("tensor_parallel", 1) * settings.get("pipeline_parallel", 1)
-                          * settings.get("context_parallel", 1))
-        if model_parallel < 1 or world_size % model_parallel:
+        """The layout of ``settings`` with data_parallel derived from the world size."""
+        return cls(**settings).with_world_size(world_size)
+
+    def with_world_size(self, world_size: int) -> "ParallelLayout":
+        """This layout with data_parallel derived from the world size and the other sizes."""
+        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        if world_size % model_parallel:
             raise LayoutError(
                 f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}: "
                 f"launch a multiple of {model_parallel} processes or shrink the model-parallel sizes"
             )
-        return cls(data_parallel=world_size // model_parallel, **settings)
+        return dataclasses.replace(self, data_parallel=world_size // model_parallel)
 
     def describe(self) -> str:
         """E.g. "TP2 x PP2 x CP2 x DP1 +SP +ulysses +recompute=full"."""
@@ -110,17 +135,9 @@ class ParallelLayout:
         """Raise LayoutError naming the values and the fix if this layout cannot run ``model``.
 
         ``seq_length`` (tokens), when given, is checked against the context-parallel split;
-        ``num_microbatches`` against the interleaved pipeline.
+        ``num_microbatches`` against the interleaved pipeline. Each field alone was checked
+        when the layout was made.
         """
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel",
-                     "data_parallel", "virtual_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise LayoutError(f"{name} = {value!r} must be an integer >= 1")
-        if self.cp_algorithm not in CP_ALGORITHMS:
-            raise LayoutError(f"cp_algorithm {self.cp_algorithm!r} is not one of {CP_ALGORITHMS}")
-        if self.recompute not in RECOMPUTE_MODES:
-            raise LayoutError(f"recompute {self.recompute!r} is not one of {RECOMPUTE_MODES}")
         tp, pp, vpp, cp = (self.tensor_parallel, self.pipeline_parallel, self.virtual_stages,
                            self.context_parallel)
         if world_size is not None and world_size != self.world_size:

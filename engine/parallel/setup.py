@@ -12,6 +12,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from engine.megatron_compat import enable_cpu_support
 from engine.parallel.layout import LayoutError, ParallelLayout
+from engine.parallel.ports import free_port
 
 
 DEFAULT_MASTER_PORT = 29500
@@ -19,12 +20,6 @@ DEFAULT_MASTER_PORT = 29500
 
 class LaunchError(RuntimeError):
     """A launch environment the process group cannot start in (the message names the fix)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def check_rendezvous_port() -> None:

@@ -20,7 +20,8 @@ def _row(plan) -> str:
 def layout_overrides(layout) -> str:
     """The layout as engine.train settings, e.g. "parallel.tensor_parallel=2 ..." (data parallel
     is what the world size leaves, so it is not one)."""
-    settings = {key: value for key, value in layout.to_dict().items() if key != "data_parallel"}
+    settings = {key: value for key, value in layout.to_dict().items()
+                if key not in layout.DERIVED}
     return " ".join(f"parallel.{key}={str(value).lower() if isinstance(value, bool) else value}"
                     for key, value in settings.items())
 

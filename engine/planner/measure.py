@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 
 import numpy as np
@@ -26,20 +25,15 @@ import torch
 from engine.model.config import get_model_config
 from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import ParallelLayout
+from engine.parallel.ports import free_port
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.planner.memory import Workload, activation_elements, estimate_memory
 from engine.training.build import build_training_state
 from engine.training.data import build_micro_batch
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 
 MEASURE_MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
                      ffn_hidden_size=768, vocab_size=512)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _saved_bytes_in(module, run):
@@ -72,7 +66,7 @@ def _saved_bytes_in(module, run):
 
 
 def measure(seq_lengths, recompute_modes=("none", "full")) -> list[dict]:
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     model = get_model_config("tiny", max_position_embeddings=max(seq_lengths), **MEASURE_MODEL)
     results = []
     initialize_parallel(ParallelLayout())

@@ -36,14 +36,14 @@ from engine.model.sharding import canonical_named_parameters, merge_shards
 from engine.parallel.layout import CP_ALGORITHMS, RECOMPUTE_MODES, LayoutError, ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import build_training_state
-from engine.training.config import ConfigError, OptimizerSettings
+from engine.training.config import ConfigError, OptimizerSection
 from engine.training.data import (
     InMemorySequences,
     SampleSource,
     global_batch_indices,
     rank_micro_batches,
 )
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 from engine.training.step import train_step
 
 DEFAULT_TOLERANCE = 1e-5
@@ -88,7 +88,7 @@ def _plan(args, world_size: int) -> RunPlan:
         # No warm-up, and the cosine decay spread over twice the steps run (--steps 0 records
         # the initial weights).
         train_steps=max(args.steps, 1) * 2, collective_timeout_s=args.timeout,
-        optimizer=OptimizerSettings(lr=args.lr, warmup_fraction=0.0))
+        optimizer=OptimizerSection(lr=args.lr, warmup_fraction=0.0))
 
 
 def _run(args, plan: RunPlan) -> None:

@@ -35,8 +35,8 @@ from engine.model.sharding import (
 )
 from engine.model.specs import core_attention_spec, llama_block_spec
 from engine.parallel.context.module import context_parallel_attention_spec
-from engine.training.plan import RunPlan
-from engine.training.step import build_optimizer
+from engine.training.run_plan import RunPlan
+from engine.training.optimizer import build_optimizer
 
 
 def transformer_config(plan: RunPlan, **overrides) -> TransformerConfig:

@@ -4,10 +4,11 @@ One frozen dataclass per concern. ``load_config`` merges the files and overrides
 mappings, then builds the sections, checking every key, type and range with a message that
 names the setting, the value and the fix. What needs more than one section (the layout against
 the model, the batch against the data, the checkpoint to start from) is checked once, when the
-run plan is built (engine.training.plan), still before any process group exists.
+run plan is built (engine.training.run_plan), still before any process group exists.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -18,6 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
+from engine.parallel.layout import LayoutError, ParallelLayout
 
 class ConfigError(ValueError):
     pass
@@ -62,21 +64,6 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class ParallelSection:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_stages: int = 1
-    context_parallel: int = 1
-    cp_algorithm: str = "all-gather"  # all-gather | ulysses
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False
-    recompute: str = "none"  # none | selective | full
-
-    RANGES = {"tensor_parallel": _AT_LEAST_ONE, "pipeline_parallel": _AT_LEAST_ONE,
-              "virtual_stages": _AT_LEAST_ONE, "context_parallel": _AT_LEAST_ONE}
-
-
-@dataclass(frozen=True)
 class DataSection:
     path: str = ""  # a packed dataset built by `lce-data mix` / `lce-data sft`
     seq_length: Optional[int] = None  # default: the dataset's packing length
@@ -91,7 +78,7 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class OptimizerSettings:
+class OptimizerSection:
     """AdamW and its schedule: linear warm-up over ``warmup_fraction`` of the run, then cosine
     decay to ``lr x min_lr_ratio`` at its end."""
 
@@ -192,9 +179,11 @@ class EvalSection:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    # The parallel layout (engine.parallel.layout), data_parallel derived from the world size
+    # when the run plan is built.
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     data: DataSection = field(default_factory=DataSection)
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -214,7 +203,19 @@ class TrainConfig:
     HIGHEST = {"seed": _SEED_LIMIT, "collective_timeout_s": _TIMEOUT_LIMIT_S}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as a config file holds them (what load_config reads back)."""
+        return _settings(self)
+
+
+def _settings(section) -> dict:
+    """dataclasses.asdict without the fields a section derives (not settings of a config)."""
+    values = {}
+    for f in dataclasses.fields(section):
+        if f.name in getattr(section, "DERIVED", ()):
+            continue
+        value = getattr(section, f.name)
+        values[f.name] = _settings(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return values
 
 
 def _type_matches(value: Any, hint) -> bool:
@@ -245,7 +246,12 @@ def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of settings, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    derived = getattr(cls, "DERIVED", ())
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in derived]
+    for key in values:
+        if key in derived:
+            raise ConfigError(f"{where}.{key} is not a setting: it is derived from the number "
+                              f"of processes; remove it")
     unknown = [key for key in values if key not in names]
     if unknown:
         section = f"section {where}" if where else "the top level"
@@ -271,7 +277,11 @@ def _build(cls, values: dict, where: str):
         if highest is not None and value is not None and value > highest:
             raise ConfigError(f"{label} = {value!r} must be <= {highest:.15g}")
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except LayoutError as error:
+        # The layout checks its own fields, naming the field first: add the section.
+        raise LayoutError(f"{where}.{error}") from None
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -339,5 +349,5 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> TrainConfig:
     source = ", ".join(paths) if paths else "config"
     try:
         return config_from_dict(merged)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+    except (ConfigError, LayoutError) as error:
+        raise type(error)(f"{source}: {error}") from None

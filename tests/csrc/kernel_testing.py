@@ -1,6 +1,8 @@
 """Helpers shared by the kernel tests (imported by name: pytest puts this folder on sys.path)."""
 import torch
 
+from engine.parallel.ports import free_port
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
     """Compare in fp64; infinities must match exactly (lse = -inf rows) and nothing may be NaN."""
@@ -9,14 +11,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{what}: -inf pattern differs"
     finite = torch.isfinite(expected)
     torch.testing.assert_close(actual[finite], expected[finite], atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(worker, world_size: int, *args, timeout_s: float = 180.0) -> None:

@@ -31,7 +31,7 @@ from engine.parallel.layout import ParallelLayout
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import build_training_state
 from engine.training.data import build_micro_batch
-from engine.training.plan import RunPlan
+from engine.training.run_plan import RunPlan
 from engine.training.step import train_step
 
 # Each step of save_checkpoint, as the attribute of engine.checkpoint (or of the object it

@@ -28,15 +28,15 @@ def tokens_for(vocab_size: int, seq_length: int, batch: int = 1) -> torch.Tensor
 def _plan(args, model, seq_length: int, global_batch: int):
     from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
-    from engine.training.config import OptimizerSettings
-    from engine.training.plan import RunPlan
+    from engine.training.config import OptimizerSection
+    from engine.training.run_plan import RunPlan
 
     layout = ParallelLayout.for_world_size(int(os.environ["WORLD_SIZE"]), tensor_parallel=args.tp,
                                            pipeline_parallel=args.pp, context_parallel=args.cp)
     return RunPlan.create(model, layout, seq_length=seq_length, global_batch=global_batch,
                           kernels=KernelChoices.parse("all=torch"), seed=SEED, train_steps=2,
                           collective_timeout_s=120,
-                          optimizer=OptimizerSettings(lr=LR, warmup_fraction=0.0))
+                          optimizer=OptimizerSection(lr=LR, warmup_fraction=0.0))
 
 
 def _logits(args, model, chunks) -> None:

@@ -26,10 +26,10 @@ def main() -> None:
     from engine.parallel.setup import initialize_parallel
     from engine.training.build import build_training_state
     from engine.training.data import build_micro_batch
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
     from engine.megatron_compat import cuda_current_stream
-    from engine.training.config import OptimizerSettings
+    from engine.training.config import OptimizerSection
     from megatron.core.optimizer import distrib_optimizer, optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -119,7 +119,7 @@ def main() -> None:
             saved_path = checkpoint.save_checkpoint(f"{root}/{kind}", 1, saved.chunks,
                                                     saved.optimizer, saved.scheduler, model,
                                                     saved_plan.layout, {})
-            next_plan = replace(saved_plan, optimizer=OptimizerSettings(
+            next_plan = replace(saved_plan, optimizer=OptimizerSection(
                 lr=saved_plan.optimizer.lr * 3))
             result = {}
             patch = checkpoint.patch_param_group_matching

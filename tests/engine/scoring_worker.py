@@ -15,7 +15,7 @@ def main() -> None:
     from engine.tools.layout_check import synthetic_global_batch
     from engine.training.build import build_model
     from engine.training.data import InMemorySequences, SampleSource
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
 
     parser = argparse.ArgumentParser()
     for flag in ("--tp", "--pp", "--vpp", "--cp"):

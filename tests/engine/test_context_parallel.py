@@ -213,7 +213,7 @@ def test_run_plan_refuses_transformer_engine_attention_under_cp():
     for a GPU (as RunPlan.create would there) has no context-parallel path here."""
     from engine.model.kernel_choices import KernelChoices
     from engine.training.config import ConfigError
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
 
     tiny = get_model_config("tiny")
     te = KernelChoices(attention="transformer-engine", rmsnorm="torch", rope="torch",

@@ -80,9 +80,9 @@ def _train_from_imported(args) -> None:
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import destroy_parallel, initialize_parallel
     from engine.training.build import build_training_state
-    from engine.training.config import OptimizerSettings
+    from engine.training.config import OptimizerSection
     from engine.training.data import MicroBatch
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
 
     source = resolve_checkpoint(args.checkpoint)
@@ -92,7 +92,7 @@ def _train_from_imported(args) -> None:
     plan = RunPlan.create(model, layout, seq_length=SEQ_LENGTH, global_batch=GLOBAL_BATCH,
                           kernels=KernelChoices.parse("all=torch"), seed=SEED, train_steps=2,
                           collective_timeout_s=120,
-                          optimizer=OptimizerSettings(lr=LR, warmup_fraction=0.0))
+                          optimizer=OptimizerSection(lr=LR, warmup_fraction=0.0))
     per_rank = plan.num_microbatches
     initialize_parallel(layout, seed=SEED, timeout_s=120)
     training = build_training_state(plan)

@@ -195,7 +195,7 @@ def test_a_scaled_checkpoint_is_not_trained_as_plain_rope_by_omission(models):
     from engine.checkpoint import CheckpointError, check_compatible
     from engine.model.config import get_model_config
     from engine.parallel.layout import ParallelLayout
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
 
     step = models / "ckpt3.2/step_00000000"
     scaling = json.loads((step / "engine_state.json").read_text())["model_config"]["rope_scaling"]

@@ -7,8 +7,11 @@ data, step); conversion (which evaluation uses to generate with an engine checkp
 other users of training side by side (planner, evaluate, tools); the dry run (which asks the
 planner); the entry point train.py on top.
 A module may import its own package and any lower layer, never a higher or a sibling one.
+Below them all, and below data_tools, the file publishing package (publishing/) imports only the
+standard library, so that both may use it without one reaching into the other.
 """
 import ast
+import sys
 from pathlib import Path
 
 from tests.distributed import REPO
@@ -135,9 +138,19 @@ def test_no_function_level_import_except_optional_libraries():
 
 def test_the_layer_rule_would_catch_an_upward_import(tmp_path):
     """The checks read real import statements: an upward import in a model module is found."""
-    source = "from engine.training.plan import RunPlan\n"
+    source = "from engine.training.run_plan import RunPlan\n"
     path = tmp_path / "probe.py"
     path.write_text(source)
     (target, at_top, _), _ = list(_imports(path))
-    assert target == "engine.training.plan" and at_top
+    assert target == "engine.training.run_plan" and at_top
     assert LAYERS[_package(target)] > LAYERS[_package("engine.model.probe")]
+
+
+def test_file_publishing_imports_only_the_standard_library():
+    outside = []
+    for path in sorted((REPO / "publishing").rglob("*.py")):
+        for target, _, line in _imports(path):
+            package = target.split(".")[0]
+            if package != "publishing" and package not in sys.stdlib_module_names:
+                outside.append(f"{path.relative_to(REPO)}:{line}: import {target}")
+    assert not outside, "\n".join(outside)

@@ -138,7 +138,7 @@ def test_megatron_config_follows_the_plans_kernels():
     from engine.model.config import get_model_config
     from engine.parallel.layout import ParallelLayout
     from engine.training.build import transformer_config
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
 
     model = get_model_config("tiny-hd64")
     for spec, expected in (("all=ours", True), ("all=torch", False), ("swiglu=ours", True)):

@@ -3,7 +3,6 @@
 import pytest
 
 from engine.model.config import get_model_config
-from engine.parallel.layout import ParallelLayout
 from engine.training.config import load_config
 from tests.distributed import REPO
 
@@ -19,12 +18,7 @@ def test_prolong_stage_configs(name, world_size, rope_base, seq_length, tokens):
     config = load_config([str(CONFIGS / f"{name}.yaml")])
     model = get_model_config(config.model.name, **config.model.overrides)
     assert model.rope_base == rope_base
-    p = config.parallel
-    layout = ParallelLayout.for_world_size(
-        world_size, tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
-        context_parallel=p.context_parallel, sequence_parallel=p.sequence_parallel,
-        distributed_optimizer=p.distributed_optimizer, cp_algorithm=p.cp_algorithm,
-        recompute=p.recompute)
+    layout = config.parallel.with_world_size(world_size)
     layout.validate(model, world_size=world_size, seq_length=seq_length)
     trained = config.train_steps * config.data.global_batch * seq_length
     assert trained == pytest.approx(tokens, rel=0.05)

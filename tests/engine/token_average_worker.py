@@ -17,15 +17,15 @@ def main() -> None:
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import initialize_parallel
     from engine.training.build import build_training_state
-    from engine.training.config import OptimizerSettings
+    from engine.training.config import OptimizerSection
     from engine.training.data import build_micro_batch
-    from engine.training.plan import RunPlan
+    from engine.training.run_plan import RunPlan
     from engine.training.step import train_step
 
     plan = RunPlan.create(get_model_config("tiny", num_layers=2), ParallelLayout(),
                           seq_length=32, global_batch=2, kernels=KernelChoices.parse("all=torch"),
                           seed=3, collective_timeout_s=60,
-                          optimizer=OptimizerSettings(lr=0.0, min_lr_ratio=0.0, clip_grad=0.0,
+                          optimizer=OptimizerSection(lr=0.0, min_lr_ratio=0.0, clip_grad=0.0,
                                                       warmup_fraction=0.0))
     initialize_parallel(plan.layout, seed=plan.seed, timeout_s=plan.collective_timeout_s)
     state = build_training_state(plan)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.parallel.ports import free_port
 from tests.distributed import REPO, test_env
 
 
@@ -147,12 +148,6 @@ class NetnsHosts:
         return True, ""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class SlurmCluster:
     """Debian's slurm-wlm on this machine: munged, slurmctld and one slurmd, configured in a
     temporary folder (nothing under /etc is touched). Leaving the context cancels every job and
@@ -201,8 +196,8 @@ class SlurmCluster:
             f"SlurmdPidFile={root / 'slurmd.pid'}",
             f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             # No cgroups in a container: track processes by parentage, bind nothing.
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",

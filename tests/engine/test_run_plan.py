@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from engine.parallel.layout import LayoutError
 from engine.training.config import ConfigError, load_config
-from engine.training.plan import plan_from_config
+from engine.training.run_plan import plan_from_config
 
 
 def _plan(train_config, data, world_size=1, *overrides):
@@ -59,6 +59,29 @@ def test_bad_settings_are_refused_naming_value_and_fix(overrides, world, error, 
         _plan(train_config, packed_tiny_dataset, world, *overrides)
     assert message in str(info.value)
     assert not dist.is_initialized()
+
+
+def test_the_config_loads_its_parallel_section_into_the_layout(train_config, tmp_path):
+    """One layout type: the parallel section is the ParallelLayout the plan places on the world
+    size; each field checked once, as it is made; the resolved config written beside a run's
+    logs reads back."""
+    import yaml
+
+    from engine.parallel.layout import ParallelLayout
+
+    config = load_config([train_config], ["parallel.tensor_parallel=2", "parallel.recompute=full"])
+    assert config.parallel == ParallelLayout(tensor_parallel=2, recompute="full")
+    assert config.parallel.with_world_size(8).data_parallel == 4
+    resolved = tmp_path / "config.yaml"
+    resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    assert load_config([str(resolved)]) == config
+    with pytest.raises(ConfigError, match="parallel.data_parallel is not a setting"):
+        load_config([train_config], ["parallel.data_parallel=2"])
+    with pytest.raises(LayoutError, match=r"train.yaml: parallel.tensor_parallel = 0 must be an "
+                                          r"integer >= 1"):
+        load_config([train_config], ["parallel.tensor_parallel=0"])
+    with pytest.raises(LayoutError, match=r"parallel.cp_algorithm 'ring' is not one of"):
+        load_config([train_config], ["parallel.cp_algorithm=ring"])
 
 
 def test_the_packed_data_records_its_largest_token_id(packed_tiny_dataset):

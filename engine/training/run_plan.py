@@ -35,7 +35,7 @@ from engine.training.config import (
     CheckpointSection,
     ConfigError,
     LoggingSection,
-    OptimizerSettings,
+    OptimizerSection,
     TrainConfig,
 )
 from engine.training.data import check_position_mode
@@ -64,7 +64,7 @@ class RunPlan:
     use_transformer_engine: bool = False  # transformer-engine layer specs (GPU, when installed)
     seed: int = 1234
     train_steps: int = 1
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     collective_timeout_s: float = 600.0
     data: Optional[DataPlan] = None
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -229,12 +229,7 @@ def plan_from_config(config: TrainConfig, world_size: int,
     neither the dataset nor the checkpoint to start from is read: samples are
     data.seq_length (default: the model's max_position_embeddings) tokens long."""
     model = _model_from_config(config)
-    p = config.parallel
-    layout = ParallelLayout.for_world_size(
-        world_size, tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel,
-        context_parallel=p.context_parallel, virtual_stages=p.virtual_stages,
-        sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
-        cp_algorithm=p.cp_algorithm, recompute=p.recompute)
+    layout = config.parallel.with_world_size(world_size)
     if with_data:
         data, seq_length = _data_plan(config, model)
     else:
