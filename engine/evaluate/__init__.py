@@ -3,8 +3,12 @@
 The parts:
 
 - `tasks`: `RecallSuite(tokenizer, haystack, seed, vocab_size).example(task, length, depth,
-  index) -> RecallExample`, the six tasks in `TASKS` (RULER's and HELMET's formats), exact
+  index) -> RecallExample`, the tasks in `TASKS` (RULER's and HELMET's formats), exact
   token lengths up to 512K, `depth_sweep(n)`, `check_tokenizer_vocabulary`.
+- `measures`: the registry of measures (recall, loss by position, short-document loss), each
+  preparing its inputs, running on the engine's chunks or a transformers model and filling its
+  part of the report, that the command and evaluation inside training both run; the task list
+  of each recall protocol (`PROTOCOL_TASKS`); how to add a measure.
 - `haystack`: `NoiseHaystack` (RULER's noise), `DocumentHaystack.from_indexed` /
   `.from_text_files` (the user's documents), `load_haystack(source, tokenizer)`.
 - `scoring`: `score_generation(text, gold)`, `score_teacher_forced(example, predicted_ids)`,

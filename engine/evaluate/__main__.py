@@ -27,38 +27,28 @@ from typing import Optional
 import torch.distributed as dist
 import yaml
 
-from data_tools.indexed import IndexedReader
-from data_tools.tokenizer import TokenizerError, load_tokenizer
+from data_tools.tokenizer import TokenizerError
 from engine.checkpoint import (CheckpointError, DamagedCheckpoint, check_complete,
                                load_checkpoint, model_config_from_state, read_checkpoint_state,
                                resolve_checkpoint)
 from engine.evaluate import hf_model
-from engine.evaluate.engine_eval import (long_documents, padded_length, position_losses,
-                                         short_document_loss, teacher_forced_results)
+from engine.evaluate.engine_eval import padded_length
 from engine.evaluate.errors import EvaluationError
-from engine.evaluate.examples_file import examples_text
-from engine.evaluate.haystack import load_haystack
-from engine.evaluate.inputs import (SHORT_LENGTH, check_lengths, depth_setting, hf_config,
-                                    long_document_ids, short_document_ids)
-from engine.evaluate.position_loss import MeanLossAccumulator, PositionLossAccumulator
+from engine.evaluate.inputs import check_lengths, hf_config
+from engine.evaluate.measures import PROTOCOLS, MeasureRequest, measures, prepare_measures
+from engine.evaluate.measures.recall import DEFAULT_SAMPLES
 from engine.evaluate.report import (CheckpointReport, EvaluationReport, check_report_folder,
                                     write_report)
-from engine.evaluate.scoring import recall_cells
-from engine.evaluate.tasks import TASKS, RecallSuite, check_tokenizer_vocabulary, depth_sweep
 from engine.model.config import LlamaConfig
 from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import LayoutError
 from engine.parallel.setup import (LaunchError, check_rendezvous_port, destroy_parallel,
                                    initialize_parallel)
 from engine.training.build import build_model
-from engine.training.config import ConfigError, EvalSection, TrainConfig, load_config
+from engine.training.config import ConfigError, TrainConfig, load_config
 from engine.training.run_plan import RunPlan
 
-
-# The command's examples per (task, length, depth) when neither --samples nor a config sets
-# them: at 5 depths 100 per task and length, a 95% interval about +-0.1 wide. The config's own
-# eval.samples default stays 1, so recall during training stays cheap.
-DEFAULT_SAMPLES = 20
+__all__ = ["main", "DEFAULT_SAMPLES"]
 
 
 @dataclass
@@ -85,23 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder for report.json, report.md, PNGs")
     parser.add_argument("--config", action="append", default=[],
                         help="YAML config whose parallel/kernels/eval sections apply")
-    parser.add_argument("--tokenizer", help="the model's tokenizer (file or folder)")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all six")
-    parser.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens")
-    parser.add_argument("--depths", nargs="+", type=float,
-                        help="needle depths in [0, 1], or one count to sweep (default 3)")
-    parser.add_argument("--samples", type=int,
-                        help=f"examples per (task, length, depth) (default {DEFAULT_SAMPLES}, "
-                             f"or the config's eval.samples)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--haystack", help="'noise' (RULER's), an indexed dataset prefix, or a "
-                                           "folder of text files")
-    parser.add_argument("--long-documents", metavar="PREFIX",
-                        help="indexed dataset for loss by position")
-    parser.add_argument("--position-length", type=int, help="tokens per long document")
-    parser.add_argument("--max-documents", type=int)
-    parser.add_argument("--short-documents", metavar="PREFIX",
-                        help="indexed dataset for the short-document loss")
+    for measure in measures():
+        for flag in measure.flags:
+            parser.add_argument(flag.flag, dest=flag.key, **flag.options)
     parser.add_argument("--hf-scoring", choices=("generation", "teacher-forced"),
                         default="generation")
     parser.add_argument("--no-progress", action="store_true")
@@ -123,12 +99,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> TrainConfig:
-    flags = {"tokenizer": args.tokenizer, "tasks": args.tasks, "lengths": args.lengths,
-             "samples": args.samples, "seed": args.seed, "haystack": args.haystack,
-             "long_documents": args.long_documents, "position_length": args.position_length,
-             "max_documents": args.max_documents, "short_documents": args.short_documents}
-    if args.depths is not None:
-        flags["depths"] = depth_setting(args.depths)
+    flags = {}
+    for measure in measures():
+        for flag in measure.flags:
+            value = getattr(args, flag.key)
+            if value is not None and flag.convert is not None:
+                value = flag.convert(value)
+            flags[flag.key] = value
     overrides = [f"eval.{k}={v!r}" if isinstance(v, str) else f"eval.{k}={v}"
                  for k, v in flags.items() if v is not None]
     config = load_config(args.config, [*args.overrides, *overrides])
@@ -146,15 +123,6 @@ def _sets_samples(args) -> bool:
         if isinstance(section, dict) and "samples" in section:
             return True
     return False
-
-
-def _depths(section: EvalSection) -> list[float]:
-    if isinstance(section.depths, int) and not isinstance(section.depths, bool):
-        return depth_sweep(section.depths)
-    if not isinstance(section.depths, list) or not section.depths:
-        raise EvaluationError(f"eval.depths {section.depths!r}: give a count (e.g. 5) or a list "
-                              f"of fractions in [0, 1]")
-    return [float(d) for d in section.depths]
 
 
 def _targets(args) -> list[Target]:
@@ -188,23 +156,6 @@ def _trained_context(target: Target) -> Optional[int]:
     if target.model is not None:
         return target.model.max_position_embeddings
     return hf_config(target.path).get("max_position_embeddings")
-
-
-def _check_measures(section: EvalSection, long_reader, short_reader) -> None:
-    """The documents each loss measure needs: one that would come out empty is refused."""
-    if long_reader is not None:
-        long_document_ids(long_reader, section.long_documents, section.position_length,
-                          section.max_documents)
-    if short_reader is not None:
-        short_document_ids(short_reader, section.short_documents, _short_limit(section),
-                           section.max_short_documents)
-
-
-def _short_limit(section: EvalSection) -> int:
-    return section.position_length or SHORT_LENGTH
-
-
-PROTOCOLS = ("ours", "ruler", "helmet-recall")
 
 
 def _protocol(argv) -> tuple[str, list[str]]:
@@ -246,30 +197,15 @@ def main(argv=None) -> int:
         # Before any haystack is built: a length no memory holds fails here, not as MemoryError.
         check_lengths(section.lengths, section.position_length,
                       {t.name: _trained_context(t) for t in targets})
-        examples, suite = [], None
-        if section.lengths:
-            if not section.tokenizer:
-                raise EvaluationError("--lengths needs --tokenizer: the recall suite is built "
-                                      "with the model's own tokenizer")
-            tokenizer = load_tokenizer(section.tokenizer)
-            for target in targets:
-                vocab = target.model.vocab_size if target.model else hf_config(target.path)[
-                    "vocab_size"]
-                check_tokenizer_vocabulary(tokenizer, vocab, f"{target.name} ({target.path})")
-            suite = RecallSuite(tokenizer, load_haystack(section.haystack, tokenizer),
-                                seed=section.seed)
-            # Every example is made now, before any process group: a haystack too small for a
-            # length fails here, in seconds.
-            examples = list(suite.examples(section.tasks or TASKS, section.lengths,
-                                           _depths(section), section.samples))
-        long_reader = IndexedReader(section.long_documents) if section.long_documents else None
-        short_reader = IndexedReader(section.short_documents) if section.short_documents else None
-        if long_reader is not None and section.position_length < 2:
-            raise EvaluationError("--long-documents needs --position-length (tokens per document)")
-        if not (examples or long_reader or short_reader):
-            raise EvaluationError("nothing to measure: give --lengths (recall), "
-                                  "--long-documents (loss by position) or --short-documents")
-        _check_measures(section, long_reader, short_reader)
+        vocabularies = {f"{t.name} ({t.path})": t.model.vocab_size if t.model else
+                        hf_config(t.path)["vocab_size"] for t in targets}
+        prepared = prepare_measures(MeasureRequest(section, "command", vocabularies))
+        if not prepared:
+            asked = [m.asked for m in measures()]
+            raise EvaluationError(f"nothing to measure: give {', '.join(asked[:-1])} or "
+                                  f"{asked[-1]}")
+        recall = next((ready for measure, ready in prepared if measure.name == "recall"), None)
+        examples = recall.examples if recall is not None else []
         engine_targets = [t for t in targets if t.kind == "engine"]
         if world_size > 1 and any(t.kind == "hf" for t in targets) and not engine_targets:
             raise EvaluationError("Hugging Face folders are evaluated in one process: run "
@@ -278,9 +214,7 @@ def main(argv=None) -> int:
         layout = replace(config.parallel, distributed_optimizer=False,
                          recompute="none").with_world_size(world_size)
         # The longest sample any measure runs: the plan is checked at that length.
-        longest = padded_length(max([len(e.prompt_ids) + len(e.answer_ids) for e in examples]
-                                    + [section.position_length, SHORT_LENGTH if short_reader else 2]),
-                                layout)
+        longest = padded_length(max([ready.longest for _, ready in prepared] + [2]), layout)
         kernels = KernelChoices(**config.kernels)
         plans = {target.name: RunPlan.create(
             target.model.replace(max_position_embeddings=max(
@@ -311,8 +245,7 @@ def main(argv=None) -> int:
             chunks = build_model(plan)
             if not _load_or_report(target, chunks):
                 return 2
-            reports.append(_engine_report(target, chunks, plan, examples, suite, section,
-                                          long_reader, short_reader, progress))
+            reports.append(_engine_report(target, chunks, plan, prepared, progress))
             del chunks
         destroy_parallel()
     rank = int(os.environ.get("RANK", "0"))
@@ -320,12 +253,13 @@ def main(argv=None) -> int:
         return 0
     for target in targets:
         if target.kind == "hf":
-            reports.append(_hf_report(target, examples, suite, section, args.hf_scoring,
-                                      long_reader, short_reader, progress))
+            reports.append(_hf_report(target, prepared, args.hf_scoring, progress))
     order = {t.name: i for i, t in enumerate(targets)}
     reports.sort(key=lambda r: order[r.name])
-    extra = ({"examples.jsonl": examples_text(examples, reports, suite.tokenizer)}
-             if args.write_examples and examples else {})
+    extra = {}
+    if args.write_examples:
+        for _, ready in prepared:
+            extra.update(ready.examples_file(reports))
     files = write_report(EvaluationReport(reports), args.out, extra)
     print("wrote " + ", ".join(str(path) for path in files.values()), flush=True)
     return 0
@@ -344,60 +278,32 @@ def _load_or_report(target: Target, chunks) -> bool:
     return True
 
 
-def _report(target, scoring, suite, section, results, buckets, short) -> CheckpointReport:
-    described = suite.describe() if suite else {}
-    report = CheckpointReport(
-        name=target.name, checkpoint=target.path, scoring=scoring,
-        tokenizer=described.get("tokenizer", {}), seed=section.seed if suite else None,
-        haystack=described.get("haystack"), recall=recall_cells(results),
-        position_loss=buckets.buckets() if buckets is not None else [],
-        short_document_loss=short.result() if short is not None and short.tokens else None)
-    report.results = results  # per example, for --write-examples (not part of report.json)
+def _report(target, scoring, prepared, results) -> CheckpointReport:
+    """``target``'s report: each measure's part of it from its result."""
+    report = CheckpointReport(name=target.name, checkpoint=target.path, scoring=scoring)
+    report.results = []  # per recall example, for --write-examples (not part of report.json)
+    for (_, ready), result in zip(prepared, results):
+        ready.contribute(report, result)
     return report
 
 
-def _engine_report(target, chunks, plan, examples, suite, section, long_reader, short_reader,
-                   progress) -> CheckpointReport:
+def _engine_report(target, chunks, plan, prepared, progress) -> CheckpointReport:
     trained = target.model.max_position_embeddings
-    results = (teacher_forced_results(chunks, plan, examples, trained, progress)
-               if examples else [])
-    buckets = short = None
-    if long_reader is not None:
-        buckets, _ = position_losses(chunks, plan, long_reader, section.position_length,
-                                     section.max_documents, trained)
-    if short_reader is not None:
-        short = short_document_loss(chunks, plan, short_reader, _short_limit(section),
-                                    section.max_short_documents)
+    results = [ready.run_engine(chunks, plan, trained, progress) for _, ready in prepared]
+    report = _report(target, "teacher_forced", prepared, results)
     if dist.get_rank() == 0:
-        print(f"{target.name}: recall {_mean(results):.3f} over {len(results)} examples",
-              flush=True)
-    return _report(target, "teacher_forced", suite, section, results, buckets, short)
+        print(f"{target.name}: recall {_mean(report.results):.3f} over "
+              f"{len(report.results)} examples", flush=True)
+    return report
 
 
-def _hf_report(target, examples, suite, section, scoring, long_reader, short_reader,
-               progress) -> CheckpointReport:
+def _hf_report(target, prepared, scoring, progress) -> CheckpointReport:
     model = hf_model.load_hf_model(target.path)
-    results = []
-    if examples:
-        if scoring == "generation":
-            results = hf_model.evaluate_generation(model, suite.tokenizer, examples,
-                                                   progress=progress)
-        else:
-            results = hf_model.evaluate_teacher_forced(model, examples, progress=progress)
-    buckets = short = None
-    if long_reader is not None:
-        buckets = PositionLossAccumulator(section.position_length)
-        for i in long_documents(long_reader, section.position_length, section.max_documents):
-            buckets.add(hf_model.token_losses(model, long_reader.get(i, 0,
-                                                                     section.position_length)))
-    if short_reader is not None:
-        short = MeanLossAccumulator()
-        for i in short_document_ids(short_reader, section.short_documents,
-                                    _short_limit(section), section.max_short_documents):
-            short.add(hf_model.token_losses(model, short_reader.get(i)))
-    print(f"{target.name}: recall {_mean(results):.3f} over {len(results)} examples "
-          f"({scoring})", flush=True)
-    return _report(target, scoring.replace("-", "_"), suite, section, results, buckets, short)
+    results = [ready.run_hf(model, scoring, progress) for _, ready in prepared]
+    report = _report(target, scoring.replace("-", "_"), prepared, results)
+    print(f"{target.name}: recall {_mean(report.results):.3f} over {len(report.results)} "
+          f"examples ({scoring})", flush=True)
+    return report
 
 
 def _mean(results) -> float:

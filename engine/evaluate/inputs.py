@@ -61,7 +61,8 @@ def check_lengths(lengths: Sequence[int], position_length: int,
 
 # The command's flags; the training config names the same settings eval.long_documents, ...
 FLAGS = {"long_documents": "--long-documents", "short_documents": "--short-documents",
-         "position_length": "--position-length"}
+         "position_length": "--position-length", "lengths": "--lengths",
+         "tokenizer": "--tokenizer"}
 SETTINGS = {name: f"eval.{name}" for name in FLAGS}
 
 

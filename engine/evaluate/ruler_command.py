@@ -34,8 +34,9 @@ from engine.convert.export import export_checkpoint
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.hf_model import greedy_generate, load_hf_model
 from engine.evaluate.report import check_report_folder, publish_text_report
-from engine.evaluate.helmet import HELMET_RECALL_TASKS, helmet_score, load_helmet_examples
-from engine.evaluate.ruler import (RULER_TASKS, RulerSources, build_ruler_example,
+from engine.evaluate.helmet import helmet_score, load_helmet_examples
+from engine.evaluate.measures import PROTOCOL_TASKS
+from engine.evaluate.ruler import (RulerSources, build_ruler_example,
                                    chat_template_for, clean_prediction, encode_prompt,
                                    example_score)
 from engine.evaluate.statistics import confidence_interval
@@ -48,7 +49,7 @@ HELMET_HELP = ("run princeton-nlp/HELMET's scripts/download_data.sh beforehand a
 
 
 def _parser(protocol: str) -> argparse.ArgumentParser:
-    tasks = RULER_TASKS if protocol == "ruler" else HELMET_RECALL_TASKS
+    tasks = PROTOCOL_TASKS[protocol]
     parser = argparse.ArgumentParser(
         prog=f"python -m engine.evaluate --protocol {protocol}", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -80,7 +81,7 @@ def _parser(protocol: str) -> argparse.ArgumentParser:
 
 def main(argv=None, protocol: str = "ruler") -> int:
     args = _parser(protocol).parse_args(argv)
-    tasks = RULER_TASKS if protocol == "ruler" else HELMET_RECALL_TASKS
+    tasks = PROTOCOL_TASKS[protocol]
     export_dir = None
     try:
         check_report_folder(args.out)

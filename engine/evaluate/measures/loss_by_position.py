@@ -1,0 +1,66 @@
+"""Loss by position: the mean next-token loss over log2 position buckets of the first
+eval.position_length tokens of long held-out documents (does more context help?)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from data_tools.indexed import IndexedReader
+from engine.evaluate import hf_model
+from engine.evaluate.engine_eval import position_losses
+from engine.evaluate.errors import EvaluationError
+from engine.evaluate.inputs import long_document_ids
+from engine.evaluate.measures import Flag, Measure, MeasureRequest, Prepared
+from engine.evaluate.position_loss import PositionLossAccumulator
+
+
+class PreparedPositionLoss(Prepared):
+    def __init__(self, reader: IndexedReader, documents: list[int], length: int,
+                 max_documents: int):
+        self.reader, self.documents = reader, documents
+        self.length, self.max_documents = length, max_documents
+        self.longest = length
+
+    def run_engine(self, chunks, plan, trained_context, progress):
+        buckets, _ = position_losses(chunks, plan, self.reader, self.length, self.max_documents,
+                                     trained_context)
+        return buckets
+
+    def run_hf(self, model, scoring, progress):
+        buckets = PositionLossAccumulator(self.length)
+        for i in self.documents:
+            buckets.add(hf_model.token_losses(model, self.reader.get(i, 0, self.length)))
+        return buckets
+
+    def contribute(self, report, result) -> None:
+        report.position_loss = result.buckets()
+
+
+class PositionLoss(Measure):
+    name = "position_loss"
+    order = 20
+    asked = "--long-documents (loss by position)"
+    flags = (
+        Flag("long_documents", "--long-documents", {"metavar": "PREFIX",
+                                                    "help": "indexed dataset for loss by "
+                                                            "position"}),
+        Flag("position_length", "--position-length", {"type": int,
+                                                      "help": "tokens per long document"}),
+        Flag("max_documents", "--max-documents", {"type": int}),
+    )
+
+    def prepare(self, request: MeasureRequest) -> Optional[PreparedPositionLoss]:
+        section, names = request.section, request.names
+        if not section.long_documents:
+            return None
+        if section.position_length < 2:
+            raise EvaluationError(f"{names['long_documents']} needs {names['position_length']} "
+                                  f"(tokens per document)")
+        reader = IndexedReader(section.long_documents)
+        # A measure no document fits is refused now, not after the models ran.
+        documents = long_document_ids(reader, section.long_documents, section.position_length,
+                                      section.max_documents, names)
+        return PreparedPositionLoss(reader, documents, section.position_length,
+                                    section.max_documents)
+
+
+MEASURE = PositionLoss()
