@@ -10,8 +10,13 @@ from engine.evaluate import measures as registry
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.measures import (PROTOCOL_TASKS, Flag, Measure, MeasureRequest, Prepared,
                                       depths, short_limit)
+from engine.evaluate.measures.recall import Recall
 from engine.evaluate.position_loss import ShortDocumentLoss
+from engine.evaluate.validation import Validation
+from engine.model.config import get_model_config
+from engine.parallel.layout import ParallelLayout
 from engine.training.config import EvalSection
+from engine.training.run_plan import RunPlan
 from tests.engine.test_convert_layouts import random_hf_llama
 
 PROBE_TOKENS = np.arange(3, 40, dtype=np.int64)
@@ -97,10 +102,6 @@ def test_nothing_to_measure_names_every_registered_measure(probe, monkeypatch, t
 
 
 def test_one_registry_drives_validation_inside_training(probe, tmp_path):
-    from engine.evaluate.validation import Validation
-    from engine.model.config import get_model_config
-    from engine.parallel.layout import ParallelLayout
-    from engine.training.plan import RunPlan
     plan = RunPlan.create(get_model_config("tiny", num_layers=2), ParallelLayout(),
                           seq_length=64, global_batch=1)
     section = EvalSection(final=True)
@@ -116,11 +117,6 @@ def test_one_registry_drives_validation_inside_training(probe, tmp_path):
 def test_measures_run_every_interval_log_their_values(probe, monkeypatch):
     """Every eval.interval steps the measures of the "interval" stage run (recall, which needs
     a tokenizer and a model of its vocabulary, is left out here) and log their values."""
-    from engine.evaluate.measures.recall import Recall
-    from engine.evaluate.validation import Validation
-    from engine.model.config import get_model_config
-    from engine.parallel.layout import ParallelLayout
-    from engine.training.plan import RunPlan
     monkeypatch.setattr(Recall, "prepare", lambda self, request: None)
     plan = RunPlan.create(get_model_config("tiny", num_layers=2), ParallelLayout(),
                           seq_length=64, global_batch=1)
