@@ -58,11 +58,15 @@ def test_generator_check_mode_reports_a_stale_file(tmp_path):
 
 
 def test_aliases_name_real_settings_of_their_commands():
-    sources = "\n".join(p.read_text() for p in (REPO / "examples").rglob("*")
-                        if p.is_file() and p.suffix in (".sh", ".sbatch", ".py", ""))
+    # The launch scripts, or a Python launcher they call.
+    launchers = [p for p in (REPO / "examples").rglob("*")
+                 if p.is_file() and p.suffix in (".sh", ".sbatch", ".py", "")]
+    sources = "\n".join(p.read_text() for p in [*launchers, *(REPO / "engine").rglob("*.py")])
     for key, name in config_doc.ENV_ALIASES.items():
-        assert re.search(rf"\b{name}\b", sources), f"{key}'s alias {name} is not read by examples/"
-    evaluate = (REPO / "engine" / "evaluate" / "__main__.py").read_text()
+        # Read as a shell variable ($NAME, ${NAME...}) or by name from the environment ("NAME").
+        read = rf"\$\{{?{name}\b|[\"']{name}[\"']"
+        assert re.search(read, sources), f"{key}'s alias {name} is read by no launcher"
+    evaluate = "\n".join(p.read_text() for p in (REPO / "engine" / "evaluate").rglob("*.py"))
     for key, (_, flag) in config_doc.CLI_ALIASES.items():
         assert f'"{flag}"' in evaluate, f"{key}'s alias {flag} is not a flag of engine.evaluate"
 

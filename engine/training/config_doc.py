@@ -204,7 +204,7 @@ def render() -> str:
         out.append("")
         doc = inspect.getdoc(cls) or ""
         if doc and not doc.startswith(cls.__name__ + "("):
-            out.extend([" ".join(doc.split()), ""])
+            out.extend([*textwrap.wrap(" ".join(doc.split()), 100), ""])
         out.append("| key | type | default | allowed | aliases | meaning |")
         out.append("|---|---|---|---|---|---|")
         for key in keys:
