@@ -168,10 +168,6 @@ def _redirect_cuda(target: str) -> None:
     _CudaToCpuMode(target).__enter__()
 
 
-def cpu_support_enabled() -> bool:
-    return _cpu_support_enabled
-
-
 def enable_cpu_support(force: bool = False) -> bool:
     """Route megatron-core's CUDA assumptions to the CPU when no GPU is usable.
 

@@ -1,9 +1,7 @@
 """SwiGLU activation on megatron's fused fc1 output [gate; up].
 
 impl="torch" is plain PyTorch (reference.py, the specification), impl="ours" the kernel,
-impl="auto" Triton on CUDA and the reference elsewhere. csrc/swiglu/swiglu.cu is the same
-forward in CUDA C++, compile-checked with nvcc by the tests (not dispatched: Triton is as fast for
-an element-wise op).
+impl="auto" Triton on CUDA and the reference elsewhere.
 """
 from __future__ import annotations
 

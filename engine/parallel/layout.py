@@ -38,33 +38,40 @@ def check_sequence_split(seq_length: int, context_parallel: int) -> int:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """The config's ``parallel:`` section as loaded (data_parallel 1) and, placed on a world size
-    (``with_world_size``), the layout a run uses. Each field is checked when the object is made;
-    ``validate`` checks the layout against a model, world size and batch."""
+    """How a run splits its model and data over its processes: the config's ``parallel:``
+    section. data_parallel is never set: it is the number of processes divided by
+    TP x PP x CP (``with_world_size``). Each field is checked when the layout is made;
+    ``validate`` checks it against a model, world size and batch."""
 
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    context_parallel: int = 1
-    data_parallel: int = 1
+    tensor_parallel: int = 1  # TP: each layer's weights split over this many GPUs
+    pipeline_parallel: int = 1  # PP: the layers split into this many stages (1F1B)
+    context_parallel: int = 1  # CP: each sequence split over this many GPUs
+    data_parallel: int = 1  # DP: derived from the world size, never set in a config
     # Interleaved 1F1B: model chunks per pipeline rank (1 = plain 1F1B).
     virtual_stages: int = 1
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # SP: norms and dropout split over the TP group (needs TP > 1)
     # Optimizer state sharded over the data x context parallel ranks.
     distributed_optimizer: bool = False
+    # How attention crosses the CP group: all-gather of K/V (Llama 3) or the Ulysses all-to-all
+    # over heads (ProLong).
     cp_algorithm: str = "all-gather"
+    # Activation recompute: none, the attention core only ("selective"), or every layer ("full").
     recompute: str = "none"
 
     CHOICES = {"cp_algorithm": CP_ALGORITHMS, "recompute": RECOMPUTE_MODES}
+    # (lowest, exclusive) per field, as the config's sections declare their ranges;
+    # __post_init__ enforces them.
+    RANGES = {name: (1, False) for name in ("tensor_parallel", "pipeline_parallel",
+                                            "context_parallel", "data_parallel", "virtual_stages")}
     # Not a setting of the config: the world size divided by the model-parallel sizes.
     DERIVED = ("data_parallel",)
 
     def __post_init__(self):
         # Messages start with the field's name: the config prefixes its section ("parallel.").
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "data_parallel",
-                     "virtual_stages"):
+        for name, (lowest, _) in self.RANGES.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise LayoutError(f"{name} = {value!r} must be an integer >= 1")
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise LayoutError(f"{name} = {value!r} must be an integer >= {lowest}")
         for name in ("sequence_parallel", "distributed_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 raise LayoutError(f"{name} = {getattr(self, name)!r} must be true or false")

@@ -58,7 +58,7 @@ _TIMEOUT_LIMIT_S = 1e6
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = "tiny"
+    name: str = "tiny"  # a named model config (engine/model/config.py MODEL_CONFIGS)
     # Field overrides of the named LlamaConfig, e.g. {rope_base: 8.0e6, num_layers: 2}.
     overrides: dict = field(default_factory=dict)
 
@@ -68,8 +68,10 @@ class DataSection:
     path: str = ""  # a packed dataset built by `lce-data mix` / `lce-data sft`
     seq_length: Optional[int] = None  # default: the dataset's packing length
     global_batch: int = 8  # sequences per optimizer step
-    micro_batch: int = 1
-    position_mode: str = "continuous"  # RoPE positions: "continuous" | "document"
+    micro_batch: int = 1  # sequences per forward/backward of one rank
+    # RoPE positions continue across packed documents (ProLong) or restart at each document.
+    position_mode: str = "continuous"
+    # Mask the target of a document's last token (the next document's first).
     mask_cross_document: bool = True
     balance_attention: bool = False  # assign sequences to DP ranks/micro-batches by attention cost
 
@@ -82,13 +84,13 @@ class OptimizerSection:
     """AdamW and its schedule: linear warm-up over ``warmup_fraction`` of the run, then cosine
     decay to ``lr x min_lr_ratio`` at its end."""
 
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: float = 1e-5  # peak learning rate, reached at the end of warm-up
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr x min_lr_ratio (at most 1)
+    warmup_fraction: float = 0.1  # warm-up steps: ceil(train_steps x warmup_fraction) (below 1)
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW (below 1)
+    beta2: float = 0.95  # AdamW (below 1)
+    eps: float = 1e-8  # AdamW
     clip_grad: float = 1.0  # 0 turns clipping off
 
     RANGES = {"lr": _POSITIVE, "min_lr_ratio": _NON_NEGATIVE,
@@ -114,11 +116,11 @@ class OptimizerSection:
 class CheckpointSection:
     dir: str = ""  # where this run saves; resumes from its latest checkpoint if there is one
     save_interval: int = 0  # steps; 0 = only at the end and on SIGTERM
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept (never the newest before the first skipped step)
     # Start a new run from another checkpoint (stage 1 -> stage 2): weights, and optionally the
     # optimizer state; the schedule and step count start fresh.
     init_from: str = ""
-    init_load_optimizer: bool = True
+    init_load_optimizer: bool = True  # with init_from: also load its optimizer state
 
     RANGES = {"save_interval": _NON_NEGATIVE, "keep_last": _AT_LEAST_ONE}
 
@@ -126,8 +128,8 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class LoggingSection:
     dir: str = ""  # TensorBoard events, metrics.jsonl and the resolved config; default: checkpoint dir
-    interval: int = 1
-    tensorboard: bool = True
+    interval: int = 1  # steps between progress lines and metrics records
+    tensorboard: bool = True  # write TensorBoard scalars beside metrics.jsonl
 
     RANGES = {"interval": _AT_LEAST_ONE}
 
@@ -140,31 +142,28 @@ class EvalSection:
     # Validation loss during training: held-out packed data (`lce-data mix`), batches of
     # data.global_batch samples, every `interval` steps (0: never).
     data: str = ""
-    interval: int = 0
-    batches: int = 1
-    # The recall suite: tokenizer file or folder (the model's own), tasks (default all six),
-    # prompt lengths in tokens, depths (a count swept over 0..1, or a list of fractions),
-    # examples per (task, length, depth), haystack ("noise", an indexed dataset prefix, or a
-    # folder of text files), seed. During training only `lengths` are run (keep them short).
-    tokenizer: str = ""
-    tasks: list = field(default_factory=list)
-    lengths: list = field(default_factory=list)
-    depths: Any = 3
-    samples: int = 1
-    haystack: str = "noise"
-    seed: int = 0
+    interval: int = 0  # steps between validations during training (0: never)
+    batches: int = 1  # validation batches of data.global_batch samples each
+    # The recall suite. During training only `lengths` are run (keep them short).
+    tokenizer: str = ""  # the model's own tokenizer, file or folder
+    tasks: list = field(default_factory=list)  # recall tasks (default: all)
+    lengths: list = field(default_factory=list)  # prompt lengths in tokens
+    depths: Any = 3  # needle depths: a count swept over 0..1, or a list of fractions
+    samples: int = 1  # examples per (task, length, depth)
+    haystack: str = "noise"  # "noise" (RULER's), an indexed dataset prefix, or a text folder
+    seed: int = 0  # the same seed gives the same examples
     # Loss by position: the first `position_length` tokens of up to `max_documents` documents of
-    # at least that length from an indexed dataset; and the mean loss of up to
-    # `max_short_documents` short documents (< position_length tokens) of another.
+    # at least that length from an indexed dataset.
     long_documents: str = ""
-    position_length: int = 0
-    max_documents: int = 8
+    position_length: int = 0  # tokens per long document (0: no loss by position)
+    max_documents: int = 8  # long documents read at most
+    # The mean loss of up to `max_short_documents` short documents (< position_length tokens).
     short_documents: str = ""
-    max_short_documents: int = 64
+    max_short_documents: int = 64  # short documents read at most
     # Evaluate the final checkpoint of a training run with everything above, at `final_lengths`
     # (default `lengths`), into LOG_DIR/eval/ (report.json, report.md, PNG plots).
     final: bool = False
-    final_lengths: list = field(default_factory=list)
+    final_lengths: list = field(default_factory=list)  # prompt lengths of the final evaluation
 
     RANGES = {"interval": _NON_NEGATIVE, "batches": _AT_LEAST_ONE, "samples": _AT_LEAST_ONE,
               "seed": _NON_NEGATIVE, "position_length": _NON_NEGATIVE,
@@ -187,14 +186,14 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    train_steps: int = 10
-    seed: int = 1234
+    train_steps: int = 10  # optimizer steps of the run
+    seed: int = 1234  # the initial weights and the RNG states
     bf16: Optional[bool] = None  # default: bf16 on GPU, fp32 on CPU
     # Kernel per model part (engine.model.kernel_choices.KernelChoices): attention, rmsnorm,
     # rope, swiglu, cross_entropy; "auto" = ours on GPU, the PyTorch references on CPU.
     kernels: dict = field(default_factory=dict)
-    max_consecutive_nan_steps: int = 3
-    collective_timeout_s: float = 600.0
+    max_consecutive_nan_steps: int = 3  # non-finite-loss steps in a row that stop the run
+    collective_timeout_s: float = 600.0  # every collective fails after this many seconds
     # Test hook: poison the loss of these steps with NaN (exercises the skip logic).
     inject_nan_steps: list = field(default_factory=list)
 

@@ -1,9 +1,7 @@
 """What can be checked of the GPU build without a GPU: every Triton kernel, launched by its wrapper
 at Llama-3-8B shapes (TP 1 and 4), compiles for sm_90 and sm_80 within the card's shared memory and
-register-spill budget (tests/csrc/compile_for_gpu.py: a stand-in driver, Triton's bundled ptxas),
-and the CUDA source compiles with nvcc."""
+register-spill budget (tests/csrc/compile_for_gpu.py: a stand-in driver, Triton's bundled ptxas)."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +35,3 @@ def test_triton_kernels_compile_for_hopper_and_ampere(tmp_path):
                 f"sm_{arch} {kernel} was not compiled:\n{result.stdout}")
     assert not any(line.startswith("FAIL") for line in lines), result.stdout
 
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_source_compiles(tmp_path):
-    result = subprocess.run(
-        ["nvcc", "-O3", "-arch=sm_90", "-c", str(REPO / "csrc/swiglu/swiglu.cu"), "-o", str(tmp_path / "swiglu.o")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "swiglu.o").stat().st_size > 0

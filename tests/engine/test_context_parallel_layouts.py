@@ -74,7 +74,7 @@ def test_context_parallel_matches_single_process(name, references, tmp_path):
     torchrun("engine.tools.layout_check", nproc, [*SEQ, *flags, "--out", str(tmp_path)],
              timeout=300)
     errors = compare_runs(references[reference], tmp_path)
-    print(name, json.dumps(errors))  # the numbers behind the README claim (pytest -s)
+    print(name, json.dumps(errors))  # the numbers behind docs/testing.md (pytest -s)
     assert errors["num_tokens"] == 0
     for key in ("loss", "grad_norm", "weights"):
         assert errors[key] <= DEFAULT_TOLERANCE, (name, key, errors)

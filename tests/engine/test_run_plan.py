@@ -77,8 +77,8 @@ def test_the_config_loads_its_parallel_section_into_the_layout(train_config, tmp
     assert load_config([str(resolved)]) == config
     with pytest.raises(ConfigError, match="parallel.data_parallel is not a setting"):
         load_config([train_config], ["parallel.data_parallel=2"])
-    with pytest.raises(LayoutError, match=r"train.yaml: parallel.tensor_parallel = 0 must be an "
-                                          r"integer >= 1"):
+    with pytest.raises(ConfigError, match=r"train.yaml: parallel.tensor_parallel = 0 must be "
+                                          r">= 1"):
         load_config([train_config], ["parallel.tensor_parallel=0"])
     with pytest.raises(LayoutError, match=r"parallel.cp_algorithm 'ring' is not one of"):
         load_config([train_config], ["parallel.cp_algorithm=ring"])
