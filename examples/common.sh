@@ -3,8 +3,9 @@
 #   settings  -- environment variables, each with its default on its own line, listed by --help
 #   checks    -- a missing path or a bad value stops the script (exit 2, naming it) before any
 #                process group or GPU memory is touched
-#   layout    -- TP/PP/CP as given, else the layout `python -m engine.planner` recommends
-#   launch    -- torchrun with c10d rendezvous; SIGTERM makes the trainer checkpoint and stop
+#   launch    -- `python -m engine.launch` reads the configs, checks the launch settings, takes
+#                TP/PP/CP as given or the planner's layout and builds the torchrun command (c10d
+#                rendezvous); run_torchrun runs it: SIGTERM makes the trainer checkpoint and stop
 # A setting line reads   NAME=${NAME:-default}  ## description
 # Settings are read by the scripts that source this file:
 # shellcheck disable=SC2034
@@ -206,97 +207,8 @@ need_lce_data() {  # need_lce_data [SUBCOMMAND]
   fi
 }
 
-# need_configs CONFIG...: each a YAML file engine.train reads (exit 2 naming the file and what
-# is wrong with it, not a Python traceback); the config_value calls after it rely on that.
-need_configs() {
-  local problem
-  problem=$("$PYTHON" - "$@" <<'PY'
-import sys
-from engine.training.config import ConfigError, read_config_file
-for path in sys.argv[1:]:
-    try:
-        if not isinstance(read_config_file(path), dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    except ConfigError as error:
-        print(error)
-        break
-PY
-) || die "could not read the configs $* with $PYTHON"
-  [ -z "$problem" ] || die "$problem"
-}
-
-# config_value KEY CONFIG...: section.key from the last CONFIG that sets it (empty if none).
-config_value() {
-  "$PYTHON" - "$@" <<'PY'
-import sys
-import yaml
-keys, value = sys.argv[1].split("."), None
-for path in sys.argv[2:]:
-    node = yaml.safe_load(open(path)) or {}
-    for key in keys:
-        node = node.get(key) if isinstance(node, dict) else None
-    if node is not None:
-        value = node
-print("" if value is None else value)
-PY
-}
-
-# packed_seq_length DIR: the packing length (tokens) of a packed dataset.
-packed_seq_length() {
-  "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/packed.json"))["seq_length"])' "$1"
-}
-
-# --- layout ----------------------------------------------------------------------------------
-
-# resolve_layout MODEL SEQ_LENGTH GLOBAL_BATCH MICRO_BATCH: sets LAYOUT_OVERRIDES (engine.train
-# settings) and LAYOUT_SOURCE (where the layout came from) for NNODES x GPUS_PER_NODE processes.
-resolve_layout() {
-  local model=$1 seq_length=$2 global_batch=$3 micro_batch=$4
-  local gpus=$((NNODES * GPUS_PER_NODE))
-  case $RECOMPUTE in
-    ""|none|selective|full) ;;
-    *) die "RECOMPUTE=$RECOMPUTE must be none, selective or full" ;;
-  esac
-  case $CP_ALGORITHM in
-    ""|all-gather|ulysses) ;;
-    *) die "CP_ALGORITHM=$CP_ALGORITHM must be all-gather or ulysses" ;;
-  esac
-  if [ -n "$TP$PP$CP" ]; then
-    local name
-    for name in TP PP CP; do
-      [ -z "${!name}" ] || need_int "$name"
-    done
-    local tp=${TP:-1} pp=${PP:-1} cp=${CP:-1}
-    ((gpus % (tp * pp * cp) == 0)) ||
-      die "TP x PP x CP = $tp x $pp x $cp does not divide NNODES x GPUS_PER_NODE = $gpus processes"
-    LAYOUT_OVERRIDES=(parallel.tensor_parallel="$tp" parallel.pipeline_parallel="$pp"
-                      parallel.context_parallel="$cp")
-    # Sequence parallelism splits activations over the TP group; without TP it does not exist.
-    [ "$tp" -gt 1 ] || LAYOUT_OVERRIDES+=(parallel.sequence_parallel=false)
-    LAYOUT_SOURCE="as set (TP=$tp PP=$pp CP=$cp)"
-  else
-    local planner=("$PYTHON" -m engine.planner --overrides --model "$model"
-                   --seq-length "$seq_length" --gpus "$gpus" --gpu-memory-gb "$GPU_MEMORY_GB"
-                   --global-batch "$global_batch" --micro-batch "$micro_batch")
-    [ -z "$CP_ALGORITHM" ] || planner+=(--cp-algorithm "$CP_ALGORITHM")
-    local plan
-    if ! plan=$("${planner[@]}" 2>&1); then
-      printf '%s\n' "$plan" >&2
-      die "the planner found no layout for $model at $seq_length tokens on $gpus x $GPU_MEMORY_GB GB (${planner[*]}); set TP, PP and CP yourself or change NNODES, GPUS_PER_NODE, GPU_MEMORY_GB"
-    fi
-    read -r -a LAYOUT_OVERRIDES <<< "$plan"
-    LAYOUT_SOURCE="recommended by: ${planner[*]}"
-  fi
-  # Set explicitly, these win over the planner's and the config's choice.
-  [ -z "$CP_ALGORITHM" ] || LAYOUT_OVERRIDES+=(parallel.cp_algorithm="$CP_ALGORITHM")
-  [ -z "$RECOMPUTE" ] || LAYOUT_OVERRIDES+=(parallel.recompute="$RECOMPUTE")
-}
-
 # --- launch ----------------------------------------------------------------------------------
 
-# train_stage [--unbuilt-seq-length N] CONFIG... -- OVERRIDE...: check the launch settings,
-# resolve the layout, and run engine.train under torchrun on this node (MODE=check: print the
-# command only; N: the packing length of data not built yet, for --check).
 # recipe_stage_configs CONFIG: the stage's config, then (TINY=1) the tiny model's, into
 # STAGE_CONFIGS: every training stage of the recipe shrinks the same way.
 recipe_stage_configs() {
@@ -304,94 +216,37 @@ recipe_stage_configs() {
   [ "$TINY" = 0 ] || STAGE_CONFIGS+=("$REPO/examples/prolong/tiny/train.yaml")
 }
 
+# train_stage [--unbuilt-seq-length N] [--layout-from-config] CONFIG... -- OVERRIDE...:
+# engine.launch reads the configs, checks the launch settings, resolves the layout (TP/PP/CP
+# or the planner's) and prints the torchrun command; MODE=run then runs it on this node
+# (N: the packing length of data not built yet, for --check).
 train_stage() {
-  local configs=() overrides=() unbuilt_seq_length=""
-  if [ "$1" = --unbuilt-seq-length ]; then unbuilt_seq_length=$2; shift 2; fi
-  while [ $# -gt 0 ] && [ "$1" != -- ]; do configs+=("$1"); shift; done
-  [ $# -eq 0 ] || shift
-  overrides=("$@")
-  need_configs "${configs[@]}"
-  need_int NNODES; need_int NODE_RANK 0; need_int GPUS_PER_NODE; need_int MASTER_PORT
-  need_int RDZV_TIMEOUT_S; need_int STOP_GRACE_S 0
-  need_value MASTER_ADDR "the address of node 0"
-  [ "$NODE_RANK" -lt "$NNODES" ] || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
-  local name
-  for name in GLOBAL_BATCH MICRO_BATCH TRAIN_STEPS SAVE_INTERVAL; do
-    [ -z "${!name}" ] || need_int "$name" 0
+  local options=() configs=() name
+  while [ $# -gt 0 ] && [[ $1 = --* ]] && [ "$1" != -- ]; do
+    options+=("$1")
+    [ "$1" != --unbuilt-seq-length ] || { options+=("$2"); shift; }
+    shift
   done
-
-  local model global_batch micro_batch data_path checkpoint_dir seq_length
-  model=$(config_value model.name "${configs[@]}")
-  global_batch=${GLOBAL_BATCH:-$(config_value data.global_batch "${configs[@]}")}
-  micro_batch=${MICRO_BATCH:-$(config_value data.micro_batch "${configs[@]}")}
-  data_path=$(_setting data.path "${configs[@]}" -- "${overrides[@]}" "${OVERRIDES[@]}")
-  checkpoint_dir=$(_setting checkpoint.dir "${configs[@]}" -- "${overrides[@]}" "${OVERRIDES[@]}")
-  need_value checkpoint_dir "checkpoint.dir of the run (config or override)"
-  if [ -f "$data_path/packed.json" ]; then
-    seq_length=$(packed_seq_length "$data_path")
-  elif [ "$MODE" = check ] && [ -n "$unbuilt_seq_length" ]; then
-    seq_length=$unbuilt_seq_length
-  else
-    die "no packed dataset at data.path=$data_path (no packed.json): build it with lce-data mix / sft"
-  fi
-  resolve_layout "$model" "$seq_length" "${global_batch:-8}" "${micro_batch:-1}"
-
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do configs+=(--config "$1"); shift; done
+  [ $# -eq 0 ] || shift
+  [ "$MODE" = run ] || options+=(--check)
   local settings=()
-  [ -z "$GLOBAL_BATCH" ] || settings+=(data.global_batch="$GLOBAL_BATCH")
-  [ -z "$MICRO_BATCH" ] || settings+=(data.micro_batch="$MICRO_BATCH")
-  [ -z "$TRAIN_STEPS" ] || settings+=(train_steps="$TRAIN_STEPS")
-  [ -z "$LR" ] || settings+=(optimizer.lr="$LR")
-  [ -z "$SAVE_INTERVAL" ] || settings+=(checkpoint.save_interval="$SAVE_INTERVAL")
-  local config_args=()
-  for config in "${configs[@]}"; do config_args+=(--config "$config"); done
-  # Command-line overrides last: they win over the settings above.
-  local command=("$PYTHON" -m torch.distributed.run
-    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID"
-    # Node 0 hosts the rendezvous store: said outright, since matching MASTER_ADDR against
-    # this host's names fails where a node has several (ProLong users hit rendezvous
-    # time-outs), and a long timeout lets slow nodes join.
-    --rdzv-conf "timeout=$RDZV_TIMEOUT_S,is_host=$([ "$NODE_RANK" = 0 ] && echo true || echo false)"
-    --max-restarts 0)
-  [ -z "$LOCAL_ADDR" ] || command+=(--local-addr "$LOCAL_ADDR")
-  local train_args=("${config_args[@]}" "${LAYOUT_OVERRIDES[@]}" "${settings[@]}"
-                    "${overrides[@]}" "${OVERRIDES[@]}")
-  command+=(-m engine.train "${train_args[@]}")
-
-  note "node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes per node; layout ${LAYOUT_OVERRIDES[*]}"
-  note "layout $LAYOUT_SOURCE"
-  printf '%q ' "${command[@]}"; printf '\n'
-  if [ "$MODE" = check ] && [ "$DRY_RUN" = 1 ]; then
-    # One training step of this very run, as the first rank of the first and of the last
-    # pipeline stage, on the meta device (seconds of CPU a rank): a shape, layout or
-    # host/device error stops here, before any GPU is asked for.
-    "$PYTHON" -m engine.train --dry-run --world-size "$((NNODES * GPUS_PER_NODE))" \
-      "${train_args[@]}" ||
-      die "the dry run failed (the error above): a GPU run of these settings would fail there"
-  fi
-  [ "$MODE" = run ] || return 0
-  # The trainer's own checks (config, data, layout, checkpoints) in one process first: a
-  # refused run stops here with one message, before torchrun starts any process. Its port
-  # check is of the rendezvous port torchrun will listen on (node 0, MASTER_ADDR here).
-  MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT \
-    "$PYTHON" -m engine.train --check --world-size "$((NNODES * GPUS_PER_NODE))" \
-    "${train_args[@]}" ||
-    die "engine.train refused the run (the error above); nothing was launched"
-  run_torchrun "$checkpoint_dir" "${command[@]}"
-}
-
-# _setting KEY CONFIG... -- OVERRIDE...: the run's value of KEY: the last KEY=value override,
-# else the configs' value.
-_setting() {
-  local key=$1 configs=() value="" item
-  shift
-  while [ $# -gt 0 ] && [ "$1" != -- ]; do configs+=("$1"); shift; done
-  [ $# -eq 0 ] || shift
-  for item in "$@"; do
-    [ "${item%%=*}" != "$key" ] || value=${item#*=}
+  for name in NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE GPU_MEMORY_GB TP PP CP \
+              CP_ALGORITHM RECOMPUTE GLOBAL_BATCH MICRO_BATCH TRAIN_STEPS LR SAVE_INTERVAL \
+              RDZV_ID RDZV_TIMEOUT_S LOCAL_ADDR STOP_GRACE_S DRY_RUN; do
+    settings+=("$name=${!name}")
   done
-  [ -n "$value" ] || value=$(config_value "$key" "${configs[@]}")
-  printf '%s' "$value"
+  local command_file status=0
+  command_file=$(mktemp)
+  "$PYTHON" -m engine.launch --name "$SCRIPT_NAME" --python "$PYTHON" \
+    --command-file "$command_file" "${options[@]}" "${configs[@]}" "${settings[@]}" \
+    "$@" "${OVERRIDES[@]}" || status=$?
+  local launch=()
+  mapfile -d '' -t launch < "$command_file"
+  rm -f "$command_file"
+  [ "$status" = 0 ] || exit "$status"
+  [ "$MODE" = run ] || return 0
+  run_torchrun "${launch[@]}"
 }
 
 # run_torchrun CHECKPOINT_DIR COMMAND...: run torchrun; on SIGTERM let the trainer save.

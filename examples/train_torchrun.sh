@@ -18,10 +18,6 @@ esac
 CONFIG=$1
 shift
 parse_args --allow-overrides "$@"
-need_configs "$CONFIG"
-if [ -z "$TP$PP$CP" ] && [ "$PLAN_LAYOUT" = 0 ]; then
-  TP=$(config_value parallel.tensor_parallel "$CONFIG"); TP=${TP:-1}
-  PP=$(config_value parallel.pipeline_parallel "$CONFIG"); PP=${PP:-1}
-  CP=$(config_value parallel.context_parallel "$CONFIG"); CP=${CP:-1}
-fi
-train_stage "$CONFIG" --
+layout=()
+[ "$PLAN_LAYOUT" = 1 ] || layout=(--layout-from-config)
+train_stage "${layout[@]}" "$CONFIG" --

@@ -14,7 +14,7 @@ MAX_POSITIONS=${MAX_POSITIONS:-65536}       ## max_position_embeddings recorded 
 parse_args "$@"
 
 if [ "$TINY" = 1 ] && [ ! -e "$HF_MODEL" ]; then
-  tiny_model=$(config_value model.name "$REPO/examples/prolong/tiny/train.yaml")
+  tiny_model=$("$PYTHON" -m engine.launch --get model.name --config "$REPO/examples/prolong/tiny/train.yaml")
   command=("$PYTHON" "$REPO/examples/prolong/make_tiny_llama.py" --model "$tiny_model"
            --out "$HF_MODEL" --tokenizer-dir "$(dirname "$TOKENIZER")")
   printf '%q ' "${command[@]}"; printf '\n'

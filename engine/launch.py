@@ -1,0 +1,339 @@
+"""Launch engine.train under torchrun on this node (c10d rendezvous): read the configs with the
+engine's loader, take the layout as set (TP/PP/CP) or the one the planner recommends, check
+the launch settings, print the torchrun command, and with --check run the trainer's one-process
+checks (and DRY_RUN=1: one step on the meta device) instead of launching.
+
+  python -m engine.launch --config engine/configs/prolong-stage1-64k.yaml --check \\
+      NNODES=8 GPU_MEMORY_GB=80 data.path=runs/packed checkpoint.dir=runs/stage1
+
+Launch settings are NAME=value arguments or, when not given, environment variables of the
+same name (the scripts in examples/ pass theirs; `bash examples/train_torchrun.sh --help`
+describes each). section.key=value arguments are engine.train overrides and come last on its
+command line, so they win. A bad setting or config stops with exit code 2 naming it, before
+anything starts.
+
+Without --check the torchrun command is run here (no SIGTERM forwarding, no log file); the
+scripts in examples/ pass --command-file and run it themselves, with both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from engine.model.config import MODEL_CONFIGS, get_model_config
+from engine.parallel.layout import CP_ALGORITHMS, RECOMPUTE_MODES
+from engine.planner.__main__ import layout_overrides
+from engine.planner.memory import Workload
+from engine.planner.plan import plan_layouts
+from engine.training.config import ConfigError, TrainConfig, load_config, read_config_file
+
+# Each launch setting with its default ("": unset, the config's or the planner's choice).
+SETTINGS = {
+    "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
+    "GPUS_PER_NODE": "8", "GPU_MEMORY_GB": "80", "TP": "", "PP": "", "CP": "",
+    "CP_ALGORITHM": "", "RECOMPUTE": "", "GLOBAL_BATCH": "", "MICRO_BATCH": "",
+    "TRAIN_STEPS": "", "LR": "", "SAVE_INTERVAL": "", "RDZV_ID": "", "RDZV_TIMEOUT_S": "900",
+    "LOCAL_ADDR": "", "STOP_GRACE_S": "240", "DRY_RUN": "0",
+}
+# Empty settings that set an engine.train key when given.
+TRAIN_SETTINGS = {"GLOBAL_BATCH": "data.global_batch", "MICRO_BATCH": "data.micro_batch",
+                  "TRAIN_STEPS": "train_steps", "LR": "optimizer.lr",
+                  "SAVE_INTERVAL": "checkpoint.save_interval"}
+_SETTING_ARG = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$", re.S)
+
+
+class LaunchSettingError(ValueError):
+    """A launch setting or config the launch cannot go on with (exit code 2)."""
+
+
+@dataclass
+class Launch:
+    """What the launch resolved: the torchrun command and where its run writes."""
+    command: list[str]
+    train_args: list[str]  # engine.train's arguments (configs, layout, settings, overrides)
+    world_size: int
+    checkpoint_dir: str
+    notes: list[str]
+
+
+def _choices(values) -> str:
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _integer(settings: dict, name: str, minimum: int = 1) -> int:
+    text = settings[name]
+    if not text.isdigit() or int(text) < minimum:
+        raise LaunchSettingError(f"{name}={text} must be an integer >= {minimum}")
+    return int(text)
+
+
+def read_settings(args: list[str], environ=os.environ) -> tuple[dict, list[str]]:
+    """(launch settings, engine.train overrides) from NAME=value / section.key=value arguments;
+    a setting not among the arguments comes from the environment, else its default."""
+    settings = {name: environ.get(name, default) for name, default in SETTINGS.items()}
+    if not settings["RDZV_ID"]:
+        settings["RDZV_ID"] = environ.get("SLURM_JOB_ID", "longctx")
+    overrides = []
+    for arg in args:
+        match = _SETTING_ARG.match(arg)
+        if match and match.group(1) in SETTINGS:
+            settings[match.group(1)] = match.group(2)
+        elif match:
+            raise LaunchSettingError(f"unknown launch setting {match.group(1)}; the settings "
+                                     f"are {', '.join(SETTINGS)}")
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise LaunchSettingError(f"unexpected argument {arg!r}: give section.key=value "
+                                     f"overrides or NAME=value launch settings (--help)")
+    return settings, overrides
+
+
+def _last_override(key: str, overrides: list[str]) -> Optional[str]:
+    values = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == key]
+    return values[-1] if values else None
+
+
+def read_configs(paths: list[str]) -> TrainConfig:
+    """The configs merged by the engine's loader; a file that is missing, not YAML or not a
+    mapping is named (LaunchSettingError)."""
+    try:
+        for path in paths:
+            if not isinstance(read_config_file(path), dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        return load_config(paths)
+    except ConfigError as error:
+        raise LaunchSettingError(str(error)) from None
+
+
+def planner_layout(model: str, seq_length: int, gpus: int, gpu_memory_gb: float,
+                   global_batch: int, micro_batch: int,
+                   cp_algorithm: str = "") -> tuple[list[str], str]:
+    """(the planner's recommended layout as engine.train overrides, the equivalent planner
+    command), or LaunchSettingError when none fits."""
+    command = ["python", "-m", "engine.planner", "--model", model, "--seq-length",
+               str(seq_length), "--gpus", str(gpus), "--gpu-memory-gb", f"{gpu_memory_gb:g}",
+               "--global-batch", str(global_batch), "--micro-batch", str(micro_batch)]
+    if cp_algorithm:
+        command += ["--cp-algorithm", cp_algorithm]
+    why = ""
+    if model not in MODEL_CONFIGS:
+        why = f"unknown model {model!r}; the planner knows {', '.join(sorted(MODEL_CONFIGS))}"
+    elif gpus & (gpus - 1):
+        why = f"{gpus} GPUs: the planner enumerates powers of two"
+    else:
+        algorithms = (cp_algorithm,) if cp_algorithm else CP_ALGORITHMS
+        fitting, _ = plan_layouts(get_model_config(model), Workload(seq_length, micro_batch),
+                                  gpus, gpu_memory_gb, algorithms, global_batch)
+        if fitting:
+            return layout_overrides(fitting[0].layout).split(), shlex.join(command)
+        why = f"no layout fits (`{shlex.join(command)}` shows the closest)"
+    raise LaunchSettingError(
+        f"the planner found no layout for {model} at {seq_length} tokens on {gpus} x "
+        f"{gpu_memory_gb:g} GB ({why}); set TP, PP and CP yourself or change NNODES, "
+        f"GPUS_PER_NODE, GPU_MEMORY_GB")
+
+
+def resolve_layout(settings: dict, config: TrainConfig, seq_length: int,
+                   layout_from_config: bool) -> tuple[list[str], str]:
+    """(engine.train layout overrides, where the layout came from) for NNODES x GPUS_PER_NODE
+    processes: TP/PP/CP as set (layout_from_config and none set: the config's), else the
+    planner's; CP_ALGORITHM and RECOMPUTE, when set, win over both."""
+    gpus = int(settings["NNODES"]) * int(settings["GPUS_PER_NODE"])
+    for name, choices in (("RECOMPUTE", RECOMPUTE_MODES), ("CP_ALGORITHM", CP_ALGORITHMS)):
+        if settings[name] and settings[name] not in choices:
+            raise LaunchSettingError(f"{name}={settings[name]} must be {_choices(choices)}")
+    given = {name: settings[name] for name in ("TP", "PP", "CP")}
+    if not any(given.values()) and layout_from_config:
+        parallel = config.parallel
+        given = {"TP": str(parallel.tensor_parallel), "PP": str(parallel.pipeline_parallel),
+                 "CP": str(parallel.context_parallel)}
+    if any(given.values()):
+        for name, text in given.items():
+            if text:
+                _integer(given, name)
+        tp, pp, cp = (int(given[name] or 1) for name in ("TP", "PP", "CP"))
+        if gpus % (tp * pp * cp):
+            raise LaunchSettingError(f"TP x PP x CP = {tp} x {pp} x {cp} does not divide "
+                                     f"NNODES x GPUS_PER_NODE = {gpus} processes")
+        layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
+                  f"parallel.context_parallel={cp}"]
+        if tp == 1:
+            # Sequence parallelism splits activations over the TP group; without TP it does
+            # not exist.
+            layout.append("parallel.sequence_parallel=false")
+        source = f"as set (TP={tp} PP={pp} CP={cp})"
+    else:
+        try:
+            memory = float(settings["GPU_MEMORY_GB"])
+        except ValueError:
+            raise LaunchSettingError(f"GPU_MEMORY_GB={settings['GPU_MEMORY_GB']} must be a "
+                                     f"number of GB") from None
+        global_batch = int(settings["GLOBAL_BATCH"] or config.data.global_batch)
+        micro_batch = int(settings["MICRO_BATCH"] or config.data.micro_batch)
+        layout, command = planner_layout(config.model.name, seq_length, gpus, memory,
+                                         global_batch, micro_batch, settings["CP_ALGORITHM"])
+        source = f"recommended by: {command}"
+    if settings["CP_ALGORITHM"]:
+        layout.append(f"parallel.cp_algorithm={settings['CP_ALGORITHM']}")
+    if settings["RECOMPUTE"]:
+        layout.append(f"parallel.recompute={settings['RECOMPUTE']}")
+    return layout, source
+
+
+def plan_launch(configs: list[str], settings: dict, overrides: list[str], *, check: bool,
+                unbuilt_seq_length: Optional[int] = None, layout_from_config: bool = False,
+                python: str = sys.executable) -> Launch:
+    """Check everything the launch needs and build the torchrun command (LaunchSettingError
+    naming what is wrong)."""
+    config = read_configs(configs)
+    nnodes = _integer(settings, "NNODES")
+    node_rank = _integer(settings, "NODE_RANK", 0)
+    gpus_per_node = _integer(settings, "GPUS_PER_NODE")
+    for name in ("MASTER_PORT", "RDZV_TIMEOUT_S"):
+        _integer(settings, name)
+    _integer(settings, "STOP_GRACE_S", 0)
+    if not settings["MASTER_ADDR"]:
+        raise LaunchSettingError("MASTER_ADDR is not set: the address of node 0. Set "
+                                 "MASTER_ADDR=...")
+    if node_rank >= nnodes:
+        raise LaunchSettingError(f"NODE_RANK={node_rank} must be below NNODES={nnodes}")
+    for name in TRAIN_SETTINGS:
+        if settings[name] and name != "LR":
+            _integer(settings, name, 0)
+    if settings["DRY_RUN"] not in ("0", "1"):
+        raise LaunchSettingError(f"DRY_RUN={settings['DRY_RUN']} must be 0 or 1")
+
+    data_path = _last_override("data.path", overrides) or config.data.path
+    checkpoint_dir = _last_override("checkpoint.dir", overrides) or config.checkpoint.dir
+    if not checkpoint_dir:
+        raise LaunchSettingError("checkpoint.dir is not set: the run's folder; set it in the "
+                                 "config or give checkpoint.dir=...")
+    packed = Path(data_path) / "packed.json"
+    if data_path and packed.is_file():
+        seq_length = int(json.loads(packed.read_text())["seq_length"])
+    elif check and unbuilt_seq_length:
+        seq_length = unbuilt_seq_length
+    else:
+        raise LaunchSettingError(f"no packed dataset at data.path={data_path} (no packed.json): "
+                                 f"build it with lce-data mix / sft")
+    layout, source = resolve_layout(settings, config, seq_length, layout_from_config)
+
+    train_settings = [f"{key}={settings[name]}" for name, key in TRAIN_SETTINGS.items()
+                      if settings[name]]
+    train_args = [arg for path in configs for arg in ("--config", path)]
+    # Overrides last: they win over the settings.
+    train_args += [*layout, *train_settings, *overrides]
+    command = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank",
+               str(node_rank), "--nproc-per-node", str(gpus_per_node),
+               "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"{settings['MASTER_ADDR']}:{settings['MASTER_PORT']}",
+               "--rdzv-id", settings["RDZV_ID"],
+               # Node 0 hosts the rendezvous store: said outright, since matching MASTER_ADDR
+               # against this host's names fails where a node has several (ProLong users hit
+               # rendezvous time-outs), and a long timeout lets slow nodes join.
+               "--rdzv-conf",
+               f"timeout={settings['RDZV_TIMEOUT_S']},is_host={str(node_rank == 0).lower()}",
+               "--max-restarts", "0"]
+    if settings["LOCAL_ADDR"]:
+        command += ["--local-addr", settings["LOCAL_ADDR"]]
+    command += ["-m", "engine.train", *train_args]
+    notes = [f"node {node_rank} of {nnodes}, {gpus_per_node} processes per node; layout "
+             f"{' '.join(layout)}", f"layout {source}"]
+    return Launch(command, train_args, nnodes * gpus_per_node, checkpoint_dir, notes)
+
+
+def _bash_quote(arg: str) -> str:
+    # The quoting bash's printf %q gives a plain path or setting: none.
+    return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else shlex.quote(arg)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.launch", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Launch settings and their defaults: " + ", ".join(
+            f"{name}={default}" for name, default in SETTINGS.items())
+        + " (RDZV_ID: SLURM_JOB_ID, else longctx)")
+    parser.add_argument("--config", action="append", required=True,
+                        help="engine.train YAML config; several are merged in order")
+    parser.add_argument("arguments", nargs="*", metavar="NAME=value | section.key=value",
+                        help="launch settings and engine.train overrides")
+    parser.add_argument("--check", action="store_true",
+                        help="check and print the command, then run engine.train --check "
+                             "(DRY_RUN=1: also its --dry-run) instead of launching")
+    parser.add_argument("--layout-from-config", action="store_true",
+                        help="TP, PP and CP unset: the config's parallel section rather than "
+                             "the planner's layout")
+    parser.add_argument("--unbuilt-seq-length", type=int,
+                        help="with --check: the packing length of data not built yet")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the Python of the launched processes (default: this one)")
+    parser.add_argument("--name", default="engine.launch",
+                        help="the name its messages start with (the calling script's)")
+    parser.add_argument("--get", metavar="SECTION.KEY",
+                        help="print this key of the merged configs (as engine.train reads "
+                             "them) and exit")
+    parser.add_argument("--command-file", help="do not launch: write the run's checkpoint "
+                        "folder and the torchrun command here, NUL-separated, for a caller "
+                        "that runs it")
+    args = parser.parse_args(argv)
+
+    def die(message: str) -> int:
+        print(f"error: {args.name}: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    try:
+        if args.get:
+            value = read_configs(args.config).to_dict()
+            for key in args.get.split("."):
+                if not isinstance(value, dict) or key not in value:
+                    raise LaunchSettingError(f"{args.get} is not a config key")
+                value = value[key]
+            print(value)
+            return 0
+        settings, overrides = read_settings(args.arguments)
+        launch = plan_launch(args.config, settings, overrides, check=args.check,
+                             unbuilt_seq_length=args.unbuilt_seq_length,
+                             layout_from_config=args.layout_from_config, python=args.python)
+    except LaunchSettingError as error:
+        return die(str(error))
+    for note in launch.notes:
+        print(f"== {args.name}: {note}")
+    print(" ".join(map(_bash_quote, launch.command)), flush=True)
+    engine_train = [args.python, "-m", "engine.train"]
+    world = ["--world-size", str(launch.world_size)]
+    if args.check and settings["DRY_RUN"] == "1":
+        # One training step of this very run, as the first rank of the first and of the last
+        # pipeline stage, on the meta device (seconds of CPU a rank): a shape, layout or
+        # host/device error stops here, before any GPU is asked for.
+        if subprocess.run([*engine_train, "--dry-run", *world, *launch.train_args]).returncode:
+            return die("the dry run failed (the error above): a GPU run of these settings "
+                       "would fail there")
+    if args.check:
+        return 0
+    # The trainer's own checks (config, data, layout, checkpoints) in one process first: a
+    # refused run stops here with one message, before torchrun starts any process. Its port
+    # check is of the rendezvous port torchrun will listen on (node 0, MASTER_ADDR here).
+    rendezvous = dict(os.environ, MASTER_ADDR=settings["MASTER_ADDR"],
+                      MASTER_PORT=settings["MASTER_PORT"])
+    if subprocess.run([*engine_train, "--check", *world, *launch.train_args],
+                      env=rendezvous).returncode:
+        return die("engine.train refused the run (the error above); nothing was launched")
+    if args.command_file:
+        Path(args.command_file).write_text("".join(
+            f"{arg}\0" for arg in [launch.checkpoint_dir, *launch.command]))
+        return 0
+    return subprocess.run(launch.command).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""engine.launch: the torchrun command of a run from its configs and launch settings, the layout
+as set or the planner's, and every bad setting refused with exit code 2 naming it before any
+command is run or written."""
+import json
+
+import pytest
+
+from engine import launch
+from engine.model.config import get_model_config
+from engine.planner.__main__ import layout_overrides
+from engine.planner.memory import Workload
+from engine.planner.plan import plan_layouts
+
+STAGE1 = "engine/configs/prolong-stage1-64k.yaml"
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A packed dataset of 65,536-token sequences and the overrides naming it and a run folder."""
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "packed.json").write_text(json.dumps({"seq_length": 65536}))
+    return [f"data.path={tmp_path / 'packed'}", f"checkpoint.dir={tmp_path / 'run'}"]
+
+
+def _plan(args, configs=(STAGE1,), environ=None, **options):
+    settings, overrides = launch.read_settings(args, environ or {})
+    return launch.plan_launch(list(configs), settings, overrides, check=True, python="py",
+                              **options)
+
+
+def test_tp_pp_cp_as_set_make_the_command_with_overrides_last(run):
+    result = _plan(["NNODES=2", "NODE_RANK=1", "MASTER_ADDR=node0", "MASTER_PORT=29400",
+                    "TP=1", "CP=4", "RECOMPUTE=full", "GLOBAL_BATCH=32", *run,
+                    "optimizer.lr=3e-6"], environ={"SLURM_JOB_ID": "77"})
+    assert result.world_size == 16
+    assert result.command[:21] == [
+        "py", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1",
+        "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400",
+        "--rdzv-id", "77", "--rdzv-conf", "timeout=900,is_host=false", "--max-restarts", "0",
+        "-m", "engine.train"]
+    assert result.train_args == [
+        "--config", STAGE1, "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
+        "parallel.context_parallel=4", "parallel.sequence_parallel=false",
+        "parallel.recompute=full", "data.global_batch=32", *run, "optimizer.lr=3e-6"]
+    assert result.command[21:] == result.train_args
+    assert result.notes[1] == "layout as set (TP=1 PP=1 CP=4)"
+
+
+def test_without_tp_pp_cp_the_layout_is_the_planners(run):
+    result = _plan(["NNODES=8", *run])
+    fitting, _ = plan_layouts(get_model_config("llama3-8b"), Workload(65536), 64, 80.0,
+                              ("all-gather", "ulysses"), 64)
+    expected = layout_overrides(fitting[0].layout).split()
+    assert result.train_args[2:2 + len(expected)] == expected
+    assert result.notes[1].startswith("layout recommended by: python -m engine.planner "
+                                      "--model llama3-8b --seq-length 65536 --gpus 64")
+
+
+def test_the_configs_layout_when_asked_and_none_is_set(tmp_path, run):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {name: tiny}\nparallel: {tensor_parallel: 2, pipeline_parallel: 2}\n")
+    result = _plan([*run], configs=[str(config)], layout_from_config=True)
+    assert result.train_args[2:5] == ["parallel.tensor_parallel=2",
+                                      "parallel.pipeline_parallel=2", "parallel.context_parallel=1"]
+    assert _plan(["CP=2", *run], configs=[str(config)], layout_from_config=True).notes[1] == \
+        "layout as set (TP=1 PP=1 CP=2)"
+    with pytest.raises(launch.LaunchSettingError, match="checkpoint.dir is not set"):
+        _plan([run[0]], configs=[str(config)])
+
+
+def test_settings_given_as_arguments_win_over_the_environment():
+    settings, overrides = launch.read_settings(["NNODES=4", "a.b=c"], {"NNODES": "2", "TP": "8"})
+    assert (settings["NNODES"], settings["TP"], settings["RDZV_ID"]) == ("4", "8", "longctx")
+    assert overrides == ["a.b=c"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["NNODES=2", "NODE_RANK=2"], "NODE_RANK=2 must be below NNODES=2"),
+    (["GPUS_PER_NODE=eight"], "GPUS_PER_NODE=eight must be an integer >= 1"),
+    (["TP=3"], "TP x PP x CP = 3 x 1 x 1 does not divide NNODES x GPUS_PER_NODE = 8"),
+    (["RECOMPUTE=some"], "RECOMPUTE=some must be none, selective or full"),
+    (["CP_ALGORITHM=ring"], "CP_ALGORITHM=ring must be all-gather or ulysses"),
+    (["GPUS_PER_NODE=6"], "the planner found no layout for llama3-8b at 65536 tokens on 6 x 80"),
+    (["TRAIN_STEPS=-1"], "TRAIN_STEPS=-1 must be an integer >= 0"),
+    (["NODES=2"], "unknown launch setting NODES"),
+    (["data.path=/nonexistent"], "no packed dataset at data.path=/nonexistent (no packed.json)"),
+])
+def test_a_bad_setting_exits_2_naming_it_and_writes_no_command(tmp_path, capsys, run, args,
+                                                                message):
+    command_file = tmp_path / "command"
+    code = launch.main(["--check", "--name", "04.sh", "--command-file", str(command_file), "--config",
+                        STAGE1, *run, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: 04.sh: {message}" in err, err
+    assert "Traceback" not in err and not command_file.exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "config file {path} does not exist"),
+    ("- a\n", "{path}: the top level must be a mapping of sections"),
+    ("data: {path: [1,\n", "{path}: not valid YAML"),
+    ("data: {global_batch: many}\n", "{path}: data.global_batch"),
+])
+def test_a_bad_config_exits_2_naming_the_file(tmp_path, capsys, run, content, message):
+    path = tmp_path / "bad.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert launch.main(["--check", "--config", str(path), *run]) == 2
+    assert message.format(path=path) in capsys.readouterr().err
+
+
+def test_get_reads_the_merged_configs_as_engine_train_does(tmp_path, capsys):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("model: {name: llama3-8b}\ndata: {global_batch: 64}\n")
+    second.write_text("data: {global_batch: 2}\n")
+    assert launch.main(["--get", "data.global_batch", "--config", str(first),
+                        "--config", str(second)]) == 0
+    assert launch.main(["--get", "model.name", "--config", str(first)]) == 0
+    assert launch.main(["--get", "data.micro_batch", "--config", str(first)]) == 0  # a default
+    assert capsys.readouterr().out.split() == ["2", "llama3-8b", "1"]
+    assert launch.main(["--get", "data.nothing", "--config", str(first)]) == 2
