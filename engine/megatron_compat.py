@@ -49,6 +49,13 @@ Differences between releases that the engine bridges:
    torch raises there. ``enable_cpu_support`` gives it a stream whose waits are no-ops (CPU work
    is synchronous).
 
+One private hook lives outside this file, because it is the model itself: engine/model/gpt.py's
+``LlamaGPTModel`` overrides ``GPTModel._postprocess`` (the output layer and loss, private in every
+release checked below) to compute the loss with csrc's fused linear cross-entropy and to score
+answer tokens for evaluation. tests/engine/test_model_kernels.py trains with it
+(``cross_entropy=ours``) and with megatron's own ``_postprocess`` (``all=torch``) and requires
+the same losses and gradients, so a change of that method's signature fails there.
+
 Versions: ``CHECKED_VERSIONS`` lists the megatron-core releases this file was checked on and
 ``TESTED_TORCH`` the torch releases (major.minor) the suite ran on. pip keeps whatever torch and
 megatron-core (0.16.1-0.19.x) an environment has; ``warn_untested_versions`` prints one line at
