@@ -41,6 +41,8 @@ setup(
         "psutil>=5.9",
         # Version comparisons (engine.megatron_compat's start-up check).
         "packaging>=20",
+        # RULER's word lists (its needle keys and cwe's words), read from the package's data.
+        "wonderwords>=2.2,<3",
     ],
     extras_require={
         # GPU extras: used when present, never required. flash-attn (>= 2.1) and

@@ -40,11 +40,12 @@ What matches RULER (read side by side with its generators):
 
 What differs: random draws come from Python's `random` seeded per (seed, task, length, index),
 not from RULER's one global stream, so the same seed does not give RULER's exact samples (their
-distribution is the same). The key words are our adjective and noun lists (engine.evaluate.words),
-not the wonderwords package's (cwe does use wonderwords', as RULER does).
+distribution is the same). The key words are RULER's: its sorted adjective-noun pool of the
+wonderwords package's lists, drawn with ``random.choice`` as RULER draws them.
 """
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -57,7 +58,7 @@ from typing import Callable, Optional, Sequence
 
 from data_tools.tokenizer import TextTokenizer
 from engine.evaluate.errors import EvaluationError
-from engine.evaluate.words import ADJECTIVES, NOUNS
+from engine.evaluate.words import AdjectiveNounPairs
 
 # Task families: template, answer prefix, tokens to generate (RULER's constants).
 NIAH_TEMPLATE = (
@@ -263,6 +264,17 @@ def clean_prediction(text: str) -> str:
     return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
 
 
+def _wonderwords_list(name: str) -> list[str]:
+    """One of the wonderwords package's word lists, a word a line, as RULER reads it."""
+    try:
+        text = (importlib.resources.files("wonderwords.assets") / name).read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise EvaluationError(f"wonderwords' {name} is not installed: RULER draws its needle keys "
+                              f"and cwe's words from wonderwords' lists; pip install "
+                              f"'wonderwords>=2.2,<3'") from None
+    return [line.rstrip() for line in text.splitlines(keepends=True)]
+
+
 class RulerSources:
     """The haystacks RULER downloads and we cannot ship, read from the user's files on first use."""
 
@@ -270,10 +282,12 @@ class RulerSources:
                  hotpotqa_file: Optional[str] = None,
                  sentence_splitter: Optional[Callable[[str], list[str]]] = None,
                  words_file: Optional[str] = None,
-                 short_words: Optional[list[str]] = None):
+                 short_words: Optional[list[str]] = None,
+                 key_words: Optional[Sequence[str]] = None):
         self.essay_file, self.squad_file, self.hotpotqa_file = essay_file, squad_file, hotpotqa_file
         self.words_file = words_file
         self._short_words = short_words
+        self._key_words = key_words
         self._long_words: Optional[list[str]] = None
         self._splitter = sentence_splitter
         self._essay: Optional[list[str]] = None
@@ -301,16 +315,20 @@ class RulerSources:
         except LookupError:
             raise EvaluationError(f"NLTK's punkt_tab data is missing: {NLTK_HELP}") from None
 
+    def key_words(self) -> Sequence[str]:
+        """RULER's needle keys: every "adjective-noun" of wonderwords' adjective and noun lists,
+        deduplicated and sorted (engine.evaluate.words.AdjectiveNounPairs)."""
+        if self._key_words is None:
+            self._key_words = AdjectiveNounPairs(_wonderwords_list("adjectivelist.txt"),
+                                                 _wonderwords_list("nounlist.txt"))
+        return self._key_words
+
     def short_words(self) -> list[str]:
         """wonderwords' nouns + adjectives + verbs, deduplicated and sorted (RULER's `words`)."""
         if self._short_words is None:
-            try:
-                from wonderwords import random_word
-            except ImportError:
-                raise EvaluationError(f"wonderwords is not installed: {WORDS_HELP}") from None
             words = []
             for name in ("nounlist.txt", "adjectivelist.txt", "verblist.txt"):
-                words += random_word._get_words_from_text_file(name)
+                words += _wonderwords_list(name)
             self._short_words = sorted(set(words))
         return self._short_words
 
@@ -398,15 +416,11 @@ def niah_template(shape: NiahShape) -> tuple[str, str]:
     return template, type_word
 
 
-def _key_word(rng: random.Random) -> str:
-    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-
-
-def _draw(rng: random.Random, kind: str) -> str:
+def _draw(rng: random.Random, kind: str, sources: RulerSources) -> str:
     if kind == "numbers":
         return str(rng.randint(1_000_000, 9_999_999))
     if kind == "words":
-        return _key_word(rng)
+        return rng.choice(sources.key_words())
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
@@ -415,10 +429,10 @@ def niah_text(shape: NiahShape, size: int, rng: random.Random, sources: RulerSou
     """RULER's generate_input_output for a needle task with `size` haystack units."""
     keys, values, needles = [], [], []
     for _ in range(max(shape.keys, shape.queries)):
-        keys.append(_draw(rng, shape.key_type))
+        keys.append(_draw(rng, shape.key_type, sources))
         values.append([])
         for _ in range(shape.values):
-            values[-1].append(_draw(rng, shape.value_type))
+            values[-1].append(_draw(rng, shape.value_type, sources))
             needles.append(NEEDLE.format(type_needle_v=shape.value_type, key=keys[-1],
                                          value=values[-1][-1]))
     rng.shuffle(needles)
@@ -440,8 +454,8 @@ def niah_text(shape: NiahShape, size: int, rng: random.Random, sources: RulerSou
         if shape.haystack == "noise":
             lines = [NOISE_LINE] * size
         else:
-            lines = [NEEDLE.format(type_needle_v=shape.value_type, key=_draw(rng, shape.key_type),
-                                   value=_draw(rng, shape.value_type)) for _ in range(size)]
+            lines = [NEEDLE.format(type_needle_v=shape.value_type, key=_draw(rng, shape.key_type, sources),
+                                   value=_draw(rng, shape.value_type, sources)) for _ in range(size)]
         at = sorted(rng.sample(range(size), len(needles)), reverse=True)
         for position, needle in zip(at, needles):
             lines.insert(position, needle)

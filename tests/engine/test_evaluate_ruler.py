@@ -249,3 +249,47 @@ def test_cwe_is_one_solved_example_then_the_list(tokenizer, tmp_path):
     assert example.prompt_tokens == len(tokenizer.encode(prompt)) and example.counted_length <= 4096
     with pytest.raises(EvaluationError, match="english_words.json"):
         build_ruler_example("cwe", tokenizer, 4096, sources=RulerSources(short_words=short))
+
+
+def test_key_pool_is_rulers_sorted_adjective_noun_set():
+    """AdjectiveNounPairs indexes sorted(set(f"{a}-{n}")) without building it: checked in full on
+    lists with RULER's hard cases (an adjective that extends another, "blue" and "blue-eyed";
+    two pairs spelling one key, "a" + "b-c" and "a-b" + "c"; capitals; spaces; duplicates)."""
+    from engine.evaluate.words import AdjectiveNounPairs
+
+    adjectives = ["blue", "blue-eyed", "blue-eyedx", "a", "a-b", "Early", "ad hoc", "x",
+                  "x-rated", "zesty", "blue", "bluer"]
+    nouns = ["cat", "eyed-cat", "b-c", "c", "ATM", "contact lens", "zebra", "cat", "a"]
+    expected = sorted({f"{a}-{n}" for a in adjectives for n in nouns})
+    pool = AdjectiveNounPairs(adjectives, nouns)
+    assert len(pool) == len(expected)
+    assert [pool[i] for i in range(len(pool))] == expected
+    assert pool[-1] == expected[-1]
+    with pytest.raises(IndexError):
+        pool[len(expected)]
+    # random.choice draws what RULER's random.choice(words) draws from the same state.
+    ours, rulers = random.Random(11), random.Random(11)
+    assert [ours.choice(pool) for _ in range(50)] == [rulers.choice(expected) for _ in range(50)]
+
+
+def test_niah_keys_come_from_wonderwords_lists_as_ruler_draws_them():
+    from importlib.resources import files
+
+    from engine.evaluate.ruler import RulerSources
+
+    pool = RulerSources().key_words()
+    # RULER's pool from wonderwords 2.x's lists (910 adjectives x 6,786 nouns, deduplicated),
+    # as RULER builds it: measured once with sorted(set(...)) over the whole product.
+    assert len(pool) == 6_175_260
+    adjectives = (files("wonderwords.assets") / "adjectivelist.txt").read_text().split("\n")
+    nouns = (files("wonderwords.assets") / "nounlist.txt").read_text().split("\n")
+    rng = random.Random(0)
+    for _ in range(2000):
+        i = rng.randrange(len(pool) - 1)
+        assert pool[i] < pool[i + 1]
+    key = pool[rng.randrange(len(pool))]
+    assert any(key == f"{a}-{n}" for a in adjectives if key.startswith(a + "-")
+               for n in nouns)
+    text, _ = niah_text(NIAH_TASKS["niah_single_1"], 3, random.Random(2),
+                        RulerSources(key_words=["only-key"]))
+    assert "for only-key mentioned" in text
