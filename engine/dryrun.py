@@ -63,6 +63,7 @@ import engine.parallel.context.module as context_module
 from engine.checkpoint import sharded_state
 from engine.device import simulated_accelerator
 from engine.megatron_compat import allocate_distributed_optimizer_state, enable_meta_support
+from engine.parallel.param_sync import parameters_current
 from engine.planner.memory import Workload, estimate_memory
 from engine.planner.plan import PlanError, check_fits
 from engine.training import build
@@ -455,7 +456,7 @@ def run_rank(plan, rank: int, world_size: int, card: str = "H100-SXM") -> DryRun
         # What the first save builds before writing (model and optimizer sharded state), so a
         # host/device slip there fails here too; nothing is written.
         mode.phase = "checkpoint"
-        with _ExplicitHostAsMeta():
+        with _ExplicitHostAsMeta(), parameters_current(state.chunks):
             checkpoint = sharded_state(state.chunks, state.optimizer)
         print(f"rank {rank}: checkpoint state built, "
               f"{sum(1 for _ in nested_values(checkpoint))} sharded entries (nothing written)",

@@ -36,6 +36,7 @@ from engine.evaluate.errors import EvaluationError
 from engine.evaluate.report import check_report_folder
 from engine.evaluate.validation import Validation
 from engine.parallel.layout import LayoutError, ParallelLayout
+from engine.parallel.param_sync import parameters_current
 from engine.parallel.setup import (
     LaunchError,
     check_rendezvous_port,
@@ -195,11 +196,13 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
                 print0(f"SIGTERM received: checkpoint saved at step {step}, exiting")
                 break
             if validation is not None and validation.due(step, plan.train_steps):
-                logger.log_eval(step, validation.run(state.chunks))
+                with parameters_current(state.chunks):
+                    logger.log_eval(step, validation.run(state.chunks))
         if validation is not None and validation.section.final and step == plan.train_steps:
-            files = validation.final_report(state.chunks, ckpt_dir.name,
-                                            str(latest_checkpoint(ckpt_dir)),
-                                            final_report_folder(plan))
+            with parameters_current(state.chunks):
+                files = validation.final_report(state.chunks, ckpt_dir.name,
+                                                str(latest_checkpoint(ckpt_dir)),
+                                                final_report_folder(plan))
             if files:
                 print0(f"final evaluation: {files['report.md']}")
     finally:

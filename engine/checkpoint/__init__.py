@@ -55,6 +55,7 @@ from engine.megatron_compat import (
 )
 from engine.model.config import LlamaConfig
 from engine.parallel.layout import ParallelLayout
+from engine.parallel.param_sync import parameters_current
 from publishing.atomic import publish_directory, write_text_atomically
 
 LATEST = "latest"
@@ -167,9 +168,19 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     checkpoint, ``skipped_steps_total``: since the run began (both decide what keep_last keeps).
 
     Collective: every rank calls it. Returns the published directory. Raises CheckpointError,
-    before writing anything, if a weight or optimizer tensor holds NaN or Inf.
+    before writing anything, if a weight or optimizer tensor holds NaN or Inf. Parameters whose
+    all-gather overlaps the forward are gathered first (engine.parallel.param_sync).
     """
-    root = Path(root)
+    with parameters_current(model_chunks):
+        return _save_checkpoint(Path(root), step, model_chunks, optimizer, scheduler,
+                                model_config, layout, train_state, keep_last, skipped_steps,
+                                skipped_steps_total)
+
+
+def _save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler,
+                     model_config: LlamaConfig, layout: ParallelLayout,
+                     train_state: dict[str, Any], keep_last: Optional[int],
+                     skipped_steps: int, skipped_steps_total: int) -> Path:
     nonfinite = nonfinite_tensors(model_chunks, optimizer)
     if nonfinite:
         raise CheckpointError(

@@ -34,6 +34,7 @@ from engine.model.config import get_model_config
 from engine.model.kernel_choices import KernelChoices
 from engine.model.sharding import canonical_named_parameters, merge_shards
 from engine.parallel.layout import CP_ALGORITHMS, RECOMPUTE_MODES, LayoutError, ParallelLayout
+from engine.parallel.param_sync import parameters_current
 from engine.parallel.setup import destroy_parallel, initialize_parallel
 from engine.training.build import build_training_state
 from engine.training.config import ConfigError, OptimizerSection
@@ -93,7 +94,7 @@ def _plan(args, world_size: int) -> RunPlan:
 
 def _run(args, plan: RunPlan) -> None:
     initialize_parallel(plan.layout, seed=plan.seed, timeout_s=plan.collective_timeout_s)
-    state = build_training_state(plan)
+    state = build_training_state(plan, overlap=args.overlap or None)
     tokens, doc_lengths, token_masks = synthetic_global_batch(
         plan.model.vocab_size, plan.global_batch, plan.seq_length, plan.seed,
         masked_prompt_tokens=args.masked_prompt_tokens)
@@ -120,8 +121,9 @@ def _run(args, plan: RunPlan) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = {name: param.detach().float().clone().cpu() for chunk in state.chunks
-              for name, param in canonical_named_parameters(chunk.module)}
+    with parameters_current(state.chunks):
+        shards = {name: param.detach().float().clone().cpu() for chunk in state.chunks
+                  for name, param in canonical_named_parameters(chunk.module)}
     rank = torch.distributed.get_rank()
     torch.save({"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                 "tp_size": plan.layout.tensor_parallel, "dp_rank": dp_rank,
@@ -202,6 +204,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vpp", type=int, default=1, help="virtual stages per pipeline rank")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs TP > 1)")
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--overlap", action="store_true",
+                        help="the GPU path's communication overlap on the host: each gradient "
+                             "bucket reduced during backward and, with --distributed-optimizer, "
+                             "the parameters all-gathered during the next forward")
     parser.add_argument("--cp", type=int, default=1,
                         help="context-parallel size (seq-length must divide by 2 x cp)")
     parser.add_argument("--cp-algorithm", choices=CP_ALGORITHMS,

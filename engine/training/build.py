@@ -12,7 +12,7 @@ and cannot disagree between the config and the modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -157,14 +157,19 @@ def initialize_canonically(chunk: torch.nn.Module, model: LlamaConfig, seed: int
 
 
 def wrap_data_parallel(chunks: list[LlamaGPTModel], config: TransformerConfig,
-                       distributed_optimizer: bool) -> list[DistributedDataParallel]:
-    # On a GPU each gradient bucket is reduced as soon as backward has filled it, behind the
-    # rest of the backward (as Megatron-LM's recipes run). On the host the reduction stays
-    # after the backward: the proven CPU path, and gloo has no streams to overlap on.
-    overlap = on_accelerator()
+                       distributed_optimizer: bool, overlap: Optional[bool] = None
+                       ) -> list[DistributedDataParallel]:
+    """``chunks`` in megatron's DDP. ``overlap`` (default: on a GPU) reduces each gradient
+    bucket as soon as backward has filled it, behind the rest of the backward, and with the
+    distributed optimizer all-gathers the updated parameters bucket by bucket during the next
+    forward (engine.parallel.param_sync), as Megatron-LM's recipes run. On the host both stay
+    after the backward and in the optimizer step (the proven CPU path); layout_check --overlap
+    runs the GPU path's overlap with gloo to prove it equal."""
+    overlap = on_accelerator() if overlap is None else overlap
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and distributed_optimizer,
         use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
@@ -183,14 +188,14 @@ def wrap_data_parallel(chunks: list[LlamaGPTModel], config: TransformerConfig,
     return wrapped
 
 
-def build_model(plan: RunPlan) -> list[DistributedDataParallel]:
+def build_model(plan: RunPlan, overlap: Optional[bool] = None) -> list[DistributedDataParallel]:
     """This rank's model chunks for ``plan`` on the accelerator, in megatron's DDP (process
-    groups must exist)."""
+    groups must exist); ``overlap``: see wrap_data_parallel."""
     config = transformer_config(plan)
     # Built and initialized on the host (use_cpu_initialization), then moved once, before DDP
     # sizes its gradient buffers on the parameters' device and the optimizer wraps them.
     chunks = [module_to_accelerator(chunk) for chunk in build_model_chunks(plan, config)]
-    return wrap_data_parallel(chunks, config, plan.layout.distributed_optimizer)
+    return wrap_data_parallel(chunks, config, plan.layout.distributed_optimizer, overlap)
 
 
 @dataclass
@@ -200,9 +205,10 @@ class TrainingState:
     scheduler: Any  # megatron's OptimizerParamScheduler
 
 
-def build_training_state(plan: RunPlan) -> TrainingState:
-    """Model chunks, optimizer and lr schedule for ``plan`` (process groups must exist)."""
-    chunks = build_model(plan)
+def build_training_state(plan: RunPlan, overlap: Optional[bool] = None) -> TrainingState:
+    """Model chunks, optimizer and lr schedule for ``plan`` (process groups must exist);
+    ``overlap``: see wrap_data_parallel."""
+    chunks = build_model(plan, overlap)
     optimizer, scheduler = build_optimizer(
         chunks, plan.optimizer, plan.train_steps, bf16=plan.bf16,
         distributed_optimizer=plan.layout.distributed_optimizer)
