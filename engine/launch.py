@@ -303,7 +303,7 @@ def _items(value: str, default: list[str]) -> list[str]:
     return value.split()
 
 
-def _no_file(name: str, what: str) -> LaunchSettingError:
+def _unset(name: str, what: str) -> LaunchSettingError:
     return LaunchSettingError(f"{name} is not set: {what}. Set {name}=...")
 
 
@@ -334,7 +334,7 @@ def plan_evaluation(settings: dict, overrides: list[str], default_checkpoints=()
     tokenizer = settings["TOKENIZER"]
     what = "the Llama-3 tokenizer the recall prompts are made with"
     if not tokenizer:
-        raise _no_file("TOKENIZER", what)
+        raise _unset("TOKENIZER", what)
     if not Path(tokenizer).exists():
         raise LaunchSettingError(f"TOKENIZER={tokenizer}: no such file or folder ({what})")
     for name in ("EVAL_LONG_DOCUMENTS", "EVAL_SHORT_DOCUMENTS"):
@@ -363,7 +363,7 @@ def plan_evaluation(settings: dict, overrides: list[str], default_checkpoints=()
                                          f"choose from: {' '.join(RULER_TASKS)} (or none)")
     out = settings["EVAL_OUT"]
     if not out:
-        raise _no_file("EVAL_OUT", "the results folder")
+        raise _unset("EVAL_OUT", "the results folder")
     if os.path.exists(out):
         raise LaunchSettingError(f"EVAL_OUT={out} already exists; delete it or set EVAL_OUT "
                                  f"to a new folder")
@@ -421,7 +421,7 @@ each folder. Every setting is checked, and engine.evaluate --check run in one pr
 anything starts: a bad one stops with exit code 2 naming it.
 
   python -m engine.launch evaluate --check EVAL_CHECKPOINTS=stage1=runs/stage1 EVAL_HF=none \\
-      TOKENIZER=Meta-Llama-3-8B EVAL_OUT=runs/eval parallel.virtual_stages=1""",
+      TOKENIZER=Meta-Llama-3-8B EVAL_OUT=runs/eval EVAL_GPUS=8 EVAL_TP=4""",
         epilog=textwrap.fill("Settings (NAME=value arguments, else environment variables; bash "
                "examples/prolong/08_evaluate.sh --help describes each) and their defaults: "
                + ", ".join(f"{name}={default!r}" for name, default in EVAL_SETTINGS.items())

@@ -241,3 +241,12 @@ def test_the_evaluation_defaults_are_the_full_size_recipes():
             assert launch.EVAL_SETTINGS[name] == default, name
             compared.append(name)
     assert len(compared) == 15, compared  # all but the paths under WORK
+
+
+def test_the_evaluation_help_names_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    for name, default in launch.EVAL_SETTINGS.items():
+        assert f"{name}={default!r}" in help_text, name
