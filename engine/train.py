@@ -230,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", action="append", default=[], required=True,
                         help="YAML config; several are merged in order")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the resolved config (always written to LOG_DIR/"
+                             "config.yaml, LOG_DIR being logging.dir, else checkpoint.dir)")
     parser.add_argument("--check", action="store_true",
                         help="only check the run (config, data, layout, checkpoints, eval) for "
                              "--world-size processes, in this one process without any process "
@@ -241,9 +244,6 @@ def main(argv=None) -> int:
                         help="run one training step of the config as rank(s) of --world-size "
                              "on the meta device, without data or a GPU (engine.dryrun), and "
                              "report peak memory, FLOPs and a predicted step time")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also print the resolved config (always written to LOG_DIR/"
-                             "config.yaml, LOG_DIR being logging.dir, else checkpoint.dir)")
     parser.add_argument("--rank", type=int, help="with --dry-run: the rank to simulate "
                         "(default: the first rank of the first and of the last pipeline stage)")
     parser.add_argument("--dry-run-report", help="with --dry-run: write the report here (JSON)")
