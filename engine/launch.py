@@ -14,6 +14,8 @@ anything starts.
 
 Without --check the torchrun command is run here (no SIGTERM forwarding, no log file); the
 scripts in examples/ pass --command-file and run it themselves, with both.
+
+The evaluation stage (examples/prolong/08_evaluate.sh): `python -m engine.launch evaluate --help`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -75,26 +78,32 @@ def _integer(settings: dict, name: str, minimum: int = 1) -> int:
     return int(text)
 
 
-def read_settings(args: list[str], environ=os.environ) -> tuple[dict, list[str]]:
-    """(launch settings, engine.train overrides) from NAME=value / section.key=value arguments;
-    a setting not among the arguments comes from the environment, else its default."""
-    settings = {name: environ.get(name, default) for name, default in SETTINGS.items()}
-    if not settings["RDZV_ID"]:
-        settings["RDZV_ID"] = environ.get("SLURM_JOB_ID", "longctx")
+def _apply_named(args: list[str], settings: dict) -> tuple[dict, list[str]]:
+    """(``settings`` with the NAME=value arguments among ``args`` applied, the section.key=value
+    overrides among them); a NAME that is not one of ``settings`` is refused."""
     overrides = []
     for arg in args:
         match = _SETTING_ARG.match(arg)
-        if match and match.group(1) in SETTINGS:
+        if match and match.group(1) in settings:
             settings[match.group(1)] = match.group(2)
         elif match:
             raise LaunchSettingError(f"unknown launch setting {match.group(1)}; the settings "
-                                     f"are {', '.join(SETTINGS)}")
+                                     f"are {', '.join(settings)}")
         elif "=" in arg:
             overrides.append(arg)
         else:
             raise LaunchSettingError(f"unexpected argument {arg!r}: give section.key=value "
                                      f"overrides or NAME=value launch settings (--help)")
     return settings, overrides
+
+
+def read_settings(args: list[str], environ=os.environ) -> tuple[dict, list[str]]:
+    """(launch settings, engine.train overrides) from NAME=value / section.key=value arguments;
+    a setting not among the arguments comes from the environment, else its default."""
+    settings = {name: environ.get(name, default) for name, default in SETTINGS.items()}
+    if not settings["RDZV_ID"]:
+        settings["RDZV_ID"] = environ.get("SLURM_JOB_ID", "longctx")
+    return _apply_named(args, settings)
 
 
 def _last_override(key: str, overrides: list[str]) -> Optional[str]:
@@ -251,12 +260,229 @@ def plan_launch(configs: list[str], settings: dict, overrides: list[str], *, che
     return Launch(command, train_args, nnodes * gpus_per_node, checkpoint_dir, notes)
 
 
+# --- the evaluation stage: every checkpoint of the recipe and its export in one report ------
+
+# Each evaluation setting with its default (the full-size recipe's; "": to be given). An empty
+# EVAL_CHECKPOINTS or EVAL_HF means the caller's defaults (--default-checkpoint, --default-hf).
+EVAL_SETTINGS = {
+    "EVAL_CHECKPOINTS": "", "EVAL_HF": "", "EVAL_LENGTHS": "32768 65536 131072",
+    "EVAL_DEPTHS": "5", "EVAL_TASKS": "all", "EVAL_SAMPLES": "20",
+    "EVAL_RULER_TASKS": "niah_single_1 niah_multikey_2 niah_multikey_3 vt fwe",
+    "EVAL_RULER_SAMPLES": "100", "EVAL_RULER_CHAT": "1", "EVAL_LONG_DOCUMENTS": "none",
+    "EVAL_POSITION_LENGTH": "131072", "EVAL_SHORT_DOCUMENTS": "none", "EVAL_GPUS": "8",
+    "EVAL_TP": "8", "EVAL_PP": "1", "EVAL_CP": "1", "EVAL_CP_ALGORITHM": "all-gather",
+    "EVAL_OUT": "", "TOKENIZER": "",
+}
+
+
+@dataclass
+class Evaluation:
+    """What the evaluation launch resolved: engine.evaluate's command, the one-process check of
+    the same arguments, and RULER's protocol on each Hugging Face folder."""
+    command: list[str]
+    check: list[str]
+    ruler: list[list[str]]
+    out: str
+
+
+def read_eval_settings(args: list[str], environ=os.environ) -> tuple[dict, list[str]]:
+    """(evaluation settings, engine.evaluate overrides), as read_settings reads the launch's."""
+    return _apply_named(args, {name: environ.get(name, default)
+                               for name, default in EVAL_SETTINGS.items()})
+
+
+def _items(value: str, default: list[str]) -> list[str]:
+    """A list setting's items: one a line where it holds several lines (paths holding spaces),
+    else separated by spaces; none: no item; empty: ``default``."""
+    if not value:
+        return list(default)
+    if value == "none":
+        return []
+    if "\n" in value:
+        return [line for line in value.split("\n") if line]
+    return value.split()
+
+
+def _unset(name: str, what: str) -> LaunchSettingError:
+    return LaunchSettingError(f"{name} is not set: {what}. Set {name}=...")
+
+
+def plan_evaluation(settings: dict, overrides: list[str], default_checkpoints=(),
+                    default_hf=(), python: str = sys.executable) -> Evaluation:
+    """Check every evaluation setting and build the commands (LaunchSettingError naming what is
+    wrong); every engine checkpoint and Hugging Face folder must exist before anything starts."""
+    checkpoints = _items(settings["EVAL_CHECKPOINTS"], default_checkpoints)
+    hf_folders = _items(settings["EVAL_HF"], default_hf)
+    targets = []
+    for item in checkpoints:
+        path = item.split("=", 1)[-1]
+        if not (Path(path, "latest").is_file() or Path(path, "engine_state.json").is_file()):
+            raise LaunchSettingError(
+                f"EVAL_CHECKPOINTS: no engine checkpoint at {path} ('{item}'; no 'latest' "
+                f"file): run its stage first or leave it out of EVAL_CHECKPOINTS")
+        targets += ["--checkpoint", item]
+    for item in hf_folders:
+        path = item.split("=", 1)[-1]
+        if not Path(path, "config.json").is_file():
+            raise LaunchSettingError(
+                f"EVAL_HF: no Hugging Face model at {path} ('{item}'; no config.json): run "
+                f"examples/prolong/07_export_hf.sh first or set EVAL_HF=none")
+        targets += ["--hf", item]
+    if not targets:
+        raise LaunchSettingError("EVAL_CHECKPOINTS and EVAL_HF are both none: nothing to "
+                                 "evaluate")
+    tokenizer = settings["TOKENIZER"]
+    what = "the Llama-3 tokenizer the recall prompts are made with"
+    if not tokenizer:
+        raise _unset("TOKENIZER", what)
+    if not Path(tokenizer).exists():
+        raise LaunchSettingError(f"TOKENIZER={tokenizer}: no such file or folder ({what})")
+    for name in ("EVAL_LONG_DOCUMENTS", "EVAL_SHORT_DOCUMENTS"):
+        prefix = settings[name]
+        if prefix != "none" and not Path(f"{prefix}.idx").is_file():
+            raise LaunchSettingError(
+                f"{name}={prefix}: no indexed dataset there (no {prefix}.idx); tokenize one "
+                f"with lce-data preprocess, or set {name}=none to skip it")
+    for name in ("EVAL_SAMPLES", "EVAL_RULER_SAMPLES", "EVAL_POSITION_LENGTH", "EVAL_GPUS",
+                 "EVAL_TP", "EVAL_PP", "EVAL_CP"):
+        _integer(settings, name)
+    gpus, tp, pp, cp = (int(settings[f"EVAL_{name}"]) for name in ("GPUS", "TP", "PP", "CP"))
+    if gpus % (tp * pp * cp):
+        raise LaunchSettingError(f"EVAL_TP x EVAL_PP x EVAL_CP = {tp} x {pp} x {cp} does not "
+                                 f"divide EVAL_GPUS={gpus}")
+    ruler_tasks = _items(settings["EVAL_RULER_TASKS"], [])
+    if settings["EVAL_RULER_TASKS"] != "none":
+        if settings["EVAL_RULER_CHAT"] not in ("1", "0"):
+            raise LaunchSettingError(f"EVAL_RULER_CHAT={settings['EVAL_RULER_CHAT']} must be 1 "
+                                     f"or 0")
+        # A misspelt task fails now, not after the engine checkpoints' evaluation.
+        from engine.evaluate.ruler import RULER_TASKS
+        for task in ruler_tasks:
+            if task not in RULER_TASKS:
+                raise LaunchSettingError(f"EVAL_RULER_TASKS: unknown RULER task '{task}'; "
+                                         f"choose from: {' '.join(RULER_TASKS)} (or none)")
+    out = settings["EVAL_OUT"]
+    if not out:
+        raise _unset("EVAL_OUT", "the results folder")
+    if os.path.exists(out):
+        raise LaunchSettingError(f"EVAL_OUT={out} already exists; delete it or set EVAL_OUT "
+                                 f"to a new folder")
+    lengths = settings["EVAL_LENGTHS"].split()
+    if not lengths:
+        raise LaunchSettingError("EVAL_LENGTHS is empty: give prompt lengths in tokens, e.g. "
+                                 "32768 65536")
+    for length in lengths:
+        if not re.fullmatch(r"[1-9][0-9]*", length):
+            raise LaunchSettingError(f"EVAL_LENGTHS={settings['EVAL_LENGTHS']}: '{length}' is "
+                                     f"not a length in tokens (a whole number >= 1)")
+
+    args = [*targets, "--tokenizer", tokenizer, "--lengths", *lengths,
+            "--depths", *settings["EVAL_DEPTHS"].split(), "--samples", settings["EVAL_SAMPLES"]]
+    if settings["EVAL_TASKS"] != "all":
+        # Before a flag: a list option last would take the overrides for tasks.
+        args += ["--tasks", *settings["EVAL_TASKS"].split()]
+    args += ["--out", out, "--no-progress"]
+    if settings["EVAL_LONG_DOCUMENTS"] != "none":
+        args += ["--long-documents", settings["EVAL_LONG_DOCUMENTS"],
+                 "--position-length", settings["EVAL_POSITION_LENGTH"]]
+    if settings["EVAL_SHORT_DOCUMENTS"] != "none":
+        args += ["--short-documents", settings["EVAL_SHORT_DOCUMENTS"]]
+    args += [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
+             f"parallel.context_parallel={cp}",
+             f"parallel.cp_algorithm={settings['EVAL_CP_ALGORITHM']}",
+             f"parallel.sequence_parallel={str(tp > 1).lower()}", *overrides]
+    evaluate = [python, "-m", "engine.evaluate"]
+    if checkpoints:
+        command = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(gpus), "-m", "engine.evaluate", *args]
+    else:
+        command = [*evaluate, *args]  # Hugging Face folders only: one process
+    check = [*evaluate, "--check", "--world-size", str(gpus if checkpoints else 1), *args]
+    # RULER's own protocol on each Hugging Face folder, for tables beside RULER's published
+    # ones.
+    chat = ["--chat-template"] if settings["EVAL_RULER_CHAT"] == "1" else []
+    ruler = [[*evaluate, "--protocol", "ruler", "--hf", item.split("=", 1)[-1],
+              "--tokenizer", tokenizer, "--tasks", *ruler_tasks, "--lengths", *lengths,
+              "--samples", settings["EVAL_RULER_SAMPLES"], *chat,
+              "--out", f"{out}/ruler-{item.split('=', 1)[0]}"]
+             for item in (hf_folders if ruler_tasks else [])]
+    return Evaluation(command, check, ruler, out)
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """``python -m engine.launch evaluate``: the evaluation stage's checks and commands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.launch evaluate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Evaluate engine checkpoints (under torchrun --standalone on this node) and Hugging Face folders
+(afterwards, in one process) side by side with engine.evaluate, then run RULER's protocol on
+each folder. Every setting is checked, and engine.evaluate --check run in one process, before
+anything starts: a bad one stops with exit code 2 naming it.
+
+  python -m engine.launch evaluate --check EVAL_CHECKPOINTS=stage1=runs/stage1 EVAL_HF=none \\
+      TOKENIZER=Meta-Llama-3-8B EVAL_OUT=runs/eval EVAL_GPUS=8 EVAL_TP=4""",
+        epilog=textwrap.fill("Settings (NAME=value arguments, else environment variables; bash "
+               "examples/prolong/08_evaluate.sh --help describes each) and their defaults: "
+               + ", ".join(f"{name}={default!r}" for name, default in EVAL_SETTINGS.items())
+               + ". EVAL_CHECKPOINTS and EVAL_HF hold NAME=PATH items separated by spaces, or "
+                 "by newlines where a path holds spaces; none: no item; empty: the defaults.", 96))
+    parser.add_argument("arguments", nargs="*", metavar="NAME=value | section.key=value",
+                        help="evaluation settings and engine.evaluate overrides")
+    parser.add_argument("--check", action="store_true",
+                        help="check, print the commands and run engine.evaluate --check; "
+                             "launch nothing")
+    parser.add_argument("--default-checkpoint", action="append", default=[],
+                        metavar="NAME=PATH", help="an engine checkpoint an empty "
+                        "EVAL_CHECKPOINTS means (repeat for several)")
+    parser.add_argument("--default-hf", action="append", default=[], metavar="NAME=FOLDER",
+                        help="a Hugging Face folder an empty EVAL_HF means (repeat for several)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the Python of the launched processes (default: this one)")
+    parser.add_argument("--name", default="engine.launch evaluate",
+                        help="the name its messages start with (the calling script's)")
+    args = parser.parse_args(argv)
+
+    def die(message: str) -> int:
+        print(f"error: {args.name}: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    try:
+        settings, overrides = read_eval_settings(args.arguments)
+        evaluation = plan_evaluation(settings, overrides, args.default_checkpoint,
+                                     args.default_hf, args.python)
+    except LaunchSettingError as error:
+        return die(str(error))
+    # engine.evaluate's own checks (tasks, lengths, depths, tokenizer, checkpoints, --out,
+    # layout) in one process: a refused evaluation stops here, before torchrun starts anything.
+    # torchrun --standalone picks a free port of its own: a MASTER_PORT of the environment
+    # (taken or not) is none of the evaluation's business.
+    environ = {name: value for name, value in os.environ.items() if name != "MASTER_PORT"}
+    if subprocess.run(evaluation.check, env=environ).returncode:
+        return die("engine.evaluate refused the evaluation (the error above); nothing was "
+                   "launched")
+    for command in (evaluation.command, *evaluation.ruler):
+        print(" ".join(map(_bash_quote, command)), flush=True)
+    if args.check:
+        return 0
+    Path(evaluation.out).parent.mkdir(parents=True, exist_ok=True)
+    for command in (evaluation.command, *evaluation.ruler):
+        status = subprocess.run(command).returncode
+        if status:
+            return status
+    print(f"== {args.name}: report: {evaluation.out}/report.md", flush=True)
+    return 0
+
+
 def _bash_quote(arg: str) -> str:
     # The quoting bash's printf %q gives a plain path or setting: none.
     return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else shlex.quote(arg)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        return evaluate_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m engine.launch", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -113,9 +113,11 @@ def _start(plan: RunPlan, state: TrainingState) -> tuple[int, int, int]:
     return 0, 0, 0
 
 
-def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] = None) -> int:
-    """Run ``plan`` to its last step (``config`` is recorded beside the logs as resolved),
-    evaluating as ``validation`` (the config's eval section) asks."""
+def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] = None,
+          verbose: bool = False) -> int:
+    """Run ``plan`` to its last step (``config`` is recorded beside the logs as resolved, and
+    printed too when ``verbose``), evaluating as ``validation`` (the config's eval section)
+    asks."""
     samples = SampleSource(PackedDataset(plan.data.path), plan.seq_length)
     stop_requested = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.__setitem__("flag", True))
@@ -130,8 +132,12 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
         # config.yaml), and whole: a kill mid-write leaves the previous one.
         log_dir.mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump(config.to_dict(), sort_keys=False)
-        print(f"resolved config ({plan.describe()}):\n{resolved}", flush=True)
         write_text_atomically(log_dir / "config.yaml", resolved)
+        # The whole config would push the loss lines off a user's screen; the file holds it.
+        print(f"run plan: {plan.describe()}; resolved config: {log_dir / 'config.yaml'}",
+              flush=True)
+        if verbose:
+            print(f"resolved config:\n{resolved}", flush=True)
     skipped_since_save = 0
     dp_rank = parallel_state.get_data_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()
@@ -227,6 +233,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", action="append", default=[], required=True,
                         help="YAML config; several are merged in order")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the resolved config (always written to LOG_DIR/"
+                             "config.yaml, LOG_DIR being logging.dir, else checkpoint.dir)")
     parser.add_argument("--check", action="store_true",
                         help="only check the run (config, data, layout, checkpoints, eval) for "
                              "--world-size processes, in this one process without any process "
@@ -256,7 +265,7 @@ def main(argv=None) -> int:
         if args.check:
             print(f"run plan ok: {plan.describe()}", flush=True)
             return 0
-        return train(plan, config, validation)
+        return train(plan, config, validation, args.verbose)
     except (ConfigError, LayoutError, CheckpointError, LaunchError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

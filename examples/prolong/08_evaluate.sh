@@ -14,11 +14,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 knobs_recipe_paths
 knobs_tokenizer
-# The defaults are kept as lists too: paths under a WORK holding spaces stay whole.
-default_checkpoints=("base=$IMPORT_CKPT" "stage1=$STAGE1_CKPT" "stage2=$STAGE2_CKPT" "sft=$SFT_CKPT")
-default_hf=("hf=$HF_OUT")
-EVAL_CHECKPOINTS_SET=${EVAL_CHECKPOINTS:+1}
-EVAL_HF_SET=${EVAL_HF:+1}
+# Given or not: the defaults go to engine.launch as lists, so paths under a WORK holding spaces
+# stay whole.
+given_checkpoints=${EVAL_CHECKPOINTS:-} given_hf=${EVAL_HF:-}
 EVAL_CHECKPOINTS=${EVAL_CHECKPOINTS:-base=$IMPORT_CKPT stage1=$STAGE1_CKPT stage2=$STAGE2_CKPT sft=$SFT_CKPT}  ## engine checkpoints, NAME=PATH separated by spaces, or by newlines where a path holds spaces (none: no engine checkpoint)
 EVAL_HF=${EVAL_HF:-hf=$HF_OUT}                          ## Hugging Face folders, NAME=FOLDER separated like EVAL_CHECKPOINTS (none: no folder)
 EVAL_LENGTHS=${EVAL_LENGTHS:-$(if_tiny "256 512" "32768 65536 131072")}  ## recall prompt lengths in tokens (HELMET: 32K/64K development, 128K final)
@@ -39,108 +37,18 @@ EVAL_CP_ALGORITHM=${EVAL_CP_ALGORITHM:-all-gather}      ## all-gather | ulysses
 EVAL_OUT=${EVAL_OUT:-$WORK/eval}                        ## results folder
 parse_args --allow-overrides "$@"
 
-# _items NAME: the list setting NAME's items, into `items`: one a line where it holds several
-# lines, else separated by spaces.
-_items() {
-  items=()
-  [ "${!1}" != none ] || return 0
-  if [[ ${!1} == *$'\n'* ]]; then
-    mapfile -t items <<< "${!1}"
-  else
-    read -r -a items <<< "${!1}"
-  fi
-}
-
-# Engine checkpoints and HF folders: every one must exist before anything starts.
-targets=() checkpoints=() hf_folders=()
-if [ -n "$EVAL_CHECKPOINTS_SET" ]; then _items EVAL_CHECKPOINTS; checkpoints=("${items[@]}")
-else checkpoints=("${default_checkpoints[@]}"); fi
-for item in "${checkpoints[@]}"; do
-  path=${item#*=}
-  [ -f "$path/latest" ] || [ -f "$path/engine_state.json" ] ||
-    die "EVAL_CHECKPOINTS: no engine checkpoint at $path ('$item'; no 'latest' file): run its stage first or leave it out of EVAL_CHECKPOINTS"
-  targets+=(--checkpoint "$item")
+# engine.launch checks every setting (and runs engine.evaluate --check) before anything starts,
+# prints the commands and, unless --check, runs them.
+settings=(EVAL_CHECKPOINTS="$given_checkpoints" EVAL_HF="$given_hf" TOKENIZER="$TOKENIZER")
+for name in EVAL_LENGTHS EVAL_DEPTHS EVAL_TASKS EVAL_SAMPLES EVAL_RULER_TASKS EVAL_RULER_SAMPLES \
+            EVAL_RULER_CHAT EVAL_LONG_DOCUMENTS EVAL_POSITION_LENGTH EVAL_SHORT_DOCUMENTS \
+            EVAL_GPUS EVAL_TP EVAL_PP EVAL_CP EVAL_CP_ALGORITHM EVAL_OUT; do
+  settings+=("$name=${!name}")
 done
-if [ -n "$EVAL_HF_SET" ]; then _items EVAL_HF; hf_folders=("${items[@]}")
-else hf_folders=("${default_hf[@]}"); fi
-for item in "${hf_folders[@]}"; do
-  path=${item#*=}
-  [ -f "$path/config.json" ] ||
-    die "EVAL_HF: no Hugging Face model at $path ('$item'; no config.json): run examples/prolong/07_export_hf.sh first or set EVAL_HF=none"
-  targets+=(--hf "$item")
-done
-[ "${#targets[@]}" -gt 0 ] || die "EVAL_CHECKPOINTS and EVAL_HF are both none: nothing to evaluate"
-need_path TOKENIZER "the Llama-3 tokenizer the recall prompts are made with"
-for name in EVAL_LONG_DOCUMENTS EVAL_SHORT_DOCUMENTS; do
-  [ "${!name}" = none ] || [ -f "${!name}.idx" ] ||
-    die "$name=${!name}: no indexed dataset there (no ${!name}.idx); tokenize one with lce-data preprocess, or set $name=none to skip it"
-done
-for name in EVAL_SAMPLES EVAL_RULER_SAMPLES EVAL_POSITION_LENGTH EVAL_GPUS EVAL_TP EVAL_PP EVAL_CP; do
-  need_int "$name"
-done
-((EVAL_GPUS % (EVAL_TP * EVAL_PP * EVAL_CP) == 0)) ||
-  die "EVAL_TP x EVAL_PP x EVAL_CP = $EVAL_TP x $EVAL_PP x $EVAL_CP does not divide EVAL_GPUS=$EVAL_GPUS"
-ruler_tasks=() ruler_chat=()
-if [ "$EVAL_RULER_TASKS" != none ]; then
-  read -r -a ruler_tasks <<< "$EVAL_RULER_TASKS"
-  case $EVAL_RULER_CHAT in 1) ruler_chat=(--chat-template) ;; 0) ;;
-    *) die "EVAL_RULER_CHAT=$EVAL_RULER_CHAT must be 1 or 0" ;; esac
-  # A misspelt task fails now, not after the engine checkpoints' evaluation.
-  known=$("$PYTHON" -c 'from engine.evaluate.ruler import RULER_TASKS; print(*RULER_TASKS)')
-  for task in "${ruler_tasks[@]}"; do
-    [[ " $known " == *" $task "* ]] || die "EVAL_RULER_TASKS: unknown RULER task '$task'; choose from: $known (or none)"
-  done
-fi
-[ ! -e "$EVAL_OUT" ] || die "EVAL_OUT=$EVAL_OUT already exists; delete it or set EVAL_OUT to a new folder"
-
-read -r -a lengths <<< "$EVAL_LENGTHS"
-[ "${#lengths[@]}" -gt 0 ] || die "EVAL_LENGTHS is empty: give prompt lengths in tokens, e.g. 32768 65536"
-for length in "${lengths[@]}"; do
-  [[ $length =~ ^[1-9][0-9]*$ ]] ||
-    die "EVAL_LENGTHS=$EVAL_LENGTHS: '$length' is not a length in tokens (a whole number >= 1)"
-done
-read -r -a depths <<< "$EVAL_DEPTHS"
-args=("${targets[@]}" --tokenizer "$TOKENIZER" --lengths "${lengths[@]}" --depths "${depths[@]}"
-      --samples "$EVAL_SAMPLES" --out "$EVAL_OUT" --no-progress)
-if [ "$EVAL_TASKS" != all ]; then
-  read -r -a tasks <<< "$EVAL_TASKS"
-  args+=(--tasks "${tasks[@]}")
-fi
-[ "$EVAL_LONG_DOCUMENTS" = none ] ||
-  args+=(--long-documents "$EVAL_LONG_DOCUMENTS" --position-length "$EVAL_POSITION_LENGTH")
-[ "$EVAL_SHORT_DOCUMENTS" = none ] || args+=(--short-documents "$EVAL_SHORT_DOCUMENTS")
-args+=(parallel.tensor_parallel="$EVAL_TP" parallel.pipeline_parallel="$EVAL_PP"
-       parallel.context_parallel="$EVAL_CP" parallel.cp_algorithm="$EVAL_CP_ALGORITHM"
-       parallel.sequence_parallel="$([ "$EVAL_TP" -gt 1 ] && echo true || echo false)"
-       "${OVERRIDES[@]}")
-if [ "${#checkpoints[@]}" -gt 0 ]; then
-  command=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$EVAL_GPUS"
-           -m engine.evaluate "${args[@]}")
-else
-  command=("$PYTHON" -m engine.evaluate "${args[@]}")  # Hugging Face folders only: one process
-fi
-# engine.evaluate's own checks (tasks, lengths, depths, tokenizer, checkpoints, --out, layout)
-# in one process: a refused evaluation stops here, before torchrun starts anything.
-# torchrun --standalone picks a free port of its own: a MASTER_PORT of the environment (taken
-# or not) is none of the evaluation's business.
-check_world=1
-[ "${#checkpoints[@]}" -eq 0 ] || check_world=$EVAL_GPUS
-env -u MASTER_PORT "$PYTHON" -m engine.evaluate --check --world-size "$check_world" "${args[@]}" ||
-  die "engine.evaluate refused the evaluation (the error above); nothing was launched"
-printf '%q ' "${command[@]}"; printf '\n'
-# RULER's own protocol on each Hugging Face folder, for tables beside RULER's published ones.
-ruler_commands=()
-if [ "$EVAL_RULER_TASKS" != none ]; then
-  for item in "${hf_folders[@]}"; do
-    ruler_commands+=("$(printf '%q ' "$PYTHON" -m engine.evaluate --protocol ruler --hf "${item#*=}" \
-      --tokenizer "$TOKENIZER" --tasks "${ruler_tasks[@]}" --lengths "${lengths[@]}" \
-      --samples "$EVAL_RULER_SAMPLES" "${ruler_chat[@]}" --out "$EVAL_OUT/ruler-${item%%=*}")")
-    printf '%s\n' "${ruler_commands[-1]}"
-  done
-fi
-[ "$MODE" = run ] || exit 0
+options=(--default-checkpoint "base=$IMPORT_CKPT" --default-checkpoint "stage1=$STAGE1_CKPT"
+         --default-checkpoint "stage2=$STAGE2_CKPT" --default-checkpoint "sft=$SFT_CKPT"
+         --default-hf "hf=$HF_OUT")
+[ "$MODE" = run ] || options+=(--check)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(if_tiny 1 8)}
-mkdir -p "$(dirname "$EVAL_OUT")"
-"${command[@]}"
-for ruler_command in "${ruler_commands[@]}"; do eval "$ruler_command"; done
-note "report: $EVAL_OUT/report.md"
+exec "$PYTHON" -m engine.launch evaluate --name "$SCRIPT_NAME" --python "$PYTHON" "${options[@]}" \
+  "${settings[@]}" "${OVERRIDES[@]}"

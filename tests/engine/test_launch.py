@@ -119,3 +119,134 @@ def test_get_reads_the_merged_configs_as_engine_train_does(tmp_path, capsys):
     assert launch.main(["--get", "data.micro_batch", "--config", str(first)]) == 0  # a default
     assert capsys.readouterr().out.split() == ["2", "llama3-8b", "1"]
     assert launch.main(["--get", "data.nothing", "--config", str(first)]) == 2
+
+
+@pytest.fixture
+def eval_inputs(tmp_path):
+    """Two engine run folders (one under a path holding a space), an exported Hugging Face
+    folder and a tokenizer file, as far as the evaluation launch's checks look."""
+    runs = {name: tmp_path / folder for name, folder in (("base", "ckpt/base"),
+                                                          ("s1", "ckpt/stage 1"))}
+    for folder in runs.values():
+        folder.mkdir(parents=True)
+        (folder / "latest").write_text("step_00000000\n")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.model").write_text("")
+    settings = [f"TOKENIZER={tmp_path / 'tokenizer.model'}", f"EVAL_OUT={tmp_path / 'eval'}"]
+    return runs, tmp_path / "hf", settings
+
+
+def _evaluation(args, **options):
+    settings, overrides = launch.read_eval_settings(args, {})
+    return launch.plan_evaluation(settings, overrides, python="py", **options)
+
+
+def test_the_evaluation_commands_from_the_settings(eval_inputs, tmp_path):
+    runs, hf, settings = eval_inputs
+    out = tmp_path / "eval"
+    result = _evaluation([
+        f"EVAL_CHECKPOINTS=base={runs['base']}\ns1={runs['s1']}", f"EVAL_HF=hf={hf}",
+        "EVAL_LENGTHS=256 512", "EVAL_DEPTHS=0.5", "EVAL_TASKS=niah_single json_kv",
+        "EVAL_GPUS=4", "EVAL_TP=2", "EVAL_RULER_TASKS=vt fwe", "EVAL_RULER_SAMPLES=3",
+        *settings, "parallel.recompute=full"])
+    args = ["--checkpoint", f"base={runs['base']}", "--checkpoint", f"s1={runs['s1']}",
+            "--hf", f"hf={hf}", "--tokenizer", str(tmp_path / "tokenizer.model"),
+            "--lengths", "256", "512", "--depths", "0.5", "--samples", "20", "--tasks",
+            "niah_single", "json_kv", "--out", str(out), "--no-progress", "parallel.tensor_parallel=2",
+            "parallel.pipeline_parallel=1", "parallel.context_parallel=1",
+            "parallel.cp_algorithm=all-gather", "parallel.sequence_parallel=true",
+            "parallel.recompute=full"]
+    assert result.command == ["py", "-m", "torch.distributed.run", "--standalone",
+                              "--nproc-per-node", "4", "-m", "engine.evaluate", *args]
+    assert result.check == ["py", "-m", "engine.evaluate", "--check", "--world-size", "4", *args]
+    # engine.evaluate reads them so: the tasks end before the overrides.
+    from engine.evaluate.__main__ import _parser
+
+    parsed = _parser().parse_args(args)
+    assert parsed.tasks == ["niah_single", "json_kv"] and parsed.overrides == args[-6:]
+    assert result.ruler == [[
+        "py", "-m", "engine.evaluate", "--protocol", "ruler", "--hf", str(hf), "--tokenizer",
+        str(tmp_path / "tokenizer.model"), "--tasks", "vt", "fwe", "--lengths", "256", "512",
+        "--samples", "3", "--chat-template", "--out", f"{out}/ruler-hf"]]
+
+    # Hugging Face folders only: one process, checked as one; documents and no TP.
+    (tmp_path / "docs.idx").write_text("")
+    result = _evaluation(["EVAL_CHECKPOINTS=none", "EVAL_TP=1", "EVAL_RULER_CHAT=0",
+                          f"EVAL_SHORT_DOCUMENTS={tmp_path / 'docs'}",
+                          f"EVAL_LONG_DOCUMENTS={tmp_path / 'docs'}", "EVAL_POSITION_LENGTH=64",
+                          *settings], default_hf=[f"hf={hf}"])
+    assert result.command[:3] == ["py", "-m", "engine.evaluate"]
+    assert result.check[3:6] == ["--check", "--world-size", "1"]
+    expected = ["--no-progress", "--long-documents", str(tmp_path / "docs"),
+                "--position-length", "64", "--short-documents", str(tmp_path / "docs"),
+                "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
+                "parallel.context_parallel=1", "parallel.cp_algorithm=all-gather",
+                "parallel.sequence_parallel=false"]
+    assert result.command[-len(expected):] == expected
+    assert "--chat-template" not in result.ruler[0] and "--tasks" not in result.command
+    # Empty lists: the defaults, each item whole.
+    result = _evaluation(["EVAL_CHECKPOINTS=", "EVAL_HF=none", "EVAL_RULER_TASKS=none",
+                          *settings], default_checkpoints=[f"s1={runs['s1']}"])
+    assert result.command[8:10] == ["--checkpoint", f"s1={runs['s1']}"] and not result.ruler
+
+
+@pytest.mark.parametrize("args,message", [
+    (["EVAL_CHECKPOINTS=x={tmp}/ckpt"],
+     "EVAL_CHECKPOINTS: no engine checkpoint at {tmp}/ckpt ('x={tmp}/ckpt'; no 'latest' file)"),
+    (["EVAL_HF={tmp}/ckpt/base"], "EVAL_HF: no Hugging Face model at {tmp}/ckpt/base"),
+    (["EVAL_CHECKPOINTS=none", "EVAL_HF=none"], "EVAL_CHECKPOINTS and EVAL_HF are both none"),
+    (["TOKENIZER="], "TOKENIZER is not set: the Llama-3 tokenizer"),
+    (["TOKENIZER={tmp}/nothing"], "TOKENIZER={tmp}/nothing: no such file or folder"),
+    (["EVAL_SHORT_DOCUMENTS={tmp}/docs"],
+     "EVAL_SHORT_DOCUMENTS={tmp}/docs: no indexed dataset there (no {tmp}/docs.idx)"),
+    (["EVAL_SAMPLES=0"], "EVAL_SAMPLES=0 must be an integer >= 1"),
+    (["EVAL_GPUS=2", "EVAL_TP=4"], "EVAL_TP x EVAL_PP x EVAL_CP = 4 x 1 x 1 does not divide "
+                                   "EVAL_GPUS=2"),
+    (["EVAL_RULER_CHAT=2"], "EVAL_RULER_CHAT=2 must be 1 or 0"),
+    (["EVAL_RULER_TASKS=vt niah_single"],
+     "EVAL_RULER_TASKS: unknown RULER task 'niah_single'; choose from: niah_single_1"),
+    (["EVAL_OUT={tmp}/ckpt"], "EVAL_OUT={tmp}/ckpt already exists; delete it or set EVAL_OUT"),
+    (["EVAL_LENGTHS= "], "EVAL_LENGTHS is empty"),
+    (["EVAL_LENGTHS=256 0"], "EVAL_LENGTHS=256 0: '0' is not a length in tokens"),
+    (["EVAL_DEVICES=2"], "unknown launch setting EVAL_DEVICES"),
+])
+def test_a_bad_evaluation_setting_exits_2_naming_it_before_anything_runs(
+        eval_inputs, tmp_path, capsys, args, message):
+    runs, hf, settings = eval_inputs
+    before = sorted(tmp_path.rglob("*"))
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    code = launch.main(["evaluate", "--name", "08.sh", "--default-checkpoint",
+                        f"base={runs['base']}", "--default-hf", f"hf={hf}", *settings, *args])
+    captured = capsys.readouterr()
+    assert code == 2 and f"error: 08.sh: {message.format(tmp=tmp_path)}" in captured.err, (
+        captured.err)
+    assert "Traceback" not in captured.err and "engine.evaluate" not in captured.out
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_evaluation_defaults_are_the_full_size_recipes():
+    """The settings' defaults here and in the stage script (TINY=0) are the same."""
+    import re
+
+    from tests.distributed import REPO
+
+    script = (REPO / "examples" / "prolong" / "08_evaluate.sh").read_text()
+    compared = []
+    for name, default in re.findall(r"^([A-Z_]+)=\$\{\1:-(.*)\}\s+## ", script, re.M):
+        tiny = re.fullmatch(r'\$\(if_tiny (".*?"|\S+) (".*?"|\S+)\)', default)
+        if tiny:
+            default = tiny.group(2).strip('"')
+        if "$" not in default:
+            assert launch.EVAL_SETTINGS[name] == default, name
+            compared.append(name)
+    assert len(compared) == 15, compared  # all but the paths under WORK
+
+
+def test_the_evaluation_help_names_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    for name, default in launch.EVAL_SETTINGS.items():
+        assert f"{name}={default!r}" in help_text, name

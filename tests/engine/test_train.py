@@ -104,6 +104,34 @@ def test_sigkill_and_resume_reproduces_losses_bit_for_bit(packed_tiny_dataset, t
     assert len(list(interrupted.glob("step_*"))) <= 2  # keep_last
 
 
+def test_the_console_shows_the_losses_and_the_config_only_with_verbose(
+        packed_tiny_dataset, train_config, tmp_path):
+    """By default the console holds the plan's one line and the loss lines, not the resolved
+    config (written to the run directory instead); --verbose prints it too."""
+    import yaml
+
+    from engine.training.config import load_config
+
+    run = tmp_path / "run"
+    quiet = torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, run,
+                                                   "train_steps=1")).stdout
+    written = (run / "config.yaml").read_text()
+    assert load_config([str(run / "config.yaml")]) == load_config(
+        [train_config], [f"data.path={packed_tiny_dataset}", f"checkpoint.dir={run}",
+                         "train_steps=1"])
+    assert re.search(r"^step 1/1 \| loss \d+\.\d{4} \| lr ", quiet, re.M), quiet
+    assert "run plan: TP1 x PP1 x CP1 x DP1" in quiet
+    assert f"resolved config: {run / 'config.yaml'}" in quiet
+    assert "resolved config:\n" not in quiet and "collective_timeout_s" not in quiet
+    assert yaml.safe_load(written)["collective_timeout_s"] == 60
+
+    # --verbose (here resuming the run for its second step) prints the whole config as well.
+    loud = torchrun("engine.train", 1, ["--verbose", *train_args(
+        train_config, packed_tiny_dataset, run, "train_steps=2")]).stdout
+    assert re.search(r"^step 2/2 \| loss ", loud, re.M), loud
+    assert f"resolved config:\n{(run / 'config.yaml').read_text()}" in loud
+
+
 def test_nan_steps_are_skipped_then_the_run_stops(packed_tiny_dataset, train_config, tmp_path):
     ok = tmp_path / "one_nan"
     torchrun("engine.train", 1, train_args(train_config, packed_tiny_dataset, ok,
