@@ -471,6 +471,8 @@ anything starts: a bad one stops with exit code 2 naming it.
         if status:
             return status
     print(f"== {args.name}: report: {evaluation.out}/report.md", flush=True)
+    print(f"== {args.name}: HELMET and lm-eval's RULER on an export, offline too: "
+          f"docs/evaluation.md, The full benchmarks", flush=True)
     return 0
 
 

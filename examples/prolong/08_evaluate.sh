@@ -5,8 +5,10 @@
 # transformers for the export), loss by position over long held-out documents and the loss of
 # short ones. Writes EVAL_OUT/report.json, report.md and PNG plots. The engine checkpoints are
 # evaluated under torchrun on this node in the EVAL_TP x EVAL_PP x EVAL_CP layout, the export
-# by rank 0 afterwards. For HELMET's other categories (RAG, re-rank, ICL, QA, summarization) run
-# HELMET on HF_OUT (README, Long-context evaluation).
+# by rank 0 afterwards. HELMET's other categories (RAG, re-rank, ICL, QA, summarization) and RULER
+# through lm-evaluation-harness run on HF_OUT: docs/evaluation.md, "The full benchmarks", gives
+# their commands (lm-eval: max_length = the export's max_position_embeddings,
+# --apply_chat_template for the SFT export) and what an offline cluster must download first.
 #   bash examples/prolong/08_evaluate.sh
 #   EVAL_LONG_DOCUMENTS=data/books-heldout EVAL_POSITION_LENGTH=131072 bash examples/prolong/08_evaluate.sh
 set -euo pipefail
