@@ -43,6 +43,7 @@ from engine.parallel.setup import (
     destroy_parallel,
     initialize_parallel,
 )
+from engine.simulation import add_dry_run_arguments
 from engine.training.build import TrainingState, build_training_state
 from engine.training.config import ConfigError, TrainConfig, load_config
 from engine.training.data import (
@@ -240,16 +241,10 @@ def main(argv=None) -> int:
                         help="only check the run (config, data, layout, checkpoints, eval) for "
                              "--world-size processes, in this one process without any process "
                              "group, and exit: 0 if it would start, 2 naming the problem")
-    parser.add_argument("--world-size", type=int,
-                        help="with --check or --dry-run: processes of the run (default: "
-                             "WORLD_SIZE, else 1)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="run one training step of the config as rank(s) of --world-size "
-                             "on the meta device, without data or a GPU (engine.dryrun), and "
-                             "report peak memory, FLOPs and a predicted step time")
-    parser.add_argument("--rank", type=int, help="with --dry-run: the rank to simulate "
-                        "(default: the first rank of the first and of the last pipeline stage)")
-    parser.add_argument("--dry-run-report", help="with --dry-run: write the report here (JSON)")
+    add_dry_run_arguments(parser, "run one training step of the config as rank(s) of "
+                          "--world-size on the meta device, without data or a GPU "
+                          "(engine.dryrun), and report peak memory, FLOPs and a predicted step "
+                          "time")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)

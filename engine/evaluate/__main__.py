@@ -14,6 +14,12 @@ report.md and PNG plots into --out. The flags set the config's ``eval`` section;
 files and ``section.key=value`` overrides (parallel.*, kernels.*, bf16, eval.*) are read as
 engine.train reads them. Bad input exits with code 2 before any process group exists;
 ``--check`` makes every one of those checks in one process and exits (0: it would run).
+
+    python -m engine.evaluate --dry-run --world-size 8 --checkpoint runs/stage1 --lengths 65536
+
+``--dry-run`` runs one scoring forward at the longest requested length as ranks of
+--world-size on the meta device, without weights, data or a GPU (engine.evaluate.dry_run), and
+prints each rank's peak memory; the model's shape comes from the checkpoint, else the config.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -31,19 +38,20 @@ from data_tools.tokenizer import TokenizerError
 from engine.checkpoint import (CheckpointError, DamagedCheckpoint, check_complete,
                                load_checkpoint, model_config_from_state, read_checkpoint_state,
                                resolve_checkpoint)
-from engine.evaluate import hf_model
-from engine.evaluate.engine_eval import padded_length
+from engine.evaluate import dry_run, hf_model
+from engine.evaluate.engine_eval import padded_length, plan_for_length
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.inputs import check_lengths, hf_config
 from engine.evaluate.measures import PROTOCOLS, MeasureRequest, measures, prepare_measures
 from engine.evaluate.measures.recall import DEFAULT_SAMPLES
 from engine.evaluate.report import (CheckpointReport, EvaluationReport, check_report_folder,
                                     write_report)
-from engine.model.config import LlamaConfig
+from engine.model.config import LlamaConfig, get_model_config
 from engine.model.kernel_choices import KernelChoices
-from engine.parallel.layout import LayoutError
+from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import (LaunchError, check_rendezvous_port, destroy_parallel,
                                    initialize_parallel)
+from engine.simulation import DryRunError, add_dry_run_arguments, default_ranks
 from engine.training.build import build_model
 from engine.training.config import ConfigError, TrainConfig, load_config
 from engine.training.run_plan import RunPlan
@@ -72,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="engine checkpoint (a run directory or a step_* directory)")
     parser.add_argument("--hf", action="append", default=[], metavar="[NAME=]FOLDER",
                         help="Hugging Face folder (e.g. from engine.convert export)")
-    parser.add_argument("--out", required=True, help="folder for report.json, report.md, PNGs")
+    parser.add_argument("--out", help="folder for report.json, report.md, PNGs (required but "
+                        "with --dry-run)")
     parser.add_argument("--config", action="append", default=[],
                         help="YAML config whose parallel/kernels/eval sections apply")
     for measure in measures():
@@ -92,8 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="only check everything (inputs, --out, layout, lengths, tokenizer) "
                              "in this one process without any process group, and exit: 0 if "
                              "the evaluation would start, 2 naming the problem")
-    parser.add_argument("--world-size", type=int,
-                        help="with --check: processes of the run (default: WORLD_SIZE, else 1)")
+    add_dry_run_arguments(parser, "run one scoring forward at the longest requested length as "
+                          "rank(s) of --world-size on the meta device, without weights, data or "
+                          "a GPU (engine.evaluate.dry_run), and print the peak memory")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser
 
@@ -183,13 +193,22 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.world_size is not None:
-        if not args.check or args.world_size < 1:
+        if not (args.check or args.dry_run) or args.world_size < 1:
             print(f"error: --world-size {args.world_size}: give the run's number of processes "
-                  f"(>= 1), with --check only (torchrun sets them for a run)", file=sys.stderr,
-                  flush=True)
+                  f"(>= 1), with --check or --dry-run only (torchrun sets them for a run)",
+                  file=sys.stderr, flush=True)
             return 2
         world_size = args.world_size
+    if args.dry_run:
+        return _dry_run(args, world_size)
+    if args.rank is not None or args.dry_run_report:
+        print("error: --rank and --dry-run-report go with --dry-run (torchrun sets a run's ranks)",
+              file=sys.stderr, flush=True)
+        return 2
     try:
+        if not args.out:
+            raise EvaluationError("--out FOLDER is required: the folder for report.json, "
+                                  "report.md and the plots")
         check_report_folder(args.out)
         config = _config(args)
         section = config.eval
@@ -210,19 +229,11 @@ def main(argv=None) -> int:
         if world_size > 1 and any(t.kind == "hf" for t in targets) and not engine_targets:
             raise EvaluationError("Hugging Face folders are evaluated in one process: run "
                                   "without torchrun")
-        # Evaluation trains nothing: no optimizer to shard, no activations kept to recompute.
-        layout = replace(config.parallel, distributed_optimizer=False,
-                         recompute="none").with_world_size(world_size)
+        layout = _layout(config, world_size)
         # The longest sample any measure runs: the plan is checked at that length.
         longest = padded_length(max([ready.longest for _, ready in prepared] + [2]), layout)
-        kernels = KernelChoices(**config.kernels)
-        plans = {target.name: RunPlan.create(
-            target.model.replace(max_position_embeddings=max(
-                longest, target.model.max_position_embeddings)),
-            layout, seq_length=longest,
-            global_batch=layout.data_parallel * layout.pipeline_parallel, kernels=kernels,
-            bf16=config.bf16, seed=config.seed, collective_timeout_s=config.collective_timeout_s)
-            for target in engine_targets}
+        plans = {target.name: _plan(target.model, layout, longest, config)
+                 for target in engine_targets}
         if engine_targets:
             check_rendezvous_port()
         if args.check:
@@ -263,6 +274,72 @@ def main(argv=None) -> int:
     files = write_report(EvaluationReport(reports), args.out, extra)
     print("wrote " + ", ".join(str(path) for path in files.values()), flush=True)
     return 0
+
+
+def _layout(config: TrainConfig, world_size: int) -> ParallelLayout:
+    # Evaluation trains nothing: no optimizer to shard, no activations kept to recompute.
+    return replace(config.parallel, distributed_optimizer=False,
+                   recompute="none").with_world_size(world_size)
+
+
+def _plan(model: LlamaConfig, layout: ParallelLayout, longest: int, config: TrainConfig,
+          device: Optional[torch.device] = None, bf16: Optional[bool] = None) -> RunPlan:
+    """The evaluation plan of ``model`` for samples up to ``longest`` tokens."""
+    return RunPlan.create(
+        model.replace(max_position_embeddings=max(longest, model.max_position_embeddings)),
+        layout, seq_length=longest, global_batch=layout.data_parallel * layout.pipeline_parallel,
+        kernels=KernelChoices(**config.kernels), bf16=config.bf16 if bf16 is None else bf16,
+        seed=config.seed, collective_timeout_s=config.collective_timeout_s, device=device)
+
+
+def _dry_run(args, world_size: int) -> int:
+    """``--dry-run``: every check first (no weights, data or tokenizer needed), then
+    engine.evaluate.dry_run for the longest requested sample."""
+    try:
+        if args.hf:
+            raise EvaluationError("--dry-run simulates the GPU path of engine checkpoints: leave "
+                                  "out --hf (Hugging Face folders run in one process through "
+                                  "transformers)")
+        if len(args.checkpoint) > 1:
+            raise EvaluationError(f"--dry-run takes one model: give one --checkpoint (got "
+                                  f"{len(args.checkpoint)}), or none and the config's model")
+        config = _config(args)
+        section = config.eval
+        if args.checkpoint:
+            target = _targets(args)[0]
+            model, source = target.model, f"--checkpoint {target.path}"
+        else:
+            try:
+                model = get_model_config(config.model.name, **config.model.overrides)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"model: {error}") from None
+            source = f"the config's model ({config.model.name})"
+        if not section.lengths and not section.position_length:
+            raise EvaluationError("nothing to simulate: give --lengths (recall prompt lengths) "
+                                  "and/or --position-length")
+        check_lengths(section.lengths, section.position_length,
+                      {source: model.max_position_embeddings})
+        layout = _layout(config, world_size)
+        if args.rank is not None and not 0 <= args.rank < world_size:
+            raise EvaluationError(f"--rank {args.rank} is outside the {world_size} ranks of "
+                                  f"{layout.describe()}: pick 0..{world_size - 1}")
+        sample = dry_run.longest_sample(section.lengths, section.position_length)
+        longest = padded_length(sample.tokens, layout)
+        # The plan a GPU evaluation makes: kernels resolved for the simulated device, bf16 by
+        # default as on a GPU.
+        plan = plan_for_length(_plan(model, layout, longest, config, torch.device("meta"),
+                                     True if config.bf16 is None else config.bf16),
+                               longest, model.max_position_embeddings)
+    except (ConfigError, LayoutError, CheckpointError, EvaluationError, TypeError,
+            ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    ranks = [args.rank] if args.rank is not None else default_ranks(layout)
+    try:
+        return dry_run.run(plan, sample, world_size, ranks, args.dry_run_report)
+    except DryRunError as error:
+        print(f"error: dry run: {error}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _load_or_report(target: Target, chunks) -> bool:

@@ -66,6 +66,25 @@ def score_samples(chunks, plan: RunPlan, samples: SampleSource, indices: Sequenc
     Collective over the whole job. ``samples.seq_length`` must divide by 2 x CP. The model's
     weights are unchanged (no gradient, no optimizer).
     """
+    results = rank_scores(chunks, plan, samples, indices, position_mode, mask_cross_document)
+    cp_rank = parallel_state.get_context_parallel_rank()
+    keep = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0 and cp_rank == 0)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results if keep else {})
+    merged: dict[int, SampleScores] = {}
+    for part in gathered:
+        merged.update(part)
+    return {i: merged[i] for i in indices}
+
+
+def rank_scores(chunks, plan: RunPlan, samples: SampleSource, indices: Sequence[int],
+                position_mode: str = "continuous",
+                mask_cross_document: bool = False) -> dict[int, SampleScores]:
+    """score_samples up to the exchange of results between ranks: the forward passes, and on
+    the last pipeline stage the scores of this data-parallel rank's samples gathered over the
+    CP group, on the host ({} on other stages). Collective over the whole job. Everything a
+    device touches happens here (what the evaluation dry run runs)."""
     layout = plan.layout
     indices = list(indices)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -105,11 +124,4 @@ def score_samples(chunks, plan: RunPlan, samples: SampleSource, indices: Sequenc
                     local = torch.cat(parts)[order.to(local.device)]
                 full.append(local.cpu().numpy())
             results[index] = SampleScores(full[0], full[1])
-    keep = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            and parallel_state.get_tensor_model_parallel_rank() == 0 and cp_rank == 0)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results if keep else {})
-    merged: dict[int, SampleScores] = {}
-    for part in gathered:
-        merged.update(part)
-    return {i: merged[i] for i in indices}
+    return results

@@ -133,7 +133,7 @@ def test_collective_handed_a_host_tensor_is_named(tmp_path):
         import torch
         import torch.distributed as dist
         from torch.testing._internal.distributed.fake_pg import FakeStore
-        from engine.dryrun import DryRunError, DryRunMode
+        from engine.simulation import DryRunError, DryRunMode
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
         with DryRunMode():
             dist.all_reduce(torch.zeros(2, device="meta"))  # a device tensor passes

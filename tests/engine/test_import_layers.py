@@ -2,10 +2,12 @@
 to hide one.
 
 Layers, lowest first: megatron_compat and device (where tensors live); model (what the model
-is, nothing about parallelism); parallel (how it is spread); checkpoint; training (plan, build,
-data, step); conversion (which evaluation uses to generate with an engine checkpoint); the
-other users of training side by side (planner, evaluate, tools); the dry run (which asks the
-planner); the entry point train.py on top.
+is, nothing about parallelism); parallel (how it is spread); checkpoint, and beside it the
+simulated GPU of the dry runs (simulation: the meta device, the fake process group, the
+watching dispatch mode); training (plan, build, data, step); conversion (which evaluation uses
+to generate with an engine checkpoint); the other users of training side by side (planner,
+evaluate with its dry run, tools); the training dry run (which asks the planner); the entry
+point train.py on top.
 A module may import its own package and any lower layer, never a higher or a sibling one.
 Below them all, and below data_tools, the file publishing package (publishing/) imports only the
 standard library, so that both may use it without one reaching into the other.
@@ -20,7 +22,7 @@ LAYERS = {
     "engine.megatron_compat": 0, "engine.device": 0,
     "engine.model": 1,
     "engine.parallel": 2,
-    "engine.checkpoint": 3,
+    "engine.checkpoint": 3, "engine.simulation": 3,
     "engine.training": 4,
     "engine.convert": 5,
     "engine.planner": 6, "engine.evaluate": 6, "engine.tools": 6,
