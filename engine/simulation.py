@@ -335,13 +335,17 @@ def parameter_names(chunks) -> dict:
 
 
 def storage_kinds(chunks, other: str = "optimizer") -> Callable[[int], str]:
-    """For the storages alive after the build of megatron DDP-wrapped ``chunks``: weights,
-    gradients (DDP's gradient buffers) or ``other``."""
+    """For the storages alive after the build of ``chunks`` (megatron DDP-wrapped, or bare
+    modules for forward passes only): weights, gradients (DDP's gradient buffers) or
+    ``other``."""
     weights, gradients = set(), set()
     for chunk in chunks:
-        module = chunk.module  # megatron's DDP: its ``buffers`` are its gradient buffers
+        wrapped = hasattr(chunk, "module")  # megatron's DDP: its ``buffers`` are gradient buffers
+        module = chunk.module if wrapped else chunk
         for tensor in list(module.parameters()) + list(module.buffers()):
             weights.add(id(tensor.untyped_storage()))
+        if not wrapped:
+            continue
         for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
             if getattr(buffer, "grad_data", None) is not None:
                 gradients.add(id(buffer.grad_data.untyped_storage()))

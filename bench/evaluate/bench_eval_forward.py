@@ -60,7 +60,7 @@ def _measure_engine(checkpoint: str, length: int, workload: str, repeats: int) -
     from engine.model.kernel_choices import KernelChoices
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import initialize_parallel
-    from engine.training.build import build_model
+    from engine.training.build import build_inference_model
     from engine.training.data import InMemorySequences, SampleSource
     from engine.training.run_plan import RunPlan
 
@@ -70,7 +70,7 @@ def _measure_engine(checkpoint: str, length: int, workload: str, repeats: int) -
     plan = RunPlan.create(model, ParallelLayout(), seq_length=length, global_batch=1,
                           kernels=KernelChoices(), bf16=torch.cuda.is_available())
     initialize_parallel(plan.layout, seed=plan.seed)
-    chunks = build_model(plan)
+    chunks = build_inference_model(plan)
     load_checkpoint(path, chunks, model_config=model)
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, length)
     mask = None

@@ -30,7 +30,7 @@ from engine.model.kernel_choices import KernelChoices
 from engine.parallel.layout import ParallelLayout
 from engine.parallel.ports import free_port
 from engine.parallel.setup import destroy_parallel, initialize_parallel
-from engine.training.build import build_model
+from engine.training.build import build_inference_model
 from engine.training.data import build_micro_batch
 from engine.training.run_plan import RunPlan
 
@@ -108,11 +108,11 @@ def verify_logits(checkpoint: str | Path, hf_folder: str | Path, seq_length: int
                           device=torch.device("cpu"))
     initialize_parallel(plan.layout, seed=plan.seed)
     try:
-        (chunk,) = build_model(plan)
+        (chunk,) = build_inference_model(plan)
         load_checkpoint(path, [chunk], model_config=model)
         chunk.eval()
         with torch.no_grad():
-            # The model is on the accelerator (build_model); inputs go there, logits come back.
+            # The model is on the accelerator (build_inference_model); inputs go there, logits come back.
             ours = {"unpacked": chunk(to_accelerator(unpacked), to_accelerator(
                 torch.arange(seq_length).expand_as(unpacked)), None).cpu()}
             for mode, micro_batch in packed.items():

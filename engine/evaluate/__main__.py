@@ -52,7 +52,7 @@ from engine.parallel.layout import LayoutError, ParallelLayout
 from engine.parallel.setup import (LaunchError, check_rendezvous_port, destroy_parallel,
                                    initialize_parallel)
 from engine.simulation import DryRunError, add_dry_run_arguments, default_ranks
-from engine.training.build import build_model
+from engine.training.build import build_inference_model
 from engine.training.config import ConfigError, TrainConfig, load_config
 from engine.training.run_plan import RunPlan
 
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
         initialize_parallel(first.layout, seed=first.seed, timeout_s=first.collective_timeout_s)
         for target in engine_targets:
             plan = plans[target.name]
-            chunks = build_model(plan)
+            chunks = build_inference_model(plan)
             if not _load_or_report(target, chunks):
                 return 2
             reports.append(_engine_report(target, chunks, plan, prepared, progress))

@@ -6,8 +6,8 @@ group (engine.simulation, as the training dry run, engine.dryrun).
     python -m engine.evaluate --dry-run --world-size 8 --config engine/configs/prolong-stage1-64k.yaml \\
         --lengths 65536
 
-The model is built as a GPU evaluation builds it (engine.training.build.build_model: megatron's
-DDP included), with the shape the checkpoint recorded (or the config's model) and no weights
+The model is built as a GPU evaluation builds it (engine.training.build.build_inference_model: no
+DDP, so no gradient buffers), with the shape the checkpoint recorded (or the config's model) and no weights
 loaded. One synthetic sample of the longest measure's length runs through the scoring path of
 every evaluation measure (engine.evaluate.engine_scores.rank_scores: the pipeline schedule
 forward-only, the output layer's chunked scores, csrc.linear_cross_entropy.linear_token_scores,
@@ -21,8 +21,7 @@ would receive this rank's).
 
 Fails, naming the tensor, the operation and the engine line, where a GPU run would: a host
 tensor meeting a device tensor, a host tensor handed to a collective, shape errors. Prints this
-rank's peak device memory by kind (weights, gradients: the DDP buffers build_model allocates,
-temporaries).
+rank's peak device memory by kind (weights, temporaries).
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ from engine.simulation import (
     start_simulated_rank,
     storage_kinds,
 )
-from engine.training.build import build_model
+from engine.training.build import build_inference_model
 from engine.training.run_plan import RunPlan
 
 # Answer tokens of the simulated recall example: above this suite's longest answers (a UUID,
@@ -90,7 +89,7 @@ def run_rank(plan: RunPlan, sample: EvaluationSample, rank: int, world_size: int
     mode = DryRunMode(names)
     allow_object_collectives(mode)
     with simulated_accelerator("meta"), mode:
-        chunks = build_model(plan)
+        chunks = build_inference_model(plan)
         names.update(parameter_names(chunks))
         mode.reclassify(storage_kinds(chunks, other="weights"))
         # The real sample layout (engine_eval: the text, then padding as its own document);

@@ -3,7 +3,7 @@
 
     initialize_parallel(plan.layout, seed=plan.seed, timeout_s=plan.collective_timeout_s)
     state = build_training_state(plan)        # training, the layout check, memory measurement
-    chunks = build_model(plan)                # evaluation, conversion checks: no optimizer
+    chunks = build_inference_model(plan)      # evaluation, conversion checks: forward only
 
 Training, the layout check, the planner's measurement, conversion verify and evaluation all
 build through here, so the kernels, the layout and the precision are given once (in the plan)
@@ -203,6 +203,16 @@ class TrainingState:
     chunks: list  # this rank's DDP-wrapped model chunks
     optimizer: Any  # megatron's (distributed) optimizer
     scheduler: Any  # megatron's OptimizerParamScheduler
+
+
+def build_inference_model(plan: RunPlan) -> list[LlamaGPTModel]:
+    """This rank's model chunks for ``plan`` on the accelerator, for forward passes only
+    (evaluation, conversion checks): not wrapped in DDP, so without its gradient buffers, which
+    nothing here fills (fp32, twice the bf16 weights: 7.5 GiB a GPU in stage 1's layout at 64K,
+    15 GiB in stage 2's at 512K, by the evaluation dry run). Every rank builds the same
+    canonical initial weights, so there is nothing to broadcast."""
+    config = transformer_config(plan)
+    return [module_to_accelerator(chunk) for chunk in build_model_chunks(plan, config)]
 
 
 def build_training_state(plan: RunPlan, overlap: Optional[bool] = None) -> TrainingState:

@@ -13,7 +13,7 @@ def main() -> None:
     from engine.parallel.layout import ParallelLayout
     from engine.parallel.setup import destroy_parallel, initialize_parallel
     from engine.tools.layout_check import synthetic_global_batch
-    from engine.training.build import build_model
+    from engine.training.build import build_inference_model
     from engine.training.data import InMemorySequences, SampleSource
     from engine.training.run_plan import RunPlan
 
@@ -34,7 +34,7 @@ def main() -> None:
                           kernels=KernelChoices.parse("all=torch"), seed=5,
                           collective_timeout_s=120)
     initialize_parallel(layout, seed=plan.seed, timeout_s=120)
-    chunks = build_model(plan)
+    chunks = build_inference_model(plan)
     tokens, doc_lengths, _ = synthetic_global_batch(model.vocab_size, args.samples, 64, seed=11)
     samples = SampleSource(InMemorySequences(tokens, doc_lengths), 64)
     scores = score_samples(chunks, plan, samples, range(args.samples), position_mode="document")
