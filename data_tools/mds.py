@@ -38,8 +38,8 @@ from data_tools.preprocess import ProgressBar
 from data_tools.outputs import check_output_location, empty_output_error
 from data_tools.summary import (SUMMARY_SUFFIX, remove_stale_summary, stage_summary,
                                 summary_path)
-from data_tools.tokenizer import (LLAMA3_NUM_BPE_RANKS, LLAMA3_VOCABULARY_FINGERPRINT,
-                                  llama3_special_tokens, load_tokenizer)
+from data_tools.tokenizer import (LLAMA3_NUM_BPE_RANKS, llama3_special_tokens,
+                                  llama3_vocabulary, load_tokenizer)
 from publishing.atomic import discard, publish
 
 INDEX_FILE = "index.json"
@@ -391,7 +391,7 @@ def llama3_description() -> dict:
     specials = llama3_special_tokens(LLAMA3_NUM_BPE_RANKS)
     return {"kind": "llama3", "path": None, "vocab_size": LLAMA3_NUM_BPE_RANKS + len(specials),
             "bos_id": specials["<|begin_of_text|>"], "eos_id": specials["<|end_of_text|>"],
-            "vocabulary_fingerprint": LLAMA3_VOCABULARY_FINGERPRINT}
+            **llama3_vocabulary()}
 
 
 def import_mds(source: str, output_prefix: str, tokenizer_path: Optional[str] = None,

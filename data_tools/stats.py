@@ -11,8 +11,8 @@ from data_tools.indexed import IndexedReader, IndexedWriter
 from data_tools.outputs import OutputError, check_output_location
 from data_tools.packed_dataset import METADATA_FILE, PackedDataset
 from data_tools.summary import (DatasetTokens, MixedTokenizersError, check_one_tokenizer,
-                                describe_tokenizer, remove_stale_summary, same_tokenizer,
-                                write_summary)
+                                describe_tokenizer, remove_stale_summary,
+                                tokenizer_difference, write_summary)
 from data_tools.tokenizer import load_tokenizer
 
 
@@ -153,11 +153,12 @@ def _decoder(path: str, tokenizer_path: Optional[str]):
     if not tokenizer_path:
         return None
     tokenizer = load_tokenizer(tokenizer_path)
-    if record and not same_tokenizer(record, tokenizer.describe()):
+    difference = record and tokenizer_difference(tokenizer.describe(), record)
+    if difference:
         raise MixedTokenizersError(
             f"tokenizer {tokenizer_path} is {describe_tokenizer(tokenizer.describe())}, but "
-            f"{path} was built with {describe_tokenizer(record)}: its ids would decode as other "
-            f"tokens; pass the data's own tokenizer with --tokenizer")
+            f"{path} was built with {describe_tokenizer(record)} ({difference}): its ids would "
+            f"decode as other tokens; pass the data's own tokenizer with --tokenizer")
     return tokenizer
 
 

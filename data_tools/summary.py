@@ -1,8 +1,9 @@
 """PREFIX.summary.json, written beside each dataset by `lce-data preprocess` and `merge`, and the
 check that datasets combined by `merge` and `mix` hold tokens of one tokenizer.
 
-A summary records the tokenizer (`TextTokenizer.describe()`: kind, file, vocabulary size and a
-fingerprint of its id -> token table) and the largest token id written. Datasets without a
+A summary records the tokenizer (`TextTokenizer.describe()`: kind, file, vocabulary size, BOS/EOS,
+a fingerprint of its regular vocabulary and its named special tokens; `tokenizer_difference` says
+when two records give data other ids) and the largest token id written. Datasets without a
 summary (written by Megatron's preprocess_data.py, say) are compared by token dtype alone.
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data_tools.outputs import write_failure
+from data_tools.tokenizer import (FINGERPRINT_VERSION, LLAMA3_VOCABULARY_FINGERPRINT_V1,
+                                  llama3_vocabulary)
 from publishing.atomic import discard, temporary_path, write_text_atomically
 
 from data_tools.indexed import IndexedReader
@@ -113,14 +116,60 @@ def describe_tokenizer(record: dict) -> str:
     return f"{record.get('kind', '?')} {name} ({size_text} ids, vocabulary {fingerprint})"
 
 
-def same_tokenizer(a: dict, b: dict) -> bool:
-    """Whether two tokenizer records assign the same ids: equal vocabulary fingerprints (the
-    file format and path may differ); records written before fingerprints by vocabulary size."""
+def _comparable(record: dict) -> dict:
+    """``record``, with the fields of version 2 when it predates them but names Llama-3's
+    tokenizer.model by its old digest (what import-mds recorded without --tokenizer, and
+    preprocess with that file): the one vocabulary whose old digest is known."""
+    if (not record.get("fingerprint_version")
+            and record.get("vocabulary_fingerprint") == LLAMA3_VOCABULARY_FINGERPRINT_V1):
+        return {**record, **llama3_vocabulary()}
+    return record
+
+
+def tokenizer_difference(a: dict, b: dict) -> Optional[str]:
+    """How two tokenizer records (TextTokenizer.describe()) differ in the ids they give data,
+    None when they do not. Two records of version 2 (FINGERPRINT_VERSION) agree when
+    - their regular vocabularies (every id that is not a special token, with its bytes) are
+      equal: text encodes to the same ids;
+    - the BOS and EOS ids are equal where both records know them;
+    - the named special tokens both define agree: a name both define sits at the same id, an id
+      both name carries the same name.
+    The file format, the path, the vocabulary size and special tokens one record defines and
+    the other does not (Llama-3.2's tokenizer.json lists <|image|> at 128256, beyond
+    tokenizer.model's 128,256 ids) do not count: the model's vocabulary bounds the ids.
+    A record written before version 2 carries a digest of its whole id -> token table (special
+    tokens and size included): it is compared by that digest (a newer record carries its own as
+    vocabulary_fingerprint_v1), and by vocabulary size where a record has no digest."""
+    a, b = _comparable(a), _comparable(b)
+    if a.get("fingerprint_version") == b.get("fingerprint_version") == FINGERPRINT_VERSION:
+        if a["vocabulary_fingerprint"] != b["vocabulary_fingerprint"]:
+            return (f"regular vocabulary {a['vocabulary_fingerprint']} vs "
+                    f"{b['vocabulary_fingerprint']}: text encodes to other ids")
+        for key, name in (("bos_id", "BOS"), ("eos_id", "EOS")):
+            if None not in (a.get(key), b.get(key)) and a[key] != b[key]:
+                return f"{name} id {a[key]} vs {b[key]}"
+        special_a, special_b = a.get("special_tokens") or {}, b.get("special_tokens") or {}
+        for name in special_a.keys() & special_b.keys():
+            if special_a[name] != special_b[name]:
+                return f"{name} at id {special_a[name]} vs {special_b[name]}"
+        named_b = {token_id: name for name, token_id in special_b.items()}
+        for name, token_id in special_a.items():
+            if named_b.get(token_id, name) != name:
+                return f"id {token_id} is {name} vs {named_b[token_id]}"
+        return None
     if a.get("vocab_size") != b.get("vocab_size"):
-        return False
-    if a.get("vocabulary_fingerprint") and b.get("vocabulary_fingerprint"):
-        return a["vocabulary_fingerprint"] == b["vocabulary_fingerprint"]
-    return True
+        return f"{a.get('vocab_size')} vs {b.get('vocab_size')} ids"
+    old_a, old_b = (record.get("vocabulary_fingerprint_v1") or record.get(
+        "vocabulary_fingerprint") for record in (a, b))
+    if old_a and old_b and old_a != old_b:
+        return (f"id -> token table {old_a} vs {old_b} (a record written before fingerprint "
+                f"version {FINGERPRINT_VERSION})")
+    return None
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer records give data the same ids (see tokenizer_difference)."""
+    return tokenizer_difference(a, b) is None
 
 
 def check_one_tokenizer(datasets: Sequence[DatasetTokens], command: str) -> Optional[dict]:
@@ -132,10 +181,11 @@ def check_one_tokenizer(datasets: Sequence[DatasetTokens], command: str) -> Opti
             differences = []
             if first.dtype != other.dtype:
                 differences.append(f"token dtype {first.dtype} vs {other.dtype}")
-            if first.tokenizer and other.tokenizer and not same_tokenizer(first.tokenizer,
-                                                                          other.tokenizer):
+            difference = (first.tokenizer and other.tokenizer
+                          and tokenizer_difference(first.tokenizer, other.tokenizer))
+            if difference:
                 differences.append(f"tokenizer {describe_tokenizer(first.tokenizer)} vs "
-                                   f"{describe_tokenizer(other.tokenizer)}")
+                                   f"{describe_tokenizer(other.tokenizer)} ({difference})")
             if differences:
                 raise MixedTokenizersError(
                     f"{first.label} ({first.prefix}) and {other.label} ({other.prefix}) hold "

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import itertools
 import os
+import re
 import struct
 from typing import Optional, Sequence
 
@@ -87,46 +88,101 @@ class TextTokenizer:
 
     def token_bytes(self) -> list[Optional[bytes]]:
         """The bytes of every id, 0 .. vocab_size - 1 (a special token: its name in UTF-8; an
-        id without a token: None). What `vocabulary_fingerprint` hashes."""
+        id without a token: None). What the vocabulary fingerprints hash."""
+        raise NotImplementedError
+
+    def special_tokens(self) -> dict[str, int]:
+        """Every special token (name -> id): ids that text never encodes to, only markup such
+        as BOS or a chat template puts into data. The regular vocabulary is every other id."""
         raise NotImplementedError
 
     def vocabulary_fingerprint(self) -> str:
-        """"sha256:" + 16 hex digits of the id -> token-bytes table: equal for two tokenizer
-        files that assign every id the same token (Llama-3's tokenizer.json and its
-        tokenizer.model when both have the same special tokens), different otherwise.
+        """"sha256:" + 16 hex digits of the regular vocabulary (every id that is not a special
+        token, with its bytes): what decides which ids text encodes to, whatever the file
+        format. The rest of the rule (special tokens, BOS/EOS) is in
+        data_tools.summary.tokenizer_difference."""
+        return self._vocabulary()["vocabulary_fingerprint"]
 
-        Cached per file (size and mtime), as reading a vocabulary takes 0.1-0.5 s.
-        """
+    def _vocabulary(self) -> dict:
+        """The vocabulary fields of describe(); cached per file (size and mtime), as reading a
+        vocabulary takes 0.1-0.5 s."""
         stat = os.stat(self.vocabulary_file)
         key = (os.path.abspath(self.vocabulary_file), stat.st_size, stat.st_mtime_ns, self.kind)
-        if key not in _FINGERPRINTS:
-            digest = hashlib.sha256()
-            for token in self.token_bytes():
-                digest.update(struct.pack("<I", 0xFFFFFFFF) if token is None
-                              else struct.pack("<I", len(token)) + token)
-            _FINGERPRINTS[key] = "sha256:" + digest.hexdigest()[:16]
-        return _FINGERPRINTS[key]
+        if key not in _VOCABULARIES:
+            table = self.token_bytes()
+            specials = self.special_tokens()
+            _VOCABULARIES[key] = vocabulary_record(
+                _digest(table, exclude=set(specials.values())), specials,
+                legacy=_digest(table, with_ids=False))
+        return _VOCABULARIES[key]
 
     def describe(self) -> dict:
-        """What a dataset records of its tokenizer (see data_tools.summary.tokenizer_difference)."""
+        """What a dataset or checkpoint records of its tokenizer (compared by
+        data_tools.summary.tokenizer_difference)."""
         return {"kind": self.kind, "path": os.path.abspath(self.path),
                 "file": os.path.basename(self.vocabulary_file),
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
-                "vocabulary_fingerprint": self.vocabulary_fingerprint()}
+                **self._vocabulary()}
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
-# vocabulary_fingerprint() of Meta's Llama-3 tokenizer.model (128,000 BPE ranks and the 256
-# reserved special tokens): what data tokenized with Llama-3 records when its tokenizer file is
-# not at hand (lce-data import-mds without --tokenizer), so that it still compares to datasets
-# whose summaries name the file.
-LLAMA3_VOCABULARY_FINGERPRINT = "sha256:72ded992a5c809fa"
+_VOCABULARIES: dict[tuple, dict] = {}
+# The fingerprint rule records carry (data_tools.summary.tokenizer_difference). Records without
+# "fingerprint_version" were written before it: their "vocabulary_fingerprint" hashes the whole
+# id -> token table, special tokens included, so one extra added token changes it.
+FINGERPRINT_VERSION = 2
+# Llama-3's unused special tokens. Their names differ between files of one vocabulary (id 128004
+# is <|reserved_special_token_2|> in Llama-3's, <|finetune_right_pad_id|> in Llama-3.1's, and
+# this module names tokenizer.model's ids as Llama-3.2 does), and no data holds them by name:
+# records leave them out, so only named special tokens are compared.
+PLACEHOLDER_TOKEN = re.compile(r"<\|reserved_special_token_\d+\|>")
+
+
+def _digest(table: Sequence[Optional[bytes]], exclude: frozenset | set = frozenset(),
+            with_ids: bool = True) -> str:
+    """"sha256:" + 16 hex digits of ``table``'s tokens but those at ``exclude``d ids, each with
+    its id (``with_ids``: so that leaving ids out cannot shift others into their place), or
+    (the digest of records before version 2) every id in order, an empty one marked."""
+    digest = hashlib.sha256()
+    for token_id, token in enumerate(table):
+        if with_ids:
+            if token is not None and token_id not in exclude:
+                digest.update(struct.pack("<II", token_id, len(token)) + token)
+        else:
+            digest.update(struct.pack("<I", 0xFFFFFFFF) if token is None
+                          else struct.pack("<I", len(token)) + token)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def vocabulary_record(fingerprint: str, specials: dict[str, int], legacy: str) -> dict:
+    """The vocabulary fields of a tokenizer record: the regular vocabulary's fingerprint, the
+    named special tokens (placeholders left out) and ``legacy``, the digest records before
+    version 2 carry, to compare with them."""
+    named = {name: int(token_id) for name, token_id in sorted(specials.items(),
+                                                              key=lambda item: item[1])
+             if not PLACEHOLDER_TOKEN.fullmatch(name)}
+    return {"vocabulary_fingerprint": fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
+            "special_tokens": named, "vocabulary_fingerprint_v1": legacy}
+
+
+# Meta's Llama-3 tokenizer.model (128,000 BPE ranks; 256 special tokens from 128000): its
+# regular vocabulary's fingerprint, and the digest that records before version 2 carry for it.
+# What data tokenized with Llama-3 records when its tokenizer file is not at hand (lce-data
+# import-mds without --tokenizer), so that it still compares to datasets whose records name it.
+LLAMA3_VOCABULARY_FINGERPRINT = "sha256:a0353bd671a1cf77"
+LLAMA3_VOCABULARY_FINGERPRINT_V1 = "sha256:72ded992a5c809fa"
+
+
+def llama3_vocabulary() -> dict:
+    """The vocabulary fields of Llama-3's tokenizer.model's record, without the file."""
+    return vocabulary_record(LLAMA3_VOCABULARY_FINGERPRINT,
+                             llama3_special_tokens(LLAMA3_NUM_BPE_RANKS),
+                             LLAMA3_VOCABULARY_FINGERPRINT_V1)
 
 
 def tokenizer_fingerprint(path: str) -> str:
     """The vocabulary fingerprint of the tokenizer at ``path`` (file or folder; see
     TextTokenizer.vocabulary_fingerprint): what datasets record and what checkpoints, training
-    and evaluation can compare with a dataset's (data_tools.summary.same_tokenizer)."""
+    and evaluation can compare with a dataset's (data_tools.summary.tokenizer_difference)."""
     return load_tokenizer(path).vocabulary_fingerprint()
 
 
@@ -222,6 +278,9 @@ class TiktokenTokenizer(TextTokenizer):
             table[token_id] = name.encode("utf-8")
         return table
 
+    def special_tokens(self):
+        return dict(self.specials)
+
     def describe(self):
         return {**super().describe(), "encoder": self.encoder}
 
@@ -283,6 +342,12 @@ class HFTokenizer(TextTokenizer):
                 table[token_id] = token.encode("utf-8")
         return table
 
+    def special_tokens(self):
+        # Added tokens not marked special are split out of text as they are: regular ids.
+        return {token.content: token_id
+                for token_id, token in self._tok.get_added_tokens_decoder().items()
+                if token.special}
+
 
 class SentencePieceTokenizer(TextTokenizer):
     kind = "sentencepiece"
@@ -312,6 +377,12 @@ class SentencePieceTokenizer(TextTokenizer):
 
     def token_bytes(self):
         return [self._sp.id_to_piece(i).encode("utf-8") for i in range(self.vocab_size)]
+
+    def special_tokens(self):
+        # Control pieces (<s>, </s>) are never produced from text; <unk> and user-defined
+        # pieces are.
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
+                if self._sp.is_control(i)}
 
     def token_id(self, token):
         token_id = self._sp.piece_to_id(token)

@@ -196,7 +196,8 @@ def train(plan: RunPlan, config: TrainConfig, validation: Optional[Validation] =
                                        {"consumed_samples": consumed},
                                        keep_last=plan.checkpoint.keep_last,
                                        skipped_steps=skipped_since_save,
-                                       skipped_steps_total=skipped_total)
+                                       skipped_steps_total=skipped_total,
+                                       tokenizer=plan.data.tokenizer if plan.data else None)
                 skipped_since_save = 0
                 print0(f"saved {path}")
             if stop:

@@ -162,10 +162,13 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, scheduler,
                     model_config: LlamaConfig, layout: ParallelLayout,
                     train_state: dict[str, Any], keep_last: Optional[int] = None,
-                    skipped_steps: int = 0, skipped_steps_total: int = 0) -> Path:
+                    skipped_steps: int = 0, skipped_steps_total: int = 0,
+                    tokenizer: Optional[dict] = None) -> Path:
     """Save model, optimizer, scheduler, RNG and ``train_state`` (data position etc.) of a run
     in ``layout``; ``skipped_steps``: steps skipped for a non-finite loss since the previous
     checkpoint, ``skipped_steps_total``: since the run began (both decide what keep_last keeps).
+    ``tokenizer``: the record (TextTokenizer.describe()) of the tokenizer of the run's ids, so
+    that continuing or evaluating on other ids can be refused.
 
     Collective: every rank calls it. Returns the published directory. Raises CheckpointError,
     before writing anything, if a weight or optimizer tensor holds NaN or Inf. Parameters whose
@@ -191,7 +194,7 @@ def _save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler,
     write_in_process()  # no forked writer to outlive this process
     try:
         _save_into(tmp, final, root, step, model_chunks, optimizer, scheduler, model_config,
-                   layout, train_state, keep_last, skipped_steps, skipped_steps_total)
+                   layout, train_state, keep_last, skipped_steps, skipped_steps_total, tokenizer)
     except BaseException as error:
         # Whatever stopped the save (a full disk, a signal, a peer's failure), its half-written
         # folder must not stay behind filling the disk; what is published is left as it is.
@@ -209,7 +212,7 @@ def _save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler,
 def _save_into(tmp: Path, final: Path, root: Path, step: int, model_chunks, optimizer,
                scheduler, model_config: LlamaConfig, layout: ParallelLayout,
                train_state: dict[str, Any], keep_last: Optional[int], skipped_steps: int,
-               skipped_steps_total: int) -> None:
+               skipped_steps_total: int, tokenizer: Optional[dict] = None) -> None:
     """The steps of save_checkpoint, in the order that keeps ``latest`` on a complete
     checkpoint: tensors, RNG, checksums, engine state and manifest into ``tmp``; then the rename
     to ``final``; only then ``latest``; then pruning."""
@@ -234,6 +237,7 @@ def _save_into(tmp: Path, final: Path, root: Path, step: int, model_chunks, opti
             "layout": layout.to_dict(),
             "skipped_steps": skipped_steps,
             "skipped_steps_total": skipped_steps_total,
+            "tokenizer": tokenizer,
             "manifest": MANIFEST_FILE,
         }
         _write_state(tmp, state)

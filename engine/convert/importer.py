@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from data_tools.tokenizer import TokenizerError, load_tokenizer
 from engine.checkpoint import LATEST, MANIFEST_FILE, STATE_FILE, write_manifest
 from engine.convert.dist_checkpoint import DistCheckpointWriter
 from engine.convert.hf_mapping import (
@@ -156,6 +157,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
         log(f"note: vocabulary {config.vocab_size} padded to {padded_vocab} for TP"
             f"{tensor_parallel}; load the checkpoint with that tensor-parallel size")
 
+    tokenizer = _hf_tokenizer(hf)
     out = Path(out)
     check_new_folder(out)
     weights = HFWeightReader(hf)
@@ -172,6 +174,7 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
                 "step": 0,
                 "train_state": {},
                 "scheduler": None,
+                "tokenizer": tokenizer,
                 "model_config": dataclasses.asdict(config),
                 "world_size": layout.world_size,
                 "layout": layout.to_dict(),
@@ -194,6 +197,17 @@ def import_checkpoint(hf: str | Path, out: str | Path, rope_base: Optional[float
         f"{f' with TP{tensor_parallel}' if padded_vocab != config.vocab_size else ''}); "
         f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB")
     return result
+
+
+def _hf_tokenizer(hf: Path) -> Optional[dict]:
+    """The record (data_tools.summary) of the folder's tokenizer, None if it has none: what
+    training and evaluation compare with their data's and --tokenizer's."""
+    if not any((hf / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        return None
+    try:
+        return load_tokenizer(str(hf)).describe()
+    except TokenizerError as error:
+        raise ConversionError(f"--hf {hf}: {error}") from None
 
 
 def _read_optional_json(path: Path) -> Optional[dict]:

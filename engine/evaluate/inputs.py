@@ -1,6 +1,7 @@
 """Checks of engine.evaluate's inputs that need no model and no process group: the depth flag,
-the lengths against the models' context, the documents of the loss measures, and Hugging Face
-folders (config.json and the safetensors files it comes with). Each raises EvaluationError
+the lengths against the models' context, the documents of the loss measures, Hugging Face
+folders (config.json and the safetensors files it comes with), and the tokenizer and data
+against the one each checkpoint was trained with. Each raises EvaluationError
 naming the input, the value and the fix."""
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import numpy as np
 
 from data_tools.indexed import IndexedReader
 from data_tools.jsonfile import read_json_object
+from data_tools.stats import recorded_tokenizer
+from data_tools.summary import describe_tokenizer, tokenizer_difference
+from data_tools.tokenizer import TextTokenizer, load_tokenizer
 from engine.evaluate.errors import EvaluationError
 
 # Recall and loss are measured up to this many times the longest context a model was trained
@@ -162,3 +166,46 @@ def _check_safetensors_file(folder: str, path: Path) -> None:
     if problem:
         raise EvaluationError(f"--hf {folder}: {path.name} is damaged ({problem}): copy or "
                               f"export the folder again")
+
+
+def tokenizer_inputs(section, names: dict, tokenizer: Optional[TextTokenizer] = None,
+                     ) -> dict[str, Optional[dict]]:
+    """The tokenizer records of what evaluation feeds a model, by setting and value: the
+    tokenizer's (``tokenizer``: already loaded), and those recorded by the indexed datasets of
+    the long and short documents and of the haystack. ``names``: FLAGS or SETTINGS."""
+    inputs = {}
+    if section.tokenizer:
+        tokenizer = tokenizer or load_tokenizer(section.tokenizer)
+        inputs[f"{names['tokenizer']} {section.tokenizer}"] = tokenizer.describe()
+    haystack = names["tokenizer"].replace("tokenizer", "haystack")  # --haystack, eval.haystack
+    for name, prefix in ((names["long_documents"], section.long_documents),
+                         (names["short_documents"], section.short_documents),
+                         (haystack, section.haystack)):
+        if isinstance(prefix, str) and prefix and Path(prefix + ".idx").exists():
+            inputs[f"{name} {prefix}"] = recorded_tokenizer(prefix)
+    return inputs
+
+
+def check_recorded_tokenizers(checkpoints: dict[str, Optional[dict]],
+                              inputs: dict[str, Optional[dict]],
+                              trained: str = "was trained with") -> None:
+    """Raise EvaluationError when an input's tokenizer gives other ids than the one a checkpoint
+    was trained with (data_tools.summary.tokenizer_difference: one vocabulary in two file
+    formats is one tokenizer). ``checkpoints``: {"--checkpoint NAME (PATH)": its recorded
+    tokenizer}; ``inputs``: {"--tokenizer PATH" or "--long-documents PREFIX": its tokenizer
+    record} (tokenizer_inputs); None where nothing is recorded (written before records were
+    kept), which passes, noted."""
+    for target, saved in checkpoints.items():
+        if not saved:
+            if any(inputs.values()):
+                print(f"note: {target} records no tokenizer; not checked that "
+                      f"{', '.join(what for what, record in inputs.items() if record)} "
+                      f"match it", flush=True)
+            continue
+        for what, record in inputs.items():
+            difference = record and tokenizer_difference(record, saved)
+            if difference:
+                raise EvaluationError(
+                    f"{what} is tokenizer {describe_tokenizer(record)}, but {target} {trained} "
+                    f"tokenizer {describe_tokenizer(saved)} ({difference}): give the tokenizer "
+                    f"of {target}, and data tokenized by it")

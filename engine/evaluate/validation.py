@@ -14,15 +14,33 @@ from typing import Optional
 
 
 from data_tools.packed_dataset import METADATA_FILE, PackedDataset
+from data_tools.stats import recorded_tokenizer
 from data_tools.tokenizer import TokenizerError
 from engine.evaluate.engine_eval import padded_length, validation_loss
 from engine.evaluate.errors import EvaluationError
+from engine.evaluate.inputs import SETTINGS, check_recorded_tokenizers, tokenizer_inputs
 from engine.evaluate.measures import Measure, Prepared, prepare_measures, training_request
 from engine.evaluate.report import CheckpointReport, EvaluationReport, write_report
 from engine.training.config import ConfigError, EvalSection
 from engine.training.data import SampleSource
 from engine.training.metrics import is_logging_rank
 from engine.training.run_plan import RunPlan
+
+
+def _check_tokenizers(section: EvalSection, plan: RunPlan, shared: dict) -> None:
+    """The tokenizer and data that evaluation feeds the model are of the tokenizer of the run's
+    ids (its data's, else its checkpoint's), where both are recorded."""
+    if plan.data is None or not plan.data.tokenizer:
+        return
+    suite = shared.get("recall_suite")
+    inputs = tokenizer_inputs(section, SETTINGS, suite.tokenizer if suite else None)
+    if section.data:
+        inputs[f"eval.data {section.data}"] = recorded_tokenizer(section.data)
+    try:
+        check_recorded_tokenizers({f"data.path {plan.data.path}": plan.data.tokenizer}, inputs,
+                                  "holds ids of")
+    except EvaluationError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclass
@@ -76,6 +94,7 @@ class Validation:
             message = str(error)
             raise ConfigError(message if message.startswith("eval.") else f"eval: {message}"
                               ) from None
+        _check_tokenizers(section, plan, shared)
         longest = max([ready.longest for _, ready in interval_measures + final_measures]
                       + [section.position_length, 2])
         # The longest sample must fit the layout; checked now, not at the first evaluation.

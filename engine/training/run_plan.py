@@ -20,6 +20,8 @@ import torch
 
 from data_tools.outputs import OutputError, check_output_location
 from data_tools.packed_dataset import METADATA_FILE, PackedDataset
+from data_tools.stats import recorded_tokenizer
+from data_tools.summary import describe_tokenizer, tokenizer_difference
 from engine.checkpoint import (
     CheckpointError,
     DamagedCheckpoint,
@@ -50,6 +52,10 @@ class DataPlan:
     position_mode: str = "continuous"
     mask_cross_document: bool = True
     balance_attention: bool = False
+    # The tokenizer record (TextTokenizer.describe()) of the dataset, else of the checkpoint
+    # the run starts from; its checkpoints keep it, so that a run or an evaluation on other
+    # ids can be refused. None: neither records one.
+    tokenizer: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -183,8 +189,13 @@ def _data_plan(config: TrainConfig, model: LlamaConfig) -> tuple[DataPlan, int]:
             f"data.path {d.path} holds token id {largest}, beyond the vocabulary of "
             f"{model.vocab_size} of model {config.model.name}: the data was tokenized for another "
             f"model; re-tokenize it with this model's tokenizer or pick the matching model")
+    try:
+        tokenizer = recorded_tokenizer(d.path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data.path {d.path}: its tokenizer record cannot be read ({error}); "
+                          f"rebuild the dataset with `lce-data mix`") from None
     return DataPlan(d.path, packing_length, d.position_mode, d.mask_cross_document,
-                    d.balance_attention), seq_length
+                    d.balance_attention, tokenizer), seq_length
 
 
 def _check_run_directories(config: TrainConfig) -> None:
@@ -203,23 +214,48 @@ def _check_run_directories(config: TrainConfig) -> None:
                 raise ConfigError(str(error)) from None
 
 
-def _check_resume_shape(ckpt_dir: str, model: LlamaConfig) -> None:
-    """A run directory holding checkpoints of another model shape is refused here, before
-    anything is written into it: the resume would refuse it only after the process group
-    exists. Damaged checkpoints are left to the resume, which skips them for older ones."""
+def _check_checkpoint_tokenizer(setting: str, path, state: dict, data: DataPlan) -> None:
+    """Refuse continuing from a checkpoint whose tokenizer gives other ids than the data's
+    (data_tools.summary.tokenizer_difference: one vocabulary in two file formats is one
+    tokenizer); a checkpoint or dataset recording none (written before they did) passes, noted."""
+    saved = state.get("tokenizer")
+    if not saved or not data.tokenizer:
+        missing = [f"{what} {where}" for what, where, record in (
+            (setting, path, saved), ("data.path", data.path, data.tokenizer)) if not record]
+        print(f"note: {' and '.join(missing)} record(s) no tokenizer; not checked that "
+              f"{setting} {path} was trained on the data's tokenizer", flush=True)
+        return
+    difference = tokenizer_difference(saved, data.tokenizer)
+    if difference:
+        raise ConfigError(
+            f"{setting}: checkpoint {path} was trained with tokenizer "
+            f"{describe_tokenizer(saved)}, but data.path {data.path} holds ids of tokenizer "
+            f"{describe_tokenizer(data.tokenizer)} ({difference}): re-tokenize the data with "
+            f"the checkpoint's tokenizer, or start from a checkpoint of the data's tokenizer")
+
+
+def _check_resume_shape(ckpt_dir: str, model: LlamaConfig,
+                        data: Optional[DataPlan] = None) -> Optional[dict]:
+    """A run directory holding checkpoints of another model shape (or, with ``data``, of
+    another tokenizer) is refused here, before anything is written into it: the resume would
+    refuse it only after the process group exists. Damaged checkpoints are left to the resume,
+    which skips them for older ones. Returns the engine state of the one it would resume."""
     try:
         candidates = resume_candidates(ckpt_dir) if Path(ckpt_dir).is_dir() else []
         for path in candidates:
             if not path.is_dir():  # a missing `latest` target: the resume reports it
                 continue
             try:
-                check_compatible(path, model)
+                state = check_compatible(path, model)
             except DamagedCheckpoint:
                 continue
-            return
+            if data is not None:
+                _check_checkpoint_tokenizer("checkpoint.dir", path, state, data)
+            return state
     except CheckpointError as error:
         raise ConfigError(f"checkpoint.dir {ckpt_dir} would be resumed from: {error}; or give "
                           f"another checkpoint.dir to start a new run") from None
+    return None
 
 
 def plan_from_config(config: TrainConfig, world_size: int,
@@ -238,16 +274,23 @@ def plan_from_config(config: TrainConfig, world_size: int,
                         config.data.mask_cross_document, config.data.balance_attention)
     if not config.checkpoint.dir:
         raise ConfigError("checkpoint.dir is empty: every run needs a directory to save into")
+    started = None  # the engine state of the checkpoint the run starts from
     if with_data:
         # A dry run writes nothing and reads no checkpoint.
         _check_run_directories(config)
-        _check_resume_shape(config.checkpoint.dir, model)
+        started = resumed = _check_resume_shape(config.checkpoint.dir, model, data)
     if config.checkpoint.init_from and with_data:
         source = Path(config.checkpoint.init_from)
         try:
-            check_compatible(latest_checkpoint(source) or source, model)
+            start = latest_checkpoint(source) or source
+            state = check_compatible(start, model)
         except CheckpointError as error:
             raise ConfigError(f"checkpoint.init_from: {error}") from None
+        _check_checkpoint_tokenizer("checkpoint.init_from", start, state, data)
+        started = resumed or state  # a resume continues the run directory, not init_from
+    if data.tokenizer is None and started and started.get("tokenizer"):
+        # Data that records no tokenizer: the checkpoints keep the one the run started from.
+        data = dataclasses.replace(data, tokenizer=started["tokenizer"])
     try:
         kernels = KernelChoices(**config.kernels)
     except (TypeError, ValueError) as error:

@@ -16,7 +16,7 @@ import pytest
 from data_tools.cli import main
 from data_tools.indexed import IndexedReader
 from data_tools.packed_dataset import PackedDataset
-from data_tools.tokenizer import LLAMA3_VOCABULARY_FINGERPRINT
+from data_tools.tokenizer import LLAMA3_VOCABULARY_FINGERPRINT, llama3_vocabulary
 from data_tools_helpers import (PROLONG_512K_FOLDERS, PROLONG_64K_FOLDERS, write_mds_part,
                                 write_recipe)
 
@@ -65,7 +65,8 @@ def test_two_part_source_imports_every_range_in_part_order(tmp_path, capsys):
     assert summary["domains"] == {"fixture": 14} and summary["dtype"] == "int32"
     assert summary["tokenizer"] == {"kind": "llama3", "path": None, "vocab_size": 128256,
                                     "bos_id": 128000, "eos_id": 128001,
-                                    "vocabulary_fingerprint": LLAMA3_VOCABULARY_FINGERPRINT}
+                                    **llama3_vocabulary()}
+    assert summary["tokenizer"]["vocabulary_fingerprint"] == LLAMA3_VOCABULARY_FINGERPRINT
     assert summary["columns"] == {"domain": "str", "indices": "ndarray:uint32",
                                   "input_ids": "ndarray:uint32", "length": "int"}
     assert summary["seconds"] >= 0

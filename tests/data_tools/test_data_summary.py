@@ -11,10 +11,10 @@ from data_tools.mixture import RecipeError, build_mixture, load_recipe
 from data_tools.packed_dataset import METADATA_FILE, PackedDataset
 from data_tools.preprocess import PreprocessOptions, preprocess
 from data_tools.sft import build_sft
-from data_tools.stats import merge_datasets
+from data_tools.stats import inspect_document, merge_datasets
 from data_tools.summary import MixedTokenizersError, read_summary
 from data_tools_helpers import write_recipe
-from test_data_tokenizer import _without_image_token
+from test_data_tokenizer import _swapped_ranks, _without_image_token
 
 SAMPLE_CHAT = os.path.join(os.path.dirname(__file__), "..", "..", "data_tools", "sample",
                            "chat.jsonl")
@@ -87,6 +87,32 @@ def test_merge_accepts_one_vocabulary_in_two_file_formats_and_records_it(tmp_pat
     assert summary["tokenizer"]["vocabulary_fingerprint"] == llama3.vocabulary_fingerprint()
     assert summary["max_token_id"] == int(merged.tokens.max()) == llama3.eos_id
     assert summary["documents"] == len(merged) == 24
+
+
+def test_the_shipped_tokenizer_json_and_tokenizer_model_are_one_tokenizer_to_the_data_tools(
+        tmp_path, small_sets, llama3_dir, llama3_model, llama3):
+    """Data of the shipped tokenizer.json (128,257 ids: <|image|> beyond tokenizer.model's
+    range) merges with data of tokenizer.model and is inspected with either file; data of a
+    rank file with two ranks swapped (same size) is refused by merge and inspect."""
+    corpus = str(small_sets / "docs.jsonl")
+    preprocess([corpus], str(tmp_path / "json"), llama3_dir, PreprocessOptions(progress=False))
+    assert read_summary(str(tmp_path / "json"))["tokenizer"]["vocab_size"] == 128257
+    summary = merge_datasets([str(small_sets / "llama"), str(tmp_path / "json")],
+                             str(tmp_path / "both"))
+    assert summary["tokenizer"]["vocabulary_fingerprint"] == llama3.vocabulary_fingerprint()
+    for tokenizer in (llama3_model, llama3_dir):
+        assert inspect_document(str(tmp_path / "json"), 0, tokenizer)["text"] == (
+            inspect_document(str(small_sets / "llama"), 0, llama3_model)["text"])
+    swapped = _swapped_ranks(llama3_model, tmp_path / "swapped.model")
+    preprocess([corpus], str(tmp_path / "swapped"), swapped, PreprocessOptions(progress=False))
+    with pytest.raises(MixedTokenizersError, match=r"tokenizer tiktoken tokenizer.model .* vs "
+                                                   r"tiktoken swapped.model .* \(regular "
+                                                   r"vocabulary sha256:\w+ vs sha256:\w+: text "
+                                                   r"encodes to other ids\)"):
+        merge_datasets([str(small_sets / "llama"), str(tmp_path / "swapped")],
+                       str(tmp_path / "mixed"))
+    with pytest.raises(MixedTokenizersError, match="its ids would decode as other tokens"):
+        inspect_document(str(tmp_path / "swapped"), 0, llama3_dir)
 
 
 def test_datasets_without_a_summary_are_compared_by_dtype_alone(tmp_path, small_sets):
