@@ -177,13 +177,14 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer, schedu
     with parameters_current(model_chunks):
         return _save_checkpoint(Path(root), step, model_chunks, optimizer, scheduler,
                                 model_config, layout, train_state, keep_last, skipped_steps,
-                                skipped_steps_total)
+                                skipped_steps_total, tokenizer)
 
 
 def _save_checkpoint(root: Path, step: int, model_chunks, optimizer, scheduler,
                      model_config: LlamaConfig, layout: ParallelLayout,
                      train_state: dict[str, Any], keep_last: Optional[int],
-                     skipped_steps: int, skipped_steps_total: int) -> Path:
+                     skipped_steps: int, skipped_steps_total: int,
+                     tokenizer: Optional[dict]) -> Path:
     nonfinite = nonfinite_tensors(model_chunks, optimizer)
     if nonfinite:
         raise CheckpointError(
