@@ -654,9 +654,6 @@ def main(argv=None) -> int:
     parser.add_argument("--get", metavar="SECTION.KEY",
                         help="print this key of the merged configs (as engine.train reads "
                              "them) and exit")
-    parser.add_argument("--command-file", help="do not launch: write the run's checkpoint "
-                        "folder and the torchrun command here, NUL-separated, for a caller "
-                        "that runs it")
     args = parser.parse_args(argv)
 
     def die(message: str) -> int:
@@ -700,10 +697,6 @@ def main(argv=None) -> int:
     if subprocess.run([*engine_train, "--check", *world, *launch.train_args],
                       env=rendezvous).returncode:
         return die("engine.train refused the run (the error above); nothing was launched")
-    if args.command_file:
-        Path(args.command_file).write_text("".join(
-            f"{arg}\0" for arg in [launch.checkpoint_dir, *launch.command]))
-        return 0
     return supervise(launch.command, launch.checkpoint_dir, settings, args.name)
 
 

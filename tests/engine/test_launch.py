@@ -85,14 +85,13 @@ def test_settings_given_as_arguments_win_over_the_environment():
     (["NODES=2"], "unknown launch setting NODES"),
     (["data.path=/nonexistent"], "no packed dataset at data.path=/nonexistent (no packed.json)"),
 ])
-def test_a_bad_setting_exits_2_naming_it_and_writes_no_command(tmp_path, capsys, run, args,
+def test_a_bad_setting_exits_2_naming_it_and_prints_no_command(tmp_path, capsys, run, args,
                                                                 message):
-    command_file = tmp_path / "command"
-    code = launch.main(["--check", "--name", "04.sh", "--command-file", str(command_file), "--config",
-                        STAGE1, *run, *args])
-    err = capsys.readouterr().err
-    assert code == 2 and f"error: 04.sh: {message}" in err, err
-    assert "Traceback" not in err and not command_file.exists()
+    code = launch.main(["--check", "--name", "04.sh", "--config", STAGE1, *run, *args])
+    captured = capsys.readouterr()
+    assert code == 2 and f"error: 04.sh: {message}" in captured.err, captured.err
+    assert "Traceback" not in captured.err and "torch.distributed.run" not in captured.out
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("content,message", [
