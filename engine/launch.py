@@ -12,8 +12,10 @@ describes each). section.key=value arguments are engine.train overrides and come
 command line, so they win. A bad setting or config stops with exit code 2 naming it, before
 anything starts.
 
-Without --check the torchrun command is run here (no SIGTERM forwarding, no log file); the
-scripts in examples/ pass --command-file and run it themselves, with both.
+Without --check the torchrun command runs here, supervised: its output is also appended to
+CHECKPOINT_DIR/logs/nodeNODE_RANK.log; a SIGTERM to this process is passed to the training
+processes, which save a checkpoint and stop (exit 0 when a new checkpoint appeared, else
+non-zero); a failed run names the nodes whose connection broke and where it resumes.
 
 The evaluation stage (examples/prolong/08_evaluate.sh): `python -m engine.launch evaluate --help`.
 """
@@ -24,9 +26,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -44,7 +48,7 @@ SETTINGS = {
     "GPUS_PER_NODE": "8", "GPU_MEMORY_GB": "80", "TP": "", "PP": "", "CP": "",
     "CP_ALGORITHM": "", "RECOMPUTE": "", "GLOBAL_BATCH": "", "MICRO_BATCH": "",
     "TRAIN_STEPS": "", "LR": "", "SAVE_INTERVAL": "", "RDZV_ID": "", "RDZV_TIMEOUT_S": "900",
-    "LOCAL_ADDR": "", "STOP_GRACE_S": "240", "DRY_RUN": "0",
+    "LOCAL_ADDR": "", "SOCKET_IFNAME": "", "STOP_GRACE_S": "240", "DRY_RUN": "0",
 }
 # Empty settings that set an engine.train key when given.
 TRAIN_SETTINGS = {"GLOBAL_BATCH": "data.global_batch", "MICRO_BATCH": "data.micro_batch",
@@ -258,6 +262,148 @@ def plan_launch(configs: list[str], settings: dict, overrides: list[str], *, che
     notes = [f"node {node_rank} of {nnodes}, {gpus_per_node} processes per node; layout "
              f"{' '.join(layout)}", f"layout {source}"]
     return Launch(command, train_args, nnodes * gpus_per_node, checkpoint_dir, notes)
+
+
+# --- supervising torchrun on this node -----------------------------------------------------
+
+_PEER_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]")
+
+
+def _latest(checkpoint_dir: str) -> str:
+    path = Path(checkpoint_dir, "latest")
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _own_addresses(local_addr: str) -> set[str]:
+    try:
+        listed = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout
+    except OSError:
+        listed = ""
+    return {local_addr, *listed.split()} - {""}
+
+
+def lost_peers(log: Path, offset: int, local_addr: str = "") -> list[str]:
+    """Other nodes' addresses whose connection broke, from ``log`` after byte ``offset`` (gloo:
+    "Connection closed by peer [ADDR]:PORT", "Read error [ADDR]:PORT: Connection reset by
+    peer"; NCCL words it differently and is not parsed). This node's own addresses are left
+    out: its other processes also lose the connection to the first one that failed."""
+    with open(log, "rb") as file:
+        file.seek(offset)
+        text = file.read().decode(errors="replace")
+    found = {address for line in text.splitlines() if "by peer" in line
+             for address in _PEER_ADDRESS.findall(line)}
+    return sorted(found - _own_addresses(local_addr))
+
+
+def torchrun_environment(settings: dict, environ=os.environ) -> dict:
+    """The environment torchrun and the trainer run in."""
+    env = dict(environ)
+    env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # NCCL: keeps TP communication ordered with compute
+    env.setdefault("OMP_NUM_THREADS", "8")
+    # torchrun's wait for its processes after a SIGTERM, before SIGKILL: the checkpoint's time.
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = settings["STOP_GRACE_S"]
+    if settings["SOCKET_IFNAME"]:
+        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = settings["SOCKET_IFNAME"]
+    return env
+
+
+def _tee(source, log: Path) -> None:
+    """Copy ``source`` (torchrun's output) to this process's stdout and to ``log`` as it
+    comes."""
+    out = sys.stdout.buffer
+    with open(log, "ab") as file:
+        while chunk := os.read(source.fileno(), 65536):
+            for sink in (out, file):
+                sink.write(chunk)
+                sink.flush()
+
+
+def supervise(command: list[str], checkpoint_dir: str, settings: dict,
+              name: str = "engine.launch", environ=os.environ) -> int:
+    """Run torchrun's ``command`` to its end; its exit status, judged by the checkpoint a stop
+    left.
+
+    The trainer saves a checkpoint and exits 0 on SIGTERM. A SIGTERM sent to this process alone
+    (kill PID) is passed to the training processes; under SLURM every process of the step gets
+    it at once, torchrun included, which then waits STOP_GRACE_S for them before SIGKILL (and
+    exits 1 whatever they did), so a stop is judged by the checkpoint it left."""
+    def note(message: str) -> None:
+        print(f"== {name}: {message}", flush=True)
+
+    latest_before = _latest(checkpoint_dir)
+    # Each node keeps its console output beside the checkpoints (appended across launches).
+    logs = Path(checkpoint_dir, "logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"node{settings['NODE_RANK']}.log"
+    log_start = log.stat().st_size if log.is_file() else 0
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=torchrun_environment(settings, environ))
+    # The copy is a thread of this process, not a process of its own: a SIGTERM to every
+    # process of the step (SLURM) cannot end it while the trainer prints during its save.
+    tee = threading.Thread(target=_tee, args=(process.stdout, log), daemon=True)
+    tee.start()
+    stop_requested = False
+
+    def forward_sigterm(signum, frame) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        note("SIGTERM: asking the training processes to save a checkpoint and stop")
+        # torchrun's processes, not torchrun: it would stop them its own way and exit 1.
+        for child in _children(process.pid):
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    try:
+        while True:
+            try:
+                status = process.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # Ctrl-C reached torchrun too: it stops its processes, then exits
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # The log is complete before it is read below (a process torchrun left behind that still
+    # holds the output is not waited for long).
+    tee.join(timeout=30)
+    if status < 0:
+        status = 128 - status  # killed by a signal: the shell's way of saying so
+    latest_after = _latest(checkpoint_dir)
+    if stop_requested:
+        if latest_after and latest_after != latest_before:
+            note(f"stopped by SIGTERM with checkpoint {checkpoint_dir}/{latest_after}; launch "
+                 f"again (or resubmit) to resume from it")
+            return 0
+        note(f"stopped by SIGTERM but no new checkpoint appeared in {checkpoint_dir} "
+             f"(torchrun exit {status})")
+        return status or 1
+    if status:
+        lost = lost_peers(log, log_start, settings["LOCAL_ADDR"])
+        if lost:
+            note(f"lost node(s) {','.join(lost)}: the connection to it closed (it died or was "
+                 f"stopped) and training on node {settings['NODE_RANK']} stopped")
+        note(f"training failed on node {settings['NODE_RANK']} of {settings['NNODES']} "
+             f"(torchrun exit {status}); the last checkpoint is {latest_after or 'none'} in "
+             f"{checkpoint_dir}, where a relaunch on every node resumes (log: {log})")
+    return status
 
 
 # --- the evaluation stage: every checkpoint of the recipe and its export in one report ------
@@ -510,9 +656,6 @@ def main(argv=None) -> int:
     parser.add_argument("--get", metavar="SECTION.KEY",
                         help="print this key of the merged configs (as engine.train reads "
                              "them) and exit")
-    parser.add_argument("--command-file", help="do not launch: write the run's checkpoint "
-                        "folder and the torchrun command here, NUL-separated, for a caller "
-                        "that runs it")
     args = parser.parse_args(argv)
 
     def die(message: str) -> int:
@@ -556,11 +699,7 @@ def main(argv=None) -> int:
     if subprocess.run([*engine_train, "--check", *world, *launch.train_args],
                       env=rendezvous).returncode:
         return die("engine.train refused the run (the error above); nothing was launched")
-    if args.command_file:
-        Path(args.command_file).write_text("".join(
-            f"{arg}\0" for arg in [launch.checkpoint_dir, *launch.command]))
-        return 0
-    return subprocess.run(launch.command).returncode
+    return supervise(launch.command, launch.checkpoint_dir, settings, args.name)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 #   checks    -- a missing path or a bad value stops the script (exit 2, naming it) before any
 #                process group or GPU memory is touched
 #   launch    -- `python -m engine.launch` reads the configs, checks the launch settings, takes
-#                TP/PP/CP as given or the planner's layout and builds the torchrun command (c10d
-#                rendezvous); run_torchrun runs it: SIGTERM makes the trainer checkpoint and stop
+#                TP/PP/CP as given or the planner's layout, builds the torchrun command (c10d
+#                rendezvous) and runs it: SIGTERM makes the trainer checkpoint and stop
 # A setting line reads   NAME=${NAME:-default}  ## description
 # Settings are read by the scripts that source this file:
 # shellcheck disable=SC2034
@@ -218,8 +218,9 @@ recipe_stage_configs() {
 
 # train_stage [--unbuilt-seq-length N] [--layout-from-config] CONFIG... -- OVERRIDE...:
 # engine.launch reads the configs, checks the launch settings, resolves the layout (TP/PP/CP
-# or the planner's) and prints the torchrun command; MODE=run then runs it on this node
-# (N: the packing length of data not built yet, for --check).
+# or the planner's) and prints the torchrun command; MODE=run then runs it on this node, in
+# this process: a SIGTERM to the script makes the trainer checkpoint and stop (N: the packing
+# length of data not built yet, for --check).
 train_stage() {
   local options=() configs=() name
   while [ $# -gt 0 ] && [[ $1 = --* ]] && [ "$1" != -- ]; do
@@ -233,97 +234,11 @@ train_stage() {
   local settings=()
   for name in NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE GPU_MEMORY_GB TP PP CP \
               CP_ALGORITHM RECOMPUTE GLOBAL_BATCH MICRO_BATCH TRAIN_STEPS LR SAVE_INTERVAL \
-              RDZV_ID RDZV_TIMEOUT_S LOCAL_ADDR STOP_GRACE_S DRY_RUN; do
+              RDZV_ID RDZV_TIMEOUT_S LOCAL_ADDR SOCKET_IFNAME STOP_GRACE_S DRY_RUN; do
     settings+=("$name=${!name}")
   done
-  local command_file status=0
-  command_file=$(mktemp)
-  "$PYTHON" -m engine.launch --name "$SCRIPT_NAME" --python "$PYTHON" \
-    --command-file "$command_file" "${options[@]}" "${configs[@]}" "${settings[@]}" \
-    "$@" "${OVERRIDES[@]}" || status=$?
-  local launch=()
-  mapfile -d '' -t launch < "$command_file"
-  rm -f "$command_file"
-  [ "$status" = 0 ] || exit "$status"
-  [ "$MODE" = run ] || return 0
-  run_torchrun "${launch[@]}"
-}
-
-# run_torchrun CHECKPOINT_DIR COMMAND...: run torchrun; on SIGTERM let the trainer save.
-# The trainer saves a checkpoint and exits 0 on SIGTERM. A SIGTERM sent to this script alone
-# (kill PID) is passed to the training processes; under SLURM every process of the step gets
-# it at once, torchrun included, which then waits STOP_GRACE_S for them before SIGKILL (and
-# exits 1 whatever they did, so a stop is judged by the checkpoint it left).
-run_torchrun() {
-  local checkpoint_dir=$1
-  shift
-  export CUDA_DEVICE_MAX_CONNECTIONS=1  # NCCL: keeps TP communication ordered with compute
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(if_tiny 1 8)}
-  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$STOP_GRACE_S
-  if [ -n "$SOCKET_IFNAME" ]; then
-    export GLOO_SOCKET_IFNAME=$SOCKET_IFNAME NCCL_SOCKET_IFNAME=$SOCKET_IFNAME
-  fi
-  local latest_before="" latest_after="" status=0 log log_start=0
-  [ ! -f "$checkpoint_dir/latest" ] || latest_before=$(cat "$checkpoint_dir/latest")
-  # Each node keeps its console output beside the checkpoints (appended across launches).
-  mkdir -p "$checkpoint_dir/logs"
-  log="$checkpoint_dir/logs/node$NODE_RANK.log"
-  [ ! -f "$log" ] || log_start=$(wc -c < "$log")
-  _STOP_REQUESTED=0
-  # tee is this shell's child (not torchrun's, whose children get the forwarded SIGTERM) and
-  # ignores SIGTERM (SLURM signals every process of the step): the trainer must still be able
-  # to print while it saves.
-  local tee_fd
-  exec {tee_fd}> >(trap '' TERM; exec tee -a "$log")
-  local tee_pid=$!
-  "$@" >&"$tee_fd" 2>&1 &
-  _TORCHRUN_PID=$!
-  trap _forward_sigterm TERM
-  # `wait` returns early when a trapped signal arrives: wait again until torchrun has exited.
-  while :; do
-    status=0
-    wait "$_TORCHRUN_PID" || status=$?
-    kill -0 "$_TORCHRUN_PID" 2> /dev/null || break
-  done
-  trap - TERM
-  exec {tee_fd}>&-
-  wait "$tee_pid" 2> /dev/null || true  # the log is complete before it is read below
-  [ ! -f "$checkpoint_dir/latest" ] || latest_after=$(cat "$checkpoint_dir/latest")
-  if [ "$_STOP_REQUESTED" = 1 ]; then
-    if [ -n "$latest_after" ] && [ "$latest_after" != "$latest_before" ]; then
-      note "stopped by SIGTERM with checkpoint $checkpoint_dir/$latest_after; launch again (or resubmit) to resume from it"
-      return 0
-    fi
-    note "stopped by SIGTERM but no new checkpoint appeared in $checkpoint_dir (torchrun exit $status)"
-    return "$((status == 0 ? 1 : status))"
-  fi
-  if [ "$status" != 0 ]; then
-    local lost
-    lost=$(_lost_peers "$log" "$log_start")
-    if [ -n "$lost" ]; then
-      note "lost node(s) $lost: the connection to it closed (it died or was stopped) and training on node $NODE_RANK stopped"
-    fi
-    note "training failed on node $NODE_RANK of $NNODES (torchrun exit $status); the last checkpoint is ${latest_after:-none} in $checkpoint_dir, where a relaunch on every node resumes (log: $log)"
-  fi
-  return "$status"
-}
-
-# _lost_peers LOG OFFSET: other nodes' addresses whose connection broke, from LOG after byte
-# OFFSET (gloo: "Connection closed by peer [ADDR]:PORT", "Read error [ADDR]:PORT: Connection
-# reset by peer"; NCCL words it differently and is not parsed). This node's own addresses are
-# left out: its other processes also lose the connection to the first one that failed.
-_lost_peers() {
-  local own
-  own=" ${LOCAL_ADDR:-} $(hostname -I 2> /dev/null || true) "
-  tail -c +"$(($2 + 1))" "$1" | grep -E 'by peer' |
-    grep -oE '\[[0-9a-fA-F.:]+\]' | tr -d '[]' | sort -u |
-    while read -r address; do
-      [[ $own = *" $address "* ]] || printf '%s\n' "$address"
-    done | paste -sd, - || true
-}
-
-_forward_sigterm() {
-  _STOP_REQUESTED=1
-  note "SIGTERM: asking the training processes to save a checkpoint and stop"
-  pkill -TERM -P "$_TORCHRUN_PID" 2> /dev/null || true
+  # TINY=1 trains on CPU processes: one thread each (engine.launch's default is 8).
+  [ "$TINY" = 0 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  exec "$PYTHON" -m engine.launch --name "$SCRIPT_NAME" --python "$PYTHON" "${options[@]}" \
+    "${configs[@]}" "${settings[@]}" "$@" "${OVERRIDES[@]}"
 }

@@ -85,14 +85,13 @@ def test_settings_given_as_arguments_win_over_the_environment():
     (["NODES=2"], "unknown launch setting NODES"),
     (["data.path=/nonexistent"], "no packed dataset at data.path=/nonexistent (no packed.json)"),
 ])
-def test_a_bad_setting_exits_2_naming_it_and_writes_no_command(tmp_path, capsys, run, args,
+def test_a_bad_setting_exits_2_naming_it_and_prints_no_command(tmp_path, capsys, run, args,
                                                                 message):
-    command_file = tmp_path / "command"
-    code = launch.main(["--check", "--name", "04.sh", "--command-file", str(command_file), "--config",
-                        STAGE1, *run, *args])
-    err = capsys.readouterr().err
-    assert code == 2 and f"error: 04.sh: {message}" in err, err
-    assert "Traceback" not in err and not command_file.exists()
+    code = launch.main(["--check", "--name", "04.sh", "--config", STAGE1, *run, *args])
+    captured = capsys.readouterr()
+    assert code == 2 and f"error: 04.sh: {message}" in captured.err, captured.err
+    assert "Traceback" not in captured.err and "torch.distributed.run" not in captured.out
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("content,message", [
@@ -250,3 +249,114 @@ def test_the_evaluation_help_names_every_setting_with_its_default(capsys):
     assert exit_info.value.code == 0
     for name, default in launch.EVAL_SETTINGS.items():
         assert f"{name}={default!r}" in help_text, name
+
+
+# --- supervising torchrun: a stand-in "torchrun" whose one "training process" saves on SIGTERM
+
+_STAND_IN = """\
+import subprocess, sys
+trainer = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]])
+sys.exit(trainer.wait())
+"""
+_TRAINER = """\
+import os, pathlib, signal, sys, time
+run, save = sys.argv[1], sys.argv[2] == "save"
+def stop(*_):
+    print("SIGTERM received", flush=True)
+    if save:
+        pathlib.Path(run, "latest").write_text("step_00000004\\n")
+    sys.exit(0 if save else 1)
+signal.signal(signal.SIGTERM, stop)
+for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "OMP_NUM_THREADS",
+             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+    print(f"{name}={os.environ.get(name, 'unset')}")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _settings(**given):
+    settings, _ = launch.read_settings([f"{k}={v}" for k, v in given.items()], {})
+    return settings
+
+
+def _sigterm_when_ready(log, delay=0.0):
+    """SIGTERM to this process (as `kill PID` sends it) once the trainer says it is ready."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def send():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if log.exists() and "ready" in log.read_text():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
+@pytest.mark.parametrize("save", [True, False], ids=["checkpoint", "none"])
+def test_sigterm_reaches_the_training_processes_and_the_stop_is_judged_by_the_checkpoint(
+        tmp_path, capfd, save):
+    import signal
+    import sys
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "latest").write_text("step_00000002\n")
+    log = run / "logs" / "node1.log"
+    log.write_text("an earlier launch\n")
+    sender = _sigterm_when_ready(log)
+    command = [sys.executable, "-c", _STAND_IN, _TRAINER, str(run), "save" if save else "no"]
+    status = launch.supervise(command, str(run), _settings(NNODES=2, NODE_RANK=1,
+                              STOP_GRACE_S=60, SOCKET_IFNAME="lce0"), name="04.sh",
+                              environ={"PATH": "/usr/bin:/bin"})
+    sender.join()
+    out = capfd.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert "== 04.sh: SIGTERM: asking the training processes to save a checkpoint and stop" in out
+    # The trainer's output reaches the console and is appended to the node's log.
+    text = log.read_text()
+    assert text.startswith("an earlier launch\n") and "SIGTERM received" in text
+    assert "SIGTERM received" in out
+    for setting in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "OMP_NUM_THREADS=8",
+                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60", "GLOO_SOCKET_IFNAME=lce0",
+                    "NCCL_SOCKET_IFNAME=lce0"):
+        assert setting in text, setting
+    if save:
+        assert status == 0, out
+        assert (f"== 04.sh: stopped by SIGTERM with checkpoint {run}/step_00000004; launch "
+                "again (or resubmit) to resume from it") in out
+    else:
+        assert status == 1, out  # the trainer's exit 1, and no new checkpoint
+        assert (f"== 04.sh: stopped by SIGTERM but no new checkpoint appeared in {run} "
+                "(torchrun exit 1)") in out
+
+
+def test_a_failed_run_names_the_lost_peers_of_this_launch_only(tmp_path, capfd):
+    import sys
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    log = run / "logs" / "node0.log"
+    log.write_text("Connection closed by peer [10.9.0.7]:4000\n")  # an earlier launch's
+    failing = ("print('Connection closed by peer [10.9.0.2]:29400'); "
+               "print('Read error [10.9.0.1]:1234: Connection reset by peer'); "
+               "print('Read error [10.9.0.3]:1234: Connection reset by peer'); "
+               "print('[10.9.0.4] said hello'); raise SystemExit(3)")
+    status = launch.supervise([sys.executable, "-c", failing], str(run),
+                              _settings(NNODES=4, LOCAL_ADDR="10.9.0.1"), name="04.sh")
+    out = capfd.readouterr().out
+    assert status == 3
+    assert ("== 04.sh: lost node(s) 10.9.0.2,10.9.0.3: the connection to it closed (it died or "
+            "was stopped) and training on node 0 stopped") in out
+    assert (f"== 04.sh: training failed on node 0 of 4 (torchrun exit 3); the last checkpoint "
+            f"is none in {run}, where a relaunch on every node resumes (log: {log})") in out
+    assert launch.supervise([sys.executable, "-c", "print('fine')"], str(run),
+                            _settings()) == 0
+    assert "lost node" not in capfd.readouterr().out
