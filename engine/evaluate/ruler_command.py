@@ -29,10 +29,11 @@ import sys
 import tempfile
 
 from data_tools.tokenizer import TokenizerError, load_tokenizer
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, read_checkpoint_state, resolve_checkpoint
 from engine.convert.export import export_checkpoint
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.hf_model import greedy_generate, load_hf_model
+from engine.evaluate.inputs import check_recorded_tokenizers
 from engine.evaluate.report import check_report_folder, publish_text_report
 from engine.evaluate.helmet import helmet_score, load_helmet_examples
 from engine.evaluate.measures import PROTOCOL_TASKS
@@ -94,6 +95,10 @@ def main(argv=None, protocol: str = "ruler") -> int:
         if args.hf and args.checkpoint:
             raise EvaluationError("give --hf or --checkpoint, not both: one model per run")
         tokenizer = load_tokenizer(args.tokenizer)
+        # The prompts' ids must be the model's: a tokenizer of other ids is refused, naming both.
+        check_recorded_tokenizers(_model_tokenizer(args),
+                                  {f"--tokenizer {args.tokenizer}": tokenizer.describe()},
+                                  trained="was trained with" if args.checkpoint else "ships")
         # Every prompt is built before a model is loaded or a file written.
         chat = None
         if args.chat_template:
@@ -158,6 +163,20 @@ def main(argv=None, protocol: str = "ruler") -> int:
     publish_text_report(args.out, files)
     print(f"wrote {len(rows)} examples to {args.out}", flush=True)
     return 0
+
+
+def _model_tokenizer(args) -> dict:
+    """{the model as the user named it: the record of its tokenizer}: what the engine checkpoint
+    recorded, or the Hugging Face folder's own tokenizer files; None where there is none."""
+    if args.checkpoint:
+        state = read_checkpoint_state(resolve_checkpoint(args.checkpoint))
+        return {f"--checkpoint {args.checkpoint}": state.get("tokenizer")}
+    if not args.hf:
+        return {}
+    try:
+        return {f"--hf {args.hf}": load_tokenizer(args.hf).describe()}
+    except TokenizerError:  # a folder without tokenizer files: nothing to compare
+        return {f"--hf {args.hf}": None}
 
 
 def _exported_model(checkpoint: str, folder: str, dtype: str):

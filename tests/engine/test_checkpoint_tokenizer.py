@@ -182,3 +182,34 @@ def test_a_trained_checkpoint_keeps_its_datas_tokenizer_and_resumes_only_on_it(
     err = capsys.readouterr().err
     assert "checkpoint.dir: checkpoint" in err and records["model"]["vocabulary_fingerprint"] in err
     assert records["swapped"]["vocabulary_fingerprint"] in err
+
+
+def test_ruler_and_helmet_protocols_refuse_a_tokenizer_of_other_ids(imported, records,
+                                                                    tokenizers, tmp_path,
+                                                                    capsys):
+    """--protocol ruler/helmet-recall builds its prompts with --tokenizer and feeds them to the
+    checkpoint's export or the Hugging Face folder: other ids are refused before any prompt is
+    built, naming both; the same vocabulary in the other file format passes on (here to vt's
+    own refusal of a length below its one-shot example)."""
+    from engine.evaluate.ruler_command import main
+
+    out = tmp_path / "ruler"
+    hf = tmp_path / "hf"
+    random_hf_llama(hf)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizers["json"]) / name, hf / name)
+    for model, described in ((["--checkpoint", str(imported)],
+                              f"--checkpoint {imported} was trained with"),
+                             (["--hf", str(hf)], f"--hf {hf} ships")):
+        code = main([*model, "--tokenizer", tokenizers["swapped"], "--tasks", "vt",
+                     "--lengths", "100", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert (f"--tokenizer {tokenizers['swapped']} is tokenizer tiktoken tokenizer.model "
+                f"(128,256 ids, vocabulary {records['swapped']['vocabulary_fingerprint']}), "
+                f"but {described} tokenizer huggingface tokenizer.json") in err, err
+        assert "Traceback" not in err and not out.exists()
+        code = main([*model, "--tokenizer", tokenizers["model"], "--tasks", "vt",
+                     "--lengths", "100", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "is tokenizer" not in err and "vt" in err, err
