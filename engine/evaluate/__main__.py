@@ -41,8 +41,8 @@ from engine.checkpoint import (CheckpointError, DamagedCheckpoint, check_complet
 from engine.evaluate import dry_run, hf_model
 from engine.evaluate.engine_eval import padded_length, plan_for_length
 from engine.evaluate.errors import EvaluationError
-from engine.evaluate.inputs import (FLAGS, check_lengths, check_recorded_tokenizers, hf_config,
-                                    tokenizer_inputs)
+from engine.evaluate.inputs import (FLAGS, check_lengths, check_recorded_tokenizers,
+                                    folder_tokenizer, hf_config, tokenizer_inputs)
 from engine.evaluate.measures import PROTOCOLS, MeasureRequest, measures, prepare_measures
 from engine.evaluate.measures.recall import DEFAULT_SAMPLES
 from engine.evaluate.report import (CheckpointReport, EvaluationReport, check_report_folder,
@@ -227,10 +227,13 @@ def main(argv=None) -> int:
         recall = next((ready for measure, ready in prepared if measure.name == "recall"), None)
         examples = recall.examples if recall is not None else []
         engine_targets = [t for t in targets if t.kind == "engine"]
+        inputs = tokenizer_inputs(section, FLAGS, recall.suite.tokenizer if recall else None)
         check_recorded_tokenizers(
             {f"--checkpoint {t.name} ({t.path})": read_checkpoint_state(t.path).get("tokenizer")
-             for t in engine_targets},
-            tokenizer_inputs(section, FLAGS, recall.suite.tokenizer if recall else None))
+             for t in engine_targets}, inputs)
+        check_recorded_tokenizers(
+            {f"--hf {t.name} ({t.path})": folder_tokenizer(t.path)
+             for t in targets if t.kind == "hf"}, inputs, trained="ships")
         if world_size > 1 and any(t.kind == "hf" for t in targets) and not engine_targets:
             raise EvaluationError("Hugging Face folders are evaluated in one process: run "
                                   "without torchrun")

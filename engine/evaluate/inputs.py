@@ -16,7 +16,7 @@ from data_tools.indexed import IndexedReader
 from data_tools.jsonfile import read_json_object
 from data_tools.stats import recorded_tokenizer
 from data_tools.summary import describe_tokenizer, tokenizer_difference
-from data_tools.tokenizer import TextTokenizer, load_tokenizer
+from data_tools.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
 from engine.evaluate.errors import EvaluationError
 
 # Recall and loss are measured up to this many times the longest context a model was trained
@@ -184,6 +184,15 @@ def tokenizer_inputs(section, names: dict, tokenizer: Optional[TextTokenizer] = 
         if isinstance(prefix, str) and prefix and Path(prefix + ".idx").exists():
             inputs[f"{name} {prefix}"] = recorded_tokenizer(prefix)
     return inputs
+
+
+def folder_tokenizer(folder: str) -> Optional[dict]:
+    """The record of a Hugging Face folder's own tokenizer files (what its model's ids mean);
+    None when the folder holds none."""
+    try:
+        return load_tokenizer(folder).describe()
+    except TokenizerError:
+        return None
 
 
 def check_recorded_tokenizers(checkpoints: dict[str, Optional[dict]],

@@ -33,7 +33,7 @@ from engine.checkpoint import CheckpointError, read_checkpoint_state, resolve_ch
 from engine.convert.export import export_checkpoint
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.hf_model import greedy_generate, load_hf_model
-from engine.evaluate.inputs import check_recorded_tokenizers
+from engine.evaluate.inputs import check_recorded_tokenizers, folder_tokenizer
 from engine.evaluate.report import check_report_folder, publish_text_report
 from engine.evaluate.helmet import helmet_score, load_helmet_examples
 from engine.evaluate.measures import PROTOCOL_TASKS
@@ -171,12 +171,7 @@ def _model_tokenizer(args) -> dict:
     if args.checkpoint:
         state = read_checkpoint_state(resolve_checkpoint(args.checkpoint))
         return {f"--checkpoint {args.checkpoint}": state.get("tokenizer")}
-    if not args.hf:
-        return {}
-    try:
-        return {f"--hf {args.hf}": load_tokenizer(args.hf).describe()}
-    except TokenizerError:  # a folder without tokenizer files: nothing to compare
-        return {f"--hf {args.hf}": None}
+    return {f"--hf {args.hf}": folder_tokenizer(args.hf)} if args.hf else {}
 
 
 def _exported_model(checkpoint: str, folder: str, dtype: str):

@@ -213,3 +213,30 @@ def test_ruler_and_helmet_protocols_refuse_a_tokenizer_of_other_ids(imported, re
                      "--lengths", "100", "--out", str(out)])
         err = capsys.readouterr().err
         assert code == 2 and "is tokenizer" not in err and "vt" in err, err
+
+
+def test_evaluate_refuses_a_tokenizer_other_than_the_hf_folders(records, tokenizers, tmp_path,
+                                                                capsys):
+    """engine.evaluate --hf: the folder's own tokenizer files say what its model's ids mean; a
+    --tokenizer of other ids is refused, naming both; the same vocabulary passes --check."""
+    from engine.evaluate.__main__ import main
+
+    hf = tmp_path / "hf"
+    random_hf_llama(hf)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizers["json"]) / name, hf / name)
+    same = _long_documents(tmp_path / "same", records["model"])
+    out = tmp_path / "eval"
+
+    def evaluate(tokenizer):
+        return main(["--hf", str(hf), "--tokenizer", tokenizers[tokenizer], "--long-documents",
+                     same, "--position-length", "64", "--out", str(out), "--check"])
+
+    assert evaluate("model") == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert evaluate("swapped") == 2
+    err = capsys.readouterr().err
+    assert (f"--tokenizer {tokenizers['swapped']} is tokenizer tiktoken tokenizer.model "
+            f"(128,256 ids, vocabulary {records['swapped']['vocabulary_fingerprint']}), but "
+            f"--hf hf ({hf}) ships tokenizer huggingface tokenizer.json") in err, err
+    assert "Traceback" not in err and not out.exists()
