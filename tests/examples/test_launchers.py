@@ -282,7 +282,8 @@ def test_shellcheck_passes_on_every_script():
     scripts = sorted(str(p) for p in (REPO / "examples").rglob("*")
                      if p.suffix in (".sh", ".sbatch"))
     scripts += [str(REPO / "tests" / "run.sh"), str(REPO / ".ci" / "run"),
-                str(REPO / ".ci" / "newest_megatron.sh")]
+                str(REPO / ".ci" / "newest_megatron.sh"),
+                str(REPO / ".ci" / "lm_eval_handoff.sh"), str(REPO / ".ci" / "cached_venv.sh")]
     # No --shell: each file must name its shell itself (a shebang, or a directive in the
     # sourced common.sh), as shellcheck run on that one file needs.
     result = subprocess.run(["shellcheck", *scripts], cwd=REPO, capture_output=True, text=True)
