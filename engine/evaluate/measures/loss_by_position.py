@@ -5,30 +5,21 @@ from __future__ import annotations
 from typing import Optional
 
 from data_tools.indexed import IndexedReader
-from engine.evaluate import hf_model
 from engine.evaluate.engine_eval import position_losses
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.inputs import long_document_ids
-from engine.evaluate.measures import Flag, Measure, MeasureRequest, Prepared
+from engine.evaluate.measures import Flag, Measure, MeasureRequest
+from engine.evaluate.measures.documents import PreparedDocuments
 from engine.evaluate.position_loss import PositionLossAccumulator
 
 
-class PreparedPositionLoss(Prepared):
-    def __init__(self, reader: IndexedReader, documents: list[int], length: int,
-                 max_documents: int):
-        self.reader, self.documents = reader, documents
-        self.length, self.max_documents = length, max_documents
-        self.longest = length
+class PreparedPositionLoss(PreparedDocuments):
+    def new_accumulator(self):
+        return PositionLossAccumulator(self.length)
 
     def run_engine(self, chunks, plan, trained_context, progress):
         buckets, _ = position_losses(chunks, plan, self.reader, self.length, self.max_documents,
                                      trained_context)
-        return buckets
-
-    def run_hf(self, model, scoring, progress):
-        buckets = PositionLossAccumulator(self.length)
-        for i in self.documents:
-            buckets.add(hf_model.token_losses(model, self.reader.get(i, 0, self.length)))
         return buckets
 
     def contribute(self, report, result) -> None:

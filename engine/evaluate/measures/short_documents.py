@@ -5,28 +5,21 @@ from __future__ import annotations
 from typing import Optional
 
 from data_tools.indexed import IndexedReader
-from engine.evaluate import hf_model
 from engine.evaluate.engine_eval import short_document_loss
 from engine.evaluate.inputs import short_document_ids
-from engine.evaluate.measures import Flag, Measure, MeasureRequest, Prepared, short_limit
+from engine.evaluate.measures import Flag, Measure, MeasureRequest, short_limit
+from engine.evaluate.measures.documents import PreparedDocuments
 from engine.evaluate.position_loss import MeanLossAccumulator
 
 
-class PreparedShortDocuments(Prepared):
-    def __init__(self, reader: IndexedReader, documents: list[int], limit: int,
-                 max_documents: int):
-        self.reader, self.documents = reader, documents
-        self.limit, self.max_documents = limit, max_documents
-        self.longest = limit
+class PreparedShortDocuments(PreparedDocuments):
+    read_length_is_limit = False  # every document is shorter than the limit: read it whole
+
+    def new_accumulator(self):
+        return MeanLossAccumulator()
 
     def run_engine(self, chunks, plan, trained_context, progress):
-        return short_document_loss(chunks, plan, self.reader, self.limit, self.max_documents)
-
-    def run_hf(self, model, scoring, progress):
-        short = MeanLossAccumulator()
-        for i in self.documents:
-            short.add(hf_model.token_losses(model, self.reader.get(i)))
-        return short
+        return short_document_loss(chunks, plan, self.reader, self.length, self.max_documents)
 
     def contribute(self, report, result) -> None:
         report.short_document_loss = result.result() if result.tokens else None
