@@ -1,8 +1,8 @@
 """The evaluation measures, computed through the engine's own model in its parallel layout.
 
     results = teacher_forced_results(chunks, plan, examples)       # recall, any length
-    buckets = position_losses(chunks, plan, documents, length)     # does more context help?
-    short = short_document_loss(chunks, plan, documents, length)   # did short ability survive?
+    buckets, n = position_losses(chunks, plan, reader, ids, length)  # does more context help?
+    short = short_document_loss(chunks, plan, reader, ids, length)  # did short ability survive?
     loss, tokens = validation_loss(chunks, plan, samples, indices)  # held-out training loss
 
 Every function is collective over the job and returns the same result on every rank. Samples
@@ -106,16 +106,10 @@ def teacher_forced_results(chunks, plan: RunPlan, examples: Sequence[RecallExamp
     return results
 
 
-def long_documents(reader: IndexedReader, length: int, max_documents: int) -> list[int]:
-    """Ids of the first ``max_documents`` documents with at least ``length`` tokens."""
-    return [int(i) for i in np.flatnonzero(reader.lengths >= length)[:max_documents]]
-
-
-def position_losses(chunks, plan: RunPlan, reader: IndexedReader, length: int,
-                    max_documents: int, trained_context: Optional[int] = None):
-    """(PositionLossAccumulator over positions 0..length-2 of the first ``length`` tokens of up
-    to ``max_documents`` documents of at least that length, the documents used)."""
-    chosen = long_documents(reader, length, max_documents)
+def position_losses(chunks, plan: RunPlan, reader: IndexedReader, chosen: list[int],
+                    length: int, trained_context: Optional[int] = None):
+    """(PositionLossAccumulator over positions 0..length-2 of the first ``length`` tokens of the
+    ``chosen`` documents of ``reader``, each at least that long; how many documents)."""
     buckets = PositionLossAccumulator(length)
     if not chosen:
         return buckets, 0
@@ -129,12 +123,10 @@ def position_losses(chunks, plan: RunPlan, reader: IndexedReader, length: int,
     return buckets, len(chosen)
 
 
-def short_document_loss(chunks, plan: RunPlan, reader: IndexedReader, length: int,
-                        max_documents: int) -> MeanLossAccumulator:
-    """Token-weighted mean loss of up to ``max_documents`` documents shorter than ``length``
-    (of at least 2 tokens), packed whole into ``length``-token samples with document masks."""
-    chosen = [int(i) for i in np.flatnonzero((reader.lengths < length) & (reader.lengths >= 2))
-              [:max_documents]]
+def short_document_loss(chunks, plan: RunPlan, reader: IndexedReader, chosen: list[int],
+                        length: int) -> MeanLossAccumulator:
+    """Token-weighted mean loss of the ``chosen`` documents of ``reader`` (each of 2 to
+    ``length`` - 1 tokens), packed whole into ``length``-token samples with document masks."""
     short = MeanLossAccumulator()
     if not chosen:
         return short

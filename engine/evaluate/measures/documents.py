@@ -1,6 +1,7 @@
 """What the two loss measures over held-out documents share: an indexed dataset, the documents
-picked from it, the tokens each is read to, and on a Hugging Face model one forward per document
-into the measure's accumulator. (No MEASURE here: the registry skips this module.)"""
+picked from it (the engine and a Hugging Face model score the same ones), how many tokens of
+each are read, and on a Hugging Face model one forward per document into the measure's
+accumulator. (No MEASURE here: the registry skips this module.)"""
 from __future__ import annotations
 
 from data_tools.indexed import IndexedReader
@@ -14,10 +15,8 @@ class PreparedDocuments(Prepared):
     Subclasses give ``new_accumulator``, ``run_engine`` and ``contribute``."""
     read_length_is_limit = True
 
-    def __init__(self, reader: IndexedReader, documents: list[int], length: int,
-                 max_documents: int):
-        self.reader, self.documents = reader, documents
-        self.length, self.max_documents = length, max_documents
+    def __init__(self, reader: IndexedReader, documents: list[int], length: int):
+        self.reader, self.documents, self.length = reader, documents, length
         self.longest = length
 
     def new_accumulator(self):

@@ -18,7 +18,7 @@ class PreparedPositionLoss(PreparedDocuments):
         return PositionLossAccumulator(self.length)
 
     def run_engine(self, chunks, plan, trained_context, progress):
-        buckets, _ = position_losses(chunks, plan, self.reader, self.length, self.max_documents,
+        buckets, _ = position_losses(chunks, plan, self.reader, self.documents, self.length,
                                      trained_context)
         return buckets
 
@@ -50,8 +50,7 @@ class PositionLoss(Measure):
         # A measure no document fits is refused now, not after the models ran.
         documents = long_document_ids(reader, section.long_documents, section.position_length,
                                       section.max_documents, names)
-        return PreparedPositionLoss(reader, documents, section.position_length,
-                                    section.max_documents)
+        return PreparedPositionLoss(reader, documents, section.position_length)
 
 
 MEASURE = PositionLoss()

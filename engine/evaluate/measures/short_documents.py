@@ -19,7 +19,7 @@ class PreparedShortDocuments(PreparedDocuments):
         return MeanLossAccumulator()
 
     def run_engine(self, chunks, plan, trained_context, progress):
-        return short_document_loss(chunks, plan, self.reader, self.length, self.max_documents)
+        return short_document_loss(chunks, plan, self.reader, self.documents, self.length)
 
     def contribute(self, report, result) -> None:
         report.short_document_loss = result.result() if result.tokens else None
@@ -40,7 +40,7 @@ class ShortDocuments(Measure):
         limit = short_limit(section)
         documents = short_document_ids(reader, section.short_documents, limit,
                                        section.max_short_documents, request.names)
-        return PreparedShortDocuments(reader, documents, limit, section.max_short_documents)
+        return PreparedShortDocuments(reader, documents, limit)
 
 
 MEASURE = ShortDocuments()
