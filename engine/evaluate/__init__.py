@@ -5,10 +5,13 @@ The parts:
 - `tasks`: `RecallSuite(tokenizer, haystack, seed, vocab_size).example(task, length, depth,
   index) -> RecallExample`, the tasks in `TASKS` (RULER's and HELMET's formats), exact
   token lengths up to 512K, `depth_sweep(n)`, `check_tokenizer_vocabulary`.
-- `measures`: the registry of measures (recall, loss by position, short-document loss), each
-  preparing its inputs, running on the engine's chunks or a transformers model and filling its
-  part of the report, that the command and evaluation inside training both run; the task list
-  of each recall protocol (`PROTOCOL_TASKS`); how to add a measure.
+- `measures`: the registry of measures (recall, loss by position, short-document loss; RULER's
+  and HELMET's Recall protocols, scored by generation), each preparing its inputs, running on
+  the engine's chunks or a transformers model and filling its part of the report, that the
+  command and evaluation inside training both run; the task list of each protocol
+  (`PROTOCOL_TASKS`, read from the measures); how to add a measure or a protocol.
+- `ruler`, `helmet`: RULER's tasks (prompts, budgets, metrics) and HELMET's Recall tasks (its
+  data files, truncation, metrics), which their protocol measures build and score.
 - `haystack`: `NoiseHaystack` (RULER's noise), `DocumentHaystack.from_indexed` /
   `.from_text_files` (the user's documents), `load_haystack(source, tokenizer)`.
 - `scoring`: `score_generation(text, gold)`, `score_teacher_forced(example, predicted_ids)`,
@@ -19,7 +22,8 @@ The parts:
 - `position_loss`: `PositionLossAccumulator` (log2 position buckets), `MeanLossAccumulator`
   (short documents).
 - `report`: `EvaluationReport` / `CheckpointReport` -> `write_report(report, out_dir)`
-  (report.json, report.md, PNG plots), `read_report`.
+  (report.json, report.md, PNG plots; a protocol's report.json and report.md from its
+  `ProtocolResult`), `read_report`.
 
 - `engine_scores`: `score_samples(chunks, plan, samples, indices)`, per-token loss and argmax
   through the engine's model in any parallel layout (one forward pass, no KV cache).

@@ -24,6 +24,11 @@ the new report lacks; ``check_report_folder`` says beforehand whether ``out_dir`
   Scores are RULER's metric in [0, 1]; by_task_length and by_task weight examples equally,
   "average" weighs tasks equally; losses are nats.
 - report.md: the same as tables.
+- A protocol's report (--protocol ruler | helmet-recall: a ``CheckpointReport`` whose
+  ``protocol`` is a ``ProtocolResult``, one model): report.json is {"protocol", "model" (its
+  path as given), "exported_from_checkpoint", "seed", "cells": [{"task", "length", "samples",
+  "score", "ci95", "ci_method", "metric", "scoring": "generated", "generation_budget"}]}
+  (``protocol_cells``), report.md their table, no plots.
 - recall_heatmap_TASK.png (one panel per checkpoint: depth against length),
   recall_vs_length.png (one panel per task, plus the average over the tasks a checkpoint was
   evaluated on when there are several; a line per checkpoint, one color per checkpoint in
@@ -58,6 +63,14 @@ MAX_COLUMNS = 4
 
 
 @dataclass
+class ProtocolResult:
+    """A published protocol's scores on one model (--protocol ruler | helmet-recall)."""
+    protocol: str
+    seed: int
+    cells: list[dict]  # protocol_cells
+
+
+@dataclass
 class CheckpointReport:
     """Everything measured on one checkpoint (see the module docstring)."""
     name: str
@@ -69,6 +82,8 @@ class CheckpointReport:
     recall: list[RecallCell] = field(default_factory=list)
     position_loss: list[PositionBucket] = field(default_factory=list)
     short_document_loss: Optional[ShortDocumentLoss] = None
+    protocol: Optional[ProtocolResult] = None
+    exported_from_checkpoint: bool = False  # generated with a temporary export of an engine one
 
 
 @dataclass
@@ -128,8 +143,42 @@ def recall_summary(cells: list[RecallCell]) -> dict:
             "by_task": by_task, "average": average}
 
 
+def protocol_cells(examples: list[dict]) -> list[dict]:
+    """A protocol's cells from its scored examples ({"task", "length", "metric",
+    "tokens_to_generate", "score"}): per (task, length) the mean score, its 95% interval, the
+    metric and the generation budget."""
+    cells: dict[tuple, list] = {}
+    for example in examples:
+        cells.setdefault((example["task"], example["length"]), []).append(example)
+    report = []
+    for (task, length), members in cells.items():
+        interval = confidence_interval([m["score"] for m in members])
+        report.append({"task": task, "length": length, "samples": len(members),
+                       "score": interval.mean, "ci95": [interval.low, interval.high],
+                       "ci_method": interval.method, "metric": members[0]["metric"],
+                       "scoring": "generated",
+                       "generation_budget": members[0]["tokens_to_generate"]})
+    return report
+
+
+def _protocol_report(report: EvaluationReport) -> Optional[CheckpointReport]:
+    """The one model of a protocol's report, None for this suite's report."""
+    with_protocol = [c for c in report.checkpoints if c.protocol is not None]
+    if not with_protocol:
+        return None
+    if len(report.checkpoints) != 1:
+        raise EvaluationError(f"a {with_protocol[0].protocol.protocol} report holds one model, "
+                              f"got {len(report.checkpoints)}: evaluate each on its own")
+    return with_protocol[0]
+
+
 def report_to_dict(report: EvaluationReport) -> dict:
     _check(report)
+    single = _protocol_report(report)
+    if single is not None:
+        return {"protocol": single.protocol.protocol, "model": single.checkpoint,
+                "exported_from_checkpoint": single.exported_from_checkpoint,
+                "seed": single.protocol.seed, "cells": single.protocol.cells}
     checkpoints = []
     for c in report.checkpoints:
         checkpoints.append({
@@ -215,8 +264,22 @@ def _scoring_note(report: EvaluationReport) -> str:
         f"{c.name}: {SCORING_NOTES[c.scoring]}" for c in report.checkpoints) + "."
 
 
+def _protocol_markdown(result: ProtocolResult) -> str:
+    lines = [f"# Recall (protocol: {result.protocol})", "",
+             "| task | length | score | 95% CI | samples | scoring | budget |",
+             "|---|---|---|---|---|---|---|"]
+    for c in result.cells:
+        lines.append(f"| {c['task']} | {c['length']} | {100 * c['score']:.1f} | "
+                     f"[{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}] ({c['ci_method']}) | "
+                     f"{c['samples']} | {c['scoring']} | {c['generation_budget']} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(report: EvaluationReport) -> str:
     _check(report)
+    single = _protocol_report(report)
+    if single is not None:
+        return _protocol_markdown(single.protocol)
     names = [c.name for c in report.checkpoints]
     lines = ["# Long-context evaluation", ""]
     lines += _table(["checkpoint", "path", "scoring", "seed", "tokenizer", "haystack"], [

@@ -164,6 +164,20 @@ class EvalSection:
     # (default `lengths`), into LOG_DIR/eval/ (report.json, report.md, PNG plots).
     final: bool = False
     final_lengths: list = field(default_factory=list)  # prompt lengths of the final evaluation
+    # What `python -m engine.evaluate` runs: "ours" (every measure above), "ruler" (RULER's tasks
+    # and metrics) or "helmet-recall" (HELMET's Recall tasks). The last two read `tokenizer`,
+    # `tasks` (their own task names), `lengths`, `samples` and `seed` (the command's defaults:
+    # 100 and 42) and are scored by greedy generation on a transformers model, so they run in
+    # the command only; training always runs "ours".
+    protocol: str = "ours"
+    ruler_essays: str = ""  # protocol ruler: RULER's PaulGrahamEssays.json (the essay haystack)
+    ruler_squad: str = ""  # protocol ruler: SQuAD v2's dev set (RULER's squad.json, qa_1)
+    ruler_hotpotqa: str = ""  # protocol ruler: HotpotQA's distractor dev set (qa_2)
+    ruler_words: str = ""  # protocol ruler: RULER's english_words.json (cwe at long lengths)
+    # Protocol ruler: wrap each prompt in the tokenizer's chat template, as RULER does for
+    # instruct models.
+    chat_template: bool = False
+    helmet_data: str = ""  # HELMET's data folder, from its scripts/download_data.sh
 
     RANGES = {"interval": _NON_NEGATIVE, "batches": _AT_LEAST_ONE, "samples": _AT_LEAST_ONE,
               "seed": _NON_NEGATIVE, "position_length": _NON_NEGATIVE,

@@ -57,7 +57,9 @@ ENV_ALIASES = {
 CLI_ALIASES = {
     f"eval.{name}": ("python -m engine.evaluate", "--" + name.replace("_", "-"))
     for name in ("tokenizer", "tasks", "lengths", "depths", "samples", "seed", "haystack",
-                 "long_documents", "position_length", "max_documents", "short_documents")
+                 "long_documents", "position_length", "max_documents", "short_documents",
+                 "protocol", "ruler_essays", "ruler_squad", "ruler_hotpotqa", "ruler_words",
+                 "chat_template", "helmet_data")
 }
 
 

@@ -191,7 +191,7 @@ def test_ruler_and_helmet_protocols_refuse_a_tokenizer_of_other_ids(imported, re
     checkpoint's export or the Hugging Face folder: other ids are refused before any prompt is
     built, naming both; the same vocabulary in the other file format passes on (here to vt's
     own refusal of a length below its one-shot example)."""
-    from engine.evaluate.ruler_command import main
+    from engine.evaluate.__main__ import main
 
     out = tmp_path / "ruler"
     hf = tmp_path / "hf"
@@ -202,7 +202,7 @@ def test_ruler_and_helmet_protocols_refuse_a_tokenizer_of_other_ids(imported, re
                               f"--checkpoint {imported} was trained with"),
                              (["--hf", str(hf)], f"--hf {hf} ships")):
         code = main([*model, "--tokenizer", tokenizers["swapped"], "--tasks", "vt",
-                     "--lengths", "100", "--out", str(out)])
+                     "--lengths", "100", "--out", str(out)], protocol="ruler")
         err = capsys.readouterr().err
         assert code == 2
         assert (f"--tokenizer {tokenizers['swapped']} is tokenizer tiktoken tokenizer.model "
@@ -210,7 +210,7 @@ def test_ruler_and_helmet_protocols_refuse_a_tokenizer_of_other_ids(imported, re
                 f"but {described} tokenizer huggingface tokenizer.json") in err, err
         assert "Traceback" not in err and not out.exists()
         code = main([*model, "--tokenizer", tokenizers["model"], "--tasks", "vt",
-                     "--lengths", "100", "--out", str(out)])
+                     "--lengths", "100", "--out", str(out)], protocol="ruler")
         err = capsys.readouterr().err
         assert code == 2 and "is tokenizer" not in err and "vt" in err, err
 

@@ -3,6 +3,8 @@ evaluation inside training: a measure registered once gets its flag and its plac
 measure", is prepared, run and reported by the command, and by the final evaluation of a
 training run; the command's shared checks (depths, the short-document limit) come from it."""
 import json
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from engine.evaluate import measures as registry
 from engine.evaluate.errors import EvaluationError
 from engine.evaluate.measures import (PROTOCOL_TASKS, Flag, Measure, MeasureRequest, Prepared,
                                       depths, short_limit)
+from engine.evaluate.measures.generated import GeneratedProtocol
 from engine.evaluate.measures.recall import Recall
 from engine.evaluate.position_loss import ShortDocumentLoss
 from engine.evaluate.validation import Validation
@@ -137,3 +140,71 @@ def test_depths_and_the_short_document_limit_are_defined_once():
     request = MeasureRequest(EvalSection(lengths=[256]))
     with pytest.raises(EvaluationError, match="--lengths needs --tokenizer"):
         registry.prepare_measures(request)
+
+
+@dataclass
+class _EchoExample:
+    task: str
+    length: int
+    index: int
+    input: str
+    answer_prefix: str
+    outputs: list
+    tokens_to_generate: int
+    prompt_tokens: int
+    metric: str = "even_index"
+
+    @property
+    def prompt(self):
+        return self.input + self.answer_prefix
+
+
+class _Echo(GeneratedProtocol):
+    """A protocol registered once: one task whose examples score 1 at even indices."""
+    name, protocol, protocols, order, asked = "echo", "echo", ("echo",), 60, "--lengths (echo)"
+    tasks = ("repeat",)
+
+    def build(self, section, tokenizer, tasks):
+        return [_EchoExample(task, length, index, f"Say {index}.", " Answer:", [str(index)], 2,
+                             len(tokenizer.encode(f"Say {index}. Answer:")))
+                for task in tasks for length in section.lengths
+                for index in range(section.samples)], None
+
+    def score(self, example, text):
+        return text, 1.0 if example.index % 2 == 0 else 0.0
+
+
+def test_a_protocol_measure_runs_through_the_common_pipeline(monkeypatch, tmp_path):
+    """A protocol is one measure: registered, it is a --protocol with its tasks, its prompts
+    are generated with on the model, and its part of the report reaches report.json, report.md
+    and examples.jsonl (also without a model) through the one command."""
+    from engine.evaluate.__main__ import _parser, main
+    from tests.engine.evaluate_helpers import LLAMA3_VOCAB, llama3_tokenizer_dir, tiny_llama
+
+    monkeypatch.setattr(registry, "_REGISTRY", [*registry.measures(None), _Echo()])
+    assert [m.name for m in registry.measures("echo")] == ["echo"]
+    assert registry.protocol_tasks()["echo"] == ("repeat",)
+    assert "echo" in _parser().format_help()
+    model = tmp_path / "tiny"
+    tiny_llama(LLAMA3_VOCAB, seed=0, dtype="float32").save_pretrained(str(model))
+    common = ["--protocol", "echo", "--tokenizer", llama3_tokenizer_dir(), "--lengths", "64",
+              "--samples", "3", "--no-progress"]
+    out = tmp_path / "out"
+    assert main([*common, "--hf", str(model), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {k: report[k] for k in ("protocol", "model", "exported_from_checkpoint", "seed")} == {
+        "protocol": "echo", "model": str(model), "exported_from_checkpoint": False, "seed": 42}
+    (cell,) = report["cells"]
+    assert (cell["task"], cell["length"], cell["samples"]) == ("repeat", 64, 3)
+    assert cell["score"] == pytest.approx(2 / 3) and cell["generation_budget"] == 2
+    assert cell["ci_method"] == "wilson" and 0 < cell["ci95"][0] < 2 / 3 < cell["ci95"][1] < 1
+    assert "| repeat | 64 | 66.7 |" in (out / "report.md").read_text()
+    rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert [(r["protocol"], r["index"], r["score"]) for r in rows] == [
+        ("echo", 0, 1.0), ("echo", 1, 0.0), ("echo", 2, 1.0)]
+    assert all(isinstance(r["output"], str) for r in rows)
+    # Without a model: the examples alone.
+    assert main([*common, "--out", str(tmp_path / "only")]) == 0
+    assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["examples.jsonl"]
+    assert [r["index"] for r in map(json.loads, (tmp_path / "only" / "examples.jsonl")
+                                    .read_text().splitlines())] == [0, 1, 2]

@@ -63,6 +63,8 @@ class Recall(Measure):
     order = 10
     asked = "--lengths (recall)"
     stages = ("command", "interval", "final")
+    tasks = TASKS
+    command_defaults = {"samples": DEFAULT_SAMPLES}
     flags = (
         Flag("tokenizer", "--tokenizer", {"help": "the model's tokenizer (file or folder)"}),
         Flag("tasks", "--tasks", {"nargs": "+", "choices": TASKS,
@@ -93,7 +95,8 @@ class Recall(Measure):
                                   f"suite is built with the model's own tokenizer")
         suite = request.shared.get("recall_suite")
         if suite is None:
-            tokenizer = load_tokenizer(section.tokenizer)
+            # The command loads it once, to check it against the models first.
+            tokenizer = request.shared.get("tokenizer") or load_tokenizer(section.tokenizer)
             for what, vocab in request.vocabularies.items():
                 check_tokenizer_vocabulary(tokenizer, vocab, what)
             # One model: its vocabulary also bounds the ids of every prompt.
