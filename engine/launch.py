@@ -608,7 +608,7 @@ anything starts: a bad one stops with exit code 2 naming it.
         return die("engine.evaluate refused the evaluation (the error above); nothing was "
                    "launched")
     for command in (evaluation.command, *evaluation.ruler):
-        print(" ".join(map(_bash_quote, command)), flush=True)
+        print(" ".join(map(bash_quote, command)), flush=True)
     if args.check:
         return 0
     Path(evaluation.out).parent.mkdir(parents=True, exist_ok=True)
@@ -622,9 +622,15 @@ anything starts: a bad one stops with exit code 2 naming it.
     return 0
 
 
-def _bash_quote(arg: str) -> str:
-    # The quoting bash's printf %q gives a plain path or setting: none.
-    return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else shlex.quote(arg)
+def bash_quote(arg: str) -> str:
+    """``arg`` as bash's printf %q quotes it: a plain path or setting as it is, other printable
+    text with each special character escaped (a path holding a space stays one word that
+    still ends in its own last characters), anything else in single quotes."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", arg):
+        return arg
+    if arg and arg.isprintable():
+        return re.sub(r"([^\w@%+=:,./-])", r"\\\1", arg)
+    return shlex.quote(arg)
 
 
 def main(argv=None) -> int:
@@ -679,7 +685,7 @@ def main(argv=None) -> int:
         return die(str(error))
     for note in launch.notes:
         print(f"== {args.name}: {note}")
-    print(" ".join(map(_bash_quote, launch.command)), flush=True)
+    print(" ".join(map(bash_quote, launch.command)), flush=True)
     engine_train = [args.python, "-m", "engine.train"]
     world = ["--world-size", str(launch.world_size)]
     if args.check and settings["DRY_RUN"] == "1":

@@ -225,20 +225,14 @@ def test_a_bad_evaluation_setting_exits_2_naming_it_before_anything_runs(
 
 
 def test_the_evaluation_defaults_are_the_full_size_recipes():
-    """The settings' defaults here and in the stage script (TINY=0) are the same."""
-    import re
+    """The settings' defaults here and in the stage script's table (TINY=0) are the same."""
+    from engine.recipe.settings import stage_settings
 
-    from tests.distributed import REPO
-
-    script = (REPO / "examples" / "prolong" / "08_evaluate.sh").read_text()
     compared = []
-    for name, default in re.findall(r"^([A-Z_]+)=\$\{\1:-(.*)\}\s+## ", script, re.M):
-        tiny = re.fullmatch(r'\$\(if_tiny (".*?"|\S+) (".*?"|\S+)\)', default)
-        if tiny:
-            default = tiny.group(2).strip('"')
-        if "$" not in default:
-            assert launch.EVAL_SETTINGS[name] == default, name
-            compared.append(name)
+    for setting in stage_settings("evaluate"):
+        if setting.group == "evaluate" and "$" not in setting.default:
+            assert launch.EVAL_SETTINGS[setting.name] == setting.default, setting.name
+            compared.append(setting.name)
     assert len(compared) == 15, compared  # all but the paths under WORK
 
 
