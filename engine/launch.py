@@ -49,6 +49,7 @@ SETTINGS = {
     "CP_ALGORITHM": "", "RECOMPUTE": "", "GLOBAL_BATCH": "", "MICRO_BATCH": "",
     "TRAIN_STEPS": "", "LR": "", "SAVE_INTERVAL": "", "RDZV_ID": "", "RDZV_TIMEOUT_S": "900",
     "LOCAL_ADDR": "", "SOCKET_IFNAME": "", "STOP_GRACE_S": "240", "DRY_RUN": "0",
+    "VERBOSE": "0",
 }
 # Empty settings that set an engine.train key when given.
 TRAIN_SETTINGS = {"GLOBAL_BATCH": "data.global_batch", "MICRO_BATCH": "data.micro_batch",
@@ -222,8 +223,9 @@ def plan_launch(configs: list[str], settings: dict, overrides: list[str], *, che
     for name in TRAIN_SETTINGS:
         if settings[name] and name != "LR":
             _integer(settings, name, 0)
-    if settings["DRY_RUN"] not in ("0", "1"):
-        raise LaunchSettingError(f"DRY_RUN={settings['DRY_RUN']} must be 0 or 1")
+    for name in ("DRY_RUN", "VERBOSE"):
+        if settings[name] not in ("0", "1"):
+            raise LaunchSettingError(f"{name}={settings[name]} must be 0 or 1")
 
     data_path = _last_override("data.path", overrides) or config.data.path
     checkpoint_dir = _last_override("checkpoint.dir", overrides) or config.checkpoint.dir
@@ -258,7 +260,9 @@ def plan_launch(configs: list[str], settings: dict, overrides: list[str], *, che
                "--max-restarts", "0"]
     if settings["LOCAL_ADDR"]:
         command += ["--local-addr", settings["LOCAL_ADDR"]]
-    command += ["-m", "engine.train", *train_args]
+    # The training run only: the checks before it have no resolved config to print.
+    verbose = ["--verbose"] if settings["VERBOSE"] == "1" else []
+    command += ["-m", "engine.train", *verbose, *train_args]
     notes = [f"node {node_rank} of {nnodes}, {gpus_per_node} processes per node; layout "
              f"{' '.join(layout)}", f"layout {source}"]
     return Launch(command, train_args, nnodes * gpus_per_node, checkpoint_dir, notes)

@@ -128,6 +128,8 @@ SETTINGS = [
             "launch"),
     Setting("DRY_RUN", "1", "1: --check also runs one step of the run on no GPU "
             "(engine.train --dry-run)", "launch", tiny="0"),
+    Setting("VERBOSE", "0", "1: engine.train also prints the resolved config (always written "
+            "to the run's config.yaml)", "launch"),
     # 01
     Setting("MANIFEST", "$REPO/examples/prolong/sources.sample.tsv",
             "DATA_FROM=raw: source -> inputs, JSON key, group-by, minimum tokens",

@@ -47,7 +47,7 @@ def test_help_lists_every_setting_of_the_script_with_its_default(script):
             f"--help misses {name}")
     if "launch" in STAGE_GROUPS[stage]:
         for name in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE",
-                     "TP", "PP", "CP", "GLOBAL_BATCH", "TRAIN_STEPS"):
+                     "TP", "PP", "CP", "GLOBAL_BATCH", "TRAIN_STEPS", "VERBOSE"):
             assert re.search(rf"^  {name}=.*\n        .+ \[default: ", result.stdout, re.M), name
     # The usage is the script's header comment.
     assert result.stdout.startswith(script.read_text().splitlines()[1][2:] + "\n")
@@ -284,6 +284,25 @@ def test_tp_pp_cp_when_set_replace_the_planner(fake_work):
     # Overrides come last, so they win over the settings.
     assert result.stdout.rstrip().endswith(
         f"checkpoint.init_from={fake_work}/checkpoints/prolong-stage1-64k optimizer.lr=3e-6")
+
+
+@pytest.mark.parametrize("script", ["04", "05", "06", "train_torchrun"])
+def test_verbose_reaches_the_training_run_of_every_training_launcher(fake_work, tmp_path,
+                                                                     script):
+    if script == "train_torchrun":
+        args = ("examples/train_torchrun.sh", f"{REPO}/engine/configs/prolong-stage1-64k.yaml",
+                "--check", f"data.path={fake_work}/data/packed/stage1",
+                f"checkpoint.dir={tmp_path}/run")
+    else:
+        args = (_script(script), "--check")
+    # 06 packs its chat data first (--check: printed only).
+    settings = dict(TINY=0, WORK=fake_work, TP=8, SFT_DATA=REPO / "data_tools" / "sample" /
+                    "chat.jsonl", TOKENIZER=REPO / "data_tools" / "sample")
+    result = _run(*args, **settings, VERBOSE=1)
+    assert result.returncode == 0, result.stdout
+    assert " -m engine.train --verbose --config " in result.stdout
+    result = _run(*args, **settings, VERBOSE="on")
+    assert result.returncode == 2 and "VERBOSE=on must be 0 or 1" in result.stdout
 
 
 def test_shellcheck_passes_on_every_script():
