@@ -100,3 +100,15 @@ def test_a_manifest_of_comments_only_lists_no_source(tmp_path):
     manifest = _manifest(tmp_path, "# nothing\n\n")
     with pytest.raises(SettingError, match="lists no source"):
         read_manifest(manifest, str(tmp_path / "raw"))
+
+
+def test_the_launch_settings_are_engine_launchs_with_the_recipes_defaults():
+    """The table's launch group is engine.launch's settings, each with engine.launch's default
+    but for the two the scripts choose otherwise (RDZV_ID: the job id; DRY_RUN: --check runs
+    the full-size run's dry run)."""
+    from engine import launch
+
+    table = {s.name: s.default for s in SETTINGS if s.group == "launch"}
+    assert list(table) == list(launch.SETTINGS)
+    differing = {name for name, default in table.items() if launch.SETTINGS[name] != default}
+    assert differing == {"RDZV_ID", "DRY_RUN"}
