@@ -21,5 +21,5 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 run_stage() {
   local script
   script=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)/$(basename "${BASH_SOURCE[1]}")
-  exec "${PYTHON:-python3}" -m engine.recipe --repo "$REPO" --script "$script" "$1" "${@:2}"
+  exec "${PYTHON:-python3}" -m engine.recipe --repo "$REPO" --script "$script" "$@"
 }
