@@ -49,6 +49,7 @@ SETTINGS = {
     "CP_ALGORITHM": "", "RECOMPUTE": "", "GLOBAL_BATCH": "", "MICRO_BATCH": "",
     "TRAIN_STEPS": "", "LR": "", "SAVE_INTERVAL": "", "RDZV_ID": "", "RDZV_TIMEOUT_S": "900",
     "LOCAL_ADDR": "", "SOCKET_IFNAME": "", "STOP_GRACE_S": "240", "DRY_RUN": "0",
+    "VERBOSE": "0",
 }
 # Empty settings that set an engine.train key when given.
 TRAIN_SETTINGS = {"GLOBAL_BATCH": "data.global_batch", "MICRO_BATCH": "data.micro_batch",
@@ -222,8 +223,9 @@ def plan_launch(configs: list[str], settings: dict, overrides: list[str], *, che
     for name in TRAIN_SETTINGS:
         if settings[name] and name != "LR":
             _integer(settings, name, 0)
-    if settings["DRY_RUN"] not in ("0", "1"):
-        raise LaunchSettingError(f"DRY_RUN={settings['DRY_RUN']} must be 0 or 1")
+    for name in ("DRY_RUN", "VERBOSE"):
+        if settings[name] not in ("0", "1"):
+            raise LaunchSettingError(f"{name}={settings[name]} must be 0 or 1")
 
     data_path = _last_override("data.path", overrides) or config.data.path
     checkpoint_dir = _last_override("checkpoint.dir", overrides) or config.checkpoint.dir
@@ -258,7 +260,9 @@ def plan_launch(configs: list[str], settings: dict, overrides: list[str], *, che
                "--max-restarts", "0"]
     if settings["LOCAL_ADDR"]:
         command += ["--local-addr", settings["LOCAL_ADDR"]]
-    command += ["-m", "engine.train", *train_args]
+    # The training run only: the checks before it have no resolved config to print.
+    verbose = ["--verbose"] if settings["VERBOSE"] == "1" else []
+    command += ["-m", "engine.train", *verbose, *train_args]
     notes = [f"node {node_rank} of {nnodes}, {gpus_per_node} processes per node; layout "
              f"{' '.join(layout)}", f"layout {source}"]
     return Launch(command, train_args, nnodes * gpus_per_node, checkpoint_dir, notes)
@@ -608,7 +612,7 @@ anything starts: a bad one stops with exit code 2 naming it.
         return die("engine.evaluate refused the evaluation (the error above); nothing was "
                    "launched")
     for command in (evaluation.command, *evaluation.ruler):
-        print(" ".join(map(_bash_quote, command)), flush=True)
+        print(" ".join(map(bash_quote, command)), flush=True)
     if args.check:
         return 0
     Path(evaluation.out).parent.mkdir(parents=True, exist_ok=True)
@@ -622,9 +626,15 @@ anything starts: a bad one stops with exit code 2 naming it.
     return 0
 
 
-def _bash_quote(arg: str) -> str:
-    # The quoting bash's printf %q gives a plain path or setting: none.
-    return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else shlex.quote(arg)
+def bash_quote(arg: str) -> str:
+    """``arg`` as bash's printf %q quotes it: a plain path or setting as it is, other printable
+    text with each special character escaped (a path holding a space stays one word that
+    still ends in its own last characters), anything else in single quotes."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", arg):
+        return arg
+    if arg and arg.isprintable():
+        return re.sub(r"([^\w@%+=:,./-])", r"\\\1", arg)
+    return shlex.quote(arg)
 
 
 def main(argv=None) -> int:
@@ -679,7 +689,7 @@ def main(argv=None) -> int:
         return die(str(error))
     for note in launch.notes:
         print(f"== {args.name}: {note}")
-    print(" ".join(map(_bash_quote, launch.command)), flush=True)
+    print(" ".join(map(bash_quote, launch.command)), flush=True)
     engine_train = [args.python, "-m", "engine.train"]
     world = ["--world-size", str(launch.world_size)]
     if args.check and settings["DRY_RUN"] == "1":

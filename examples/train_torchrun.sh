@@ -9,15 +9,4 @@
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-knobs_launch
-PLAN_LAYOUT=${PLAN_LAYOUT:-0}               ## 1: TP/PP/CP from the planner when unset (else the config's)
-case ${1:-} in
-  -h|--help) usage; exit 0 ;;
-  ""|-*) usage >&2; exit 2 ;;
-esac
-CONFIG=$1
-shift
-parse_args --allow-overrides "$@"
-layout=()
-[ "$PLAN_LAYOUT" = 1 ] || layout=(--layout-from-config)
-train_stage "${layout[@]}" "$CONFIG" --
+run_stage train "$@"

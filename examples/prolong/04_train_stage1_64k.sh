@@ -9,13 +9,4 @@
 set -euo pipefail
 # shellcheck source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-knobs_recipe_paths
-knobs_launch
-CONFIG=${CONFIG:-$REPO/engine/configs/prolong-stage1-64k.yaml}  ## the stage's engine.train config
-parse_args --allow-overrides "$@"
-
-recipe_stage_configs "$CONFIG"
-need_packed "$PACKED_DIR/stage1" examples/prolong/02_build_mixtures.sh
-need_checkpoint "$IMPORT_CKPT" examples/prolong/03_import_model.sh
-train_stage "${STAGE_CONFIGS[@]}" -- data.path="$PACKED_DIR/stage1" checkpoint.dir="$STAGE1_CKPT" \
-  checkpoint.init_from="$IMPORT_CKPT"
+run_stage train-stage1 "$@"

@@ -9,13 +9,4 @@
 set -euo pipefail
 # shellcheck source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-knobs_recipe_paths
-knobs_launch
-CONFIG=${CONFIG:-$REPO/engine/configs/prolong-stage2-512k.yaml}  ## the stage's engine.train config
-parse_args --allow-overrides "$@"
-
-recipe_stage_configs "$CONFIG"
-need_packed "$PACKED_DIR/stage2" examples/prolong/02_build_mixtures.sh
-need_checkpoint "$STAGE1_CKPT" examples/prolong/04_train_stage1_64k.sh
-train_stage "${STAGE_CONFIGS[@]}" -- data.path="$PACKED_DIR/stage2" checkpoint.dir="$STAGE2_CKPT" \
-  checkpoint.init_from="$STAGE1_CKPT"
+run_stage train-stage2 "$@"

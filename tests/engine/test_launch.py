@@ -46,6 +46,19 @@ def test_tp_pp_cp_as_set_make_the_command_with_overrides_last(run):
     assert result.notes[1] == "layout as set (TP=1 PP=1 CP=4)"
 
 
+def test_verbose_asks_the_training_run_to_print_its_resolved_config(run):
+    quiet = _plan(["TP=8", *run])
+    verbose = _plan(["TP=8", "VERBOSE=1", *run], environ={"VERBOSE": "0"})
+    start = quiet.command.index("engine.train") + 1
+    assert verbose.command == [*quiet.command[:start], "--verbose", *quiet.command[start:]]
+    assert "--verbose" not in quiet.command
+    # The one-process check and the dry run take the same engine.train arguments, without it.
+    assert verbose.train_args == quiet.train_args
+    assert _plan(["TP=8", *run], environ={"VERBOSE": "1"}).command == verbose.command
+    with pytest.raises(launch.LaunchSettingError, match="VERBOSE=yes must be 0 or 1"):
+        _plan(["TP=8", "VERBOSE=yes", *run])
+
+
 def test_without_tp_pp_cp_the_layout_is_the_planners(run):
     result = _plan(["NNODES=8", *run])
     fitting, _ = plan_layouts(get_model_config("llama3-8b"), Workload(65536), 64, 80.0,
@@ -225,20 +238,14 @@ def test_a_bad_evaluation_setting_exits_2_naming_it_before_anything_runs(
 
 
 def test_the_evaluation_defaults_are_the_full_size_recipes():
-    """The settings' defaults here and in the stage script (TINY=0) are the same."""
-    import re
+    """The settings' defaults here and in the stage script's table (TINY=0) are the same."""
+    from engine.recipe.settings import stage_settings
 
-    from tests.distributed import REPO
-
-    script = (REPO / "examples" / "prolong" / "08_evaluate.sh").read_text()
     compared = []
-    for name, default in re.findall(r"^([A-Z_]+)=\$\{\1:-(.*)\}\s+## ", script, re.M):
-        tiny = re.fullmatch(r'\$\(if_tiny (".*?"|\S+) (".*?"|\S+)\)', default)
-        if tiny:
-            default = tiny.group(2).strip('"')
-        if "$" not in default:
-            assert launch.EVAL_SETTINGS[name] == default, name
-            compared.append(name)
+    for setting in stage_settings("evaluate"):
+        if setting.group == "evaluate" and "$" not in setting.default:
+            assert launch.EVAL_SETTINGS[setting.name] == setting.default, setting.name
+            compared.append(setting.name)
     assert len(compared) == 15, compared  # all but the paths under WORK
 
 

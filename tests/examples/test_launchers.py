@@ -10,12 +10,12 @@ import time
 
 import pytest
 
+from engine.recipe.settings import STAGE_GROUPS, stage_settings
 from tests.distributed import REPO, run_command
 from tests.examples.system import recipe_env, require
 
 PROLONG = sorted((REPO / "examples" / "prolong").glob("0*.sh"))
 LAUNCHERS = [*PROLONG, REPO / "examples" / "train_torchrun.sh"]
-SETTING = re.compile(r"^\s*([A-Z][A-Z0-9_]*)=\$\{\1:-.*\}\s+## ", re.M)
 
 
 def _script(name: str) -> str:
@@ -30,18 +30,27 @@ def test_the_recipe_has_one_script_per_stage_in_order():
     assert [p.name[:3] for p in PROLONG] == [f"{i:02d}_" for i in range(1, 9)]
 
 
+def _stage_of(script) -> str:
+    """The engine.recipe stage a script hands over to (its `run_stage STAGE` line)."""
+    return re.search(r"^run_stage (\S+) \"\$@\"$", script.read_text(), re.M).group(1)
+
+
 @pytest.mark.parametrize("script", LAUNCHERS, ids=lambda p: p.name)
 def test_help_lists_every_setting_of_the_script_with_its_default(script):
     result = _run(str(script), "--help", TINY=0)
     assert result.returncode == 0, result.stdout
-    names = SETTING.findall(script.read_text())
+    stage = _stage_of(script)
+    names = [setting.name for setting in stage_settings(stage) if setting.group == stage]
     assert names, f"{script.name} declares no setting"
     for name in [*names, "TINY", "PYTHON"]:
-        assert re.search(rf"^  {name}=", result.stdout, re.M), f"--help misses {name}"
-    if "knobs_launch" in script.read_text():
+        assert re.search(rf"^  {name}=.*\n        .+ \[default: ", result.stdout, re.M), (
+            f"--help misses {name}")
+    if "launch" in STAGE_GROUPS[stage]:
         for name in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE",
-                     "TP", "PP", "CP", "GLOBAL_BATCH", "TRAIN_STEPS"):
+                     "TP", "PP", "CP", "GLOBAL_BATCH", "TRAIN_STEPS", "VERBOSE"):
             assert re.search(rf"^  {name}=.*\n        .+ \[default: ", result.stdout, re.M), name
+    # The usage is the script's header comment.
+    assert result.stdout.startswith(script.read_text().splitlines()[1][2:] + "\n")
 
 
 @pytest.fixture
@@ -275,6 +284,25 @@ def test_tp_pp_cp_when_set_replace_the_planner(fake_work):
     # Overrides come last, so they win over the settings.
     assert result.stdout.rstrip().endswith(
         f"checkpoint.init_from={fake_work}/checkpoints/prolong-stage1-64k optimizer.lr=3e-6")
+
+
+@pytest.mark.parametrize("script", ["04", "05", "06", "train_torchrun"])
+def test_verbose_reaches_the_training_run_of_every_training_launcher(fake_work, tmp_path,
+                                                                     script):
+    if script == "train_torchrun":
+        args = ("examples/train_torchrun.sh", f"{REPO}/engine/configs/prolong-stage1-64k.yaml",
+                "--check", f"data.path={fake_work}/data/packed/stage1",
+                f"checkpoint.dir={tmp_path}/run")
+    else:
+        args = (_script(script), "--check")
+    # 06 packs its chat data first (--check: printed only).
+    settings = dict(TINY=0, WORK=fake_work, TP=8, SFT_DATA=REPO / "data_tools" / "sample" /
+                    "chat.jsonl", TOKENIZER=REPO / "data_tools" / "sample")
+    result = _run(*args, **settings, VERBOSE=1)
+    assert result.returncode == 0, result.stdout
+    assert " -m engine.train --verbose --config " in result.stdout
+    result = _run(*args, **settings, VERBOSE="on")
+    assert result.returncode == 2 and "VERBOSE=on must be 0 or 1" in result.stdout
 
 
 def test_shellcheck_passes_on_every_script():
