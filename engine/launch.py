@@ -40,17 +40,22 @@ from engine.parallel.layout import CP_ALGORITHMS, RECOMPUTE_MODES
 from engine.planner.__main__ import layout_overrides
 from engine.planner.memory import Workload
 from engine.planner.plan import plan_layouts
+from engine.recipe.settings import SETTINGS as RECIPE_SETTINGS
 from engine.training.config import ConfigError, TrainConfig, load_config, read_config_file
 
-# Each launch setting with its default ("": unset, the config's or the planner's choice).
-SETTINGS = {
-    "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
-    "GPUS_PER_NODE": "8", "GPU_MEMORY_GB": "80", "TP": "", "PP": "", "CP": "",
-    "CP_ALGORITHM": "", "RECOMPUTE": "", "GLOBAL_BATCH": "", "MICRO_BATCH": "",
-    "TRAIN_STEPS": "", "LR": "", "SAVE_INTERVAL": "", "RDZV_ID": "", "RDZV_TIMEOUT_S": "900",
-    "LOCAL_ADDR": "", "SOCKET_IFNAME": "", "STOP_GRACE_S": "240", "DRY_RUN": "0",
-    "VERBOSE": "0",
-}
+
+def _defaults(group: str) -> dict:
+    """{name: default} of the examples' settings table (engine.recipe.settings) for ``group``,
+    as this launch takes them when called directly: a default that names a recipe path ($WORK,
+    ...) or is computed is empty here ("": unset, the config's, the planner's or the caller's
+    choice)."""
+    return {s.name: "" if callable(s.default) or "$" in s.default else s.default
+            for s in RECIPE_SETTINGS if s.group == group}
+
+
+# Each launch setting with its default. DRY_RUN differs from the scripts' full-size default:
+# called directly, --check stays the trainer's one-process check unless DRY_RUN=1 asks for more.
+SETTINGS = dict(_defaults("launch"), DRY_RUN="0")
 # Empty settings that set an engine.train key when given.
 TRAIN_SETTINGS = {"GLOBAL_BATCH": "data.global_batch", "MICRO_BATCH": "data.micro_batch",
                   "TRAIN_STEPS": "train_steps", "LR": "optimizer.lr",
@@ -414,15 +419,7 @@ def supervise(command: list[str], checkpoint_dir: str, settings: dict,
 
 # Each evaluation setting with its default (the full-size recipe's; "": to be given). An empty
 # EVAL_CHECKPOINTS or EVAL_HF means the caller's defaults (--default-checkpoint, --default-hf).
-EVAL_SETTINGS = {
-    "EVAL_CHECKPOINTS": "", "EVAL_HF": "", "EVAL_LENGTHS": "32768 65536 131072",
-    "EVAL_DEPTHS": "5", "EVAL_TASKS": "all", "EVAL_SAMPLES": "20",
-    "EVAL_RULER_TASKS": "niah_single_1 niah_multikey_2 niah_multikey_3 vt fwe",
-    "EVAL_RULER_SAMPLES": "100", "EVAL_RULER_CHAT": "1", "EVAL_LONG_DOCUMENTS": "none",
-    "EVAL_POSITION_LENGTH": "131072", "EVAL_SHORT_DOCUMENTS": "none", "EVAL_GPUS": "8",
-    "EVAL_TP": "8", "EVAL_PP": "1", "EVAL_CP": "1", "EVAL_CP_ALGORITHM": "all-gather",
-    "EVAL_OUT": "", "TOKENIZER": "",
-}
+EVAL_SETTINGS = dict(_defaults("evaluate"), TOKENIZER="")
 
 
 @dataclass

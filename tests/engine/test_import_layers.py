@@ -7,8 +7,9 @@ simulated GPU of the dry runs (simulation: the meta device, the fake process gro
 watching dispatch mode); training (plan, build, data, step); conversion (which evaluation uses
 to generate with an engine checkpoint); the other users of training side by side (planner,
 evaluate with its dry run, tools); the training dry run (which asks the planner); the entry
-point train.py on top; above it the launch of training and evaluation runs (launch), and on
-top the recipe's scripts in Python (recipe: their settings, stages and SLURM batch step).
+point train.py on top; above it the examples' settings table (recipe.settings, standard library
+only), the launch of training and evaluation runs (launch), whose defaults come from that table,
+and on top the recipe's scripts in Python (recipe: their stages and SLURM batch step).
 A module may import its own package and any lower layer, never a higher or a sibling one.
 Below them all, and below data_tools, the file publishing package (publishing/) imports only the
 standard library, so that both may use it without one reaching into the other.
@@ -29,8 +30,9 @@ LAYERS = {
     "engine.planner": 6, "engine.evaluate": 6, "engine.tools": 6,
     "engine.dryrun": 7,
     "engine.train": 8,
-    "engine.launch": 9,
-    "engine.recipe": 10,
+    "engine.recipe.settings": 9,
+    "engine.launch": 10,
+    "engine.recipe": 11,
 }
 # Imported inside functions on purpose: optional GPU or test libraries, and slow imports used
 # by one path only.

@@ -103,9 +103,9 @@ def test_a_manifest_of_comments_only_lists_no_source(tmp_path):
 
 
 def test_the_launch_settings_are_engine_launchs_with_the_recipes_defaults():
-    """The table's launch group is engine.launch's settings, each with engine.launch's default
-    but for the two the scripts choose otherwise (RDZV_ID: the job id; DRY_RUN: --check runs
-    the full-size run's dry run)."""
+    """engine.launch reads its settings from the table's launch group, each with the table's
+    default but for the two the scripts choose otherwise (RDZV_ID: the job id; DRY_RUN: --check
+    runs the full-size run's dry run)."""
     from engine import launch
 
     table = {s.name: s.default for s in SETTINGS if s.group == "launch"}
