@@ -56,6 +56,11 @@ def _defaults(group: str) -> dict:
 # Each launch setting with its default. DRY_RUN differs from the scripts' full-size default:
 # called directly, --check stays the trainer's one-process check unless DRY_RUN=1 asks for more.
 SETTINGS = dict(_defaults("launch"), DRY_RUN="0")
+# Settings that set the layout's engine.train keys (TP/PP/CP empty: the planner's layout or,
+# for train_torchrun.sh, the config's).
+LAYOUT_SETTINGS = {"TP": "parallel.tensor_parallel", "PP": "parallel.pipeline_parallel",
+                   "CP": "parallel.context_parallel", "CP_ALGORITHM": "parallel.cp_algorithm",
+                   "RECOMPUTE": "parallel.recompute"}
 # Empty settings that set an engine.train key when given.
 TRAIN_SETTINGS = {"GLOBAL_BATCH": "data.global_batch", "MICRO_BATCH": "data.micro_batch",
                   "TRAIN_STEPS": "train_steps", "LR": "optimizer.lr",
@@ -183,8 +188,8 @@ def resolve_layout(settings: dict, config: TrainConfig, seq_length: int,
         if gpus % (tp * pp * cp):
             raise LaunchSettingError(f"TP x PP x CP = {tp} x {pp} x {cp} does not divide "
                                      f"NNODES x GPUS_PER_NODE = {gpus} processes")
-        layout = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
-                  f"parallel.context_parallel={cp}"]
+        layout = [f"{LAYOUT_SETTINGS[name]}={value}"
+                  for name, value in (("TP", tp), ("PP", pp), ("CP", cp))]
         if tp == 1:
             # Sequence parallelism splits activations over the TP group; without TP it does
             # not exist.
@@ -201,10 +206,8 @@ def resolve_layout(settings: dict, config: TrainConfig, seq_length: int,
         layout, command = planner_layout(config.model.name, seq_length, gpus, memory,
                                          global_batch, micro_batch, settings["CP_ALGORITHM"])
         source = f"recommended by: {command}"
-    if settings["CP_ALGORITHM"]:
-        layout.append(f"parallel.cp_algorithm={settings['CP_ALGORITHM']}")
-    if settings["RECOMPUTE"]:
-        layout.append(f"parallel.recompute={settings['RECOMPUTE']}")
+    layout += [f"{LAYOUT_SETTINGS[name]}={settings[name]}"
+               for name in ("CP_ALGORITHM", "RECOMPUTE") if settings[name]]
     return layout, source
 
 

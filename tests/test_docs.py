@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from engine.training import config_doc
+from engine import config_doc
 from tests.distributed import REPO
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -21,7 +21,7 @@ def test_configuration_reference_matches_the_config_classes():
     written = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert written == config_doc.render(), (
         "docs/configuration.md differs from the config classes: run "
-        "python -m engine.training.config_doc and commit the result")
+        "python -m engine.config_doc and commit the result")
 
 
 def test_configuration_reference_lists_every_key():
@@ -52,7 +52,7 @@ def test_generator_check_mode_reports_a_stale_file(tmp_path):
     stale = tmp_path / "configuration.md"
     stale.write_text(config_doc.render().replace("| `optimizer.lr` | float |",
                                                  "| `optimizer.lr` | int |"))
-    result = subprocess.run([sys.executable, "-m", "engine.training.config_doc", "--check",
+    result = subprocess.run([sys.executable, "-m", "engine.config_doc", "--check",
                              "--out", str(stale)], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr

@@ -78,19 +78,6 @@ def test_the_shipped_measures_and_protocols_are_registered():
     assert "niah_single" in PROTOCOL_TASKS["ours"] and "vt" in PROTOCOL_TASKS["ruler"]
 
 
-def test_the_configuration_reference_names_every_measure_flag():
-    """docs/configuration.md (engine.training.config_doc, below evaluation in the layers, so it
-    keeps its own list) names each eval key's command flag: the same as the measures declare."""
-    from engine.training.config_doc import CLI_ALIASES
-
-    declared = {f"eval.{flag.key}": flag.flag for measure in registry.measures(None)
-                for flag in measure.flags}
-    declared["eval.protocol"] = "--protocol"  # the command's own: which measures run
-    listed = {key: flag for key, (command, flag) in CLI_ALIASES.items()
-              if command == "python -m engine.evaluate"}
-    assert listed == declared
-
-
 def test_one_registry_drives_the_command(probe, tmp_path, capsys):
     from engine.evaluate.__main__ import _parser, main
     random_hf_llama(tmp_path / "hf")

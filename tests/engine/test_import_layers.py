@@ -9,7 +9,9 @@ to generate with an engine checkpoint); the other users of training side by side
 evaluate with its dry run, tools); the training dry run (which asks the planner); the entry
 point train.py on top; above it the examples' settings table (recipe.settings, standard library
 only), the launch of training and evaluation runs (launch), whose defaults come from that table,
-and on top the recipe's scripts in Python (recipe: their stages and SLURM batch step).
+and on top the recipe's scripts in Python (recipe: their stages and SLURM batch step) and,
+beside them, the generator of docs/configuration.md (config_doc: it reads the aliases from the
+launch and the evaluation measures).
 A module may import its own package and any lower layer, never a higher or a sibling one.
 Below them all, and below data_tools, the file publishing package (publishing/) imports only the
 standard library, so that both may use it without one reaching into the other.
@@ -32,7 +34,7 @@ LAYERS = {
     "engine.train": 8,
     "engine.recipe.settings": 9,
     "engine.launch": 10,
-    "engine.recipe": 11,
+    "engine.recipe": 11, "engine.config_doc": 11,
 }
 # Imported inside functions on purpose: optional GPU or test libraries, and slow imports used
 # by one path only.
