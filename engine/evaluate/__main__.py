@@ -50,7 +50,7 @@ from engine.evaluate.errors import EvaluationError
 from engine.evaluate.inputs import (FLAGS, check_lengths, check_recorded_tokenizers,
                                     folder_tokenizer, hf_config, tokenizer_inputs)
 from engine.evaluate.measures import (MeasureRequest, measures, prepare_measures,
-                                      protocol_tasks)
+                                      protocol_descriptions, protocol_tasks)
 from engine.evaluate.measures.recall import DEFAULT_SAMPLES
 from engine.evaluate.report import (CheckpointReport, EvaluationReport, check_report_folder,
                                     publish_text_report, write_report)
@@ -271,10 +271,9 @@ def main(argv=None, protocol: Optional[str] = None) -> int:
     protocol = given or protocol or "ours"
     protocols = tuple(protocol_tasks())
     if protocol not in protocols:
+        described = "; ".join(f"{name}: {text}" for name, text in protocol_descriptions().items())
         print(f"error: unknown --protocol {protocol!r}; choose from {', '.join(protocols)} "
-              f"(ours: this suite at exact lengths and depths; ruler: RULER's tasks and metrics; "
-              f"helmet-recall: HELMET's Recall tasks on its data)",
-              file=sys.stderr, flush=True)
+              f"({described})", file=sys.stderr, flush=True)
         return 2
     pipeline = Pipeline.of(protocol)
     args = _parser(protocol).parse_args(argv)

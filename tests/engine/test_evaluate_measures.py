@@ -76,6 +76,8 @@ def test_the_shipped_measures_and_protocols_are_registered():
                                                      "short_document_loss"]
     assert list(PROTOCOL_TASKS) == ["ours", "ruler", "helmet-recall"]
     assert "niah_single" in PROTOCOL_TASKS["ours"] and "vt" in PROTOCOL_TASKS["ruler"]
+    # Each protocol says what it is (the "unknown --protocol" message), from its measure.
+    assert list(registry.protocol_descriptions()) == list(PROTOCOL_TASKS)
 
 
 def test_one_registry_drives_the_command(probe, tmp_path, capsys):

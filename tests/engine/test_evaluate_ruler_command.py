@@ -52,7 +52,9 @@ def test_generated_report_round_trips_to_the_examples(tokenizer_path, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--protocol", "helmet"], "unknown --protocol 'helmet'; choose from ours, ruler, "
-                               "helmet-recall"),
+                               "helmet-recall (ours: this suite at exact lengths and depths; "
+                               "ruler: RULER's tasks and metrics; helmet-recall: HELMET's "
+                               "Recall tasks on its data)"),
     (["--protocol", "helmet-recall", "--tasks", "json_kv"], "needs --helmet-data"),
     (["--protocol", "helmet-recall", "--tasks", "json_kv", "--helmet-data", "nowhere",
       "--lengths", "8192"], "download_data.sh"),

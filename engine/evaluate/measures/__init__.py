@@ -43,7 +43,7 @@ How to add a measure:
    table in ``render_markdown`` (the report's template) and, if it has one, its plot.
 
 How to add a protocol: a ``generated.GeneratedProtocol`` subclass in its own module here, with
-``protocols = ("<name>",)``, its ``tasks``, ``data_flags``, ``build`` (every example, from the
+``protocols = ("<name>",)``, its ``protocol_description``, ``tasks``, ``data_flags``, ``build`` (every example, from the
 protocol's data) and ``score`` (one generated text against the gold values): ``--protocol``
 takes its name from there; its report is report.py's protocol document (``ProtocolResult``). A task of
 an existing protocol is a builder in its module (engine.evaluate.ruler, engine.evaluate.helmet)
@@ -132,6 +132,9 @@ class Measure:
     # Its examples_file is an output of its own: written on every run, with no model too
     # ("examples only", for other harnesses), not only with --write-examples.
     examples_are_output: bool = False
+    # What its protocol is, in the "unknown --protocol" message (one measure of each protocol
+    # says it).
+    protocol_description: str = ""
 
     def prepare(self, request: MeasureRequest) -> Optional[Prepared]:
         raise NotImplementedError
@@ -168,6 +171,16 @@ def measures(protocol: Optional[str] = "ours") -> list[Measure]:
                 found.append(measure)
         _REGISTRY.extend(sorted(found, key=lambda m: (m.order, m.name)))
     return [m for m in _REGISTRY if protocol is None or protocol in m.protocols]
+
+
+def protocol_descriptions() -> dict[str, str]:
+    """{protocol: what it is}, from the measures that describe their protocol."""
+    found: dict[str, str] = {}
+    for measure in measures(None):
+        for protocol in measure.protocols:
+            if measure.protocol_description:
+                found.setdefault(protocol, measure.protocol_description)
+    return found
 
 
 def protocol_tasks() -> dict[str, tuple]:
@@ -213,6 +226,6 @@ def training_request(section: EvalSection, stage: str, vocab_size: int,
     return MeasureRequest(section, stage, {"the model": vocab_size}, dict(SETTINGS), shared)
 
 
-__all__ = ["PROTOCOL_TASKS", "PROTOCOLS", "protocol_tasks", "STAGES", "Flag", "MeasureRequest", "Prepared",
+__all__ = ["PROTOCOL_TASKS", "PROTOCOLS", "STAGES", "Flag", "MeasureRequest", "Prepared",
            "Measure", "depths", "short_limit", "measures", "prepare_measures",
-           "training_request"]
+           "training_request", "protocol_descriptions", "protocol_tasks"]

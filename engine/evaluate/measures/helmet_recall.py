@@ -23,6 +23,7 @@ HELMET_HELP = ("run princeton-nlp/HELMET's scripts/download_data.sh beforehand a
 class HelmetRecall(GeneratedProtocol):
     name = "helmet_recall"
     protocol = "helmet-recall"
+    protocol_description = "HELMET's Recall tasks on its data"
     protocols = ("helmet-recall",)
     order = 50
     asked = "--lengths (HELMET's Recall tasks)"

@@ -60,6 +60,7 @@ class PreparedRecall(Prepared):
 
 class Recall(Measure):
     name = "recall"
+    protocol_description = "this suite at exact lengths and depths"
     order = 10
     asked = "--lengths (recall)"
     stages = ("command", "interval", "final")

@@ -23,6 +23,7 @@ from engine.evaluate.ruler import (RULER_TASKS, RulerSources, build_ruler_exampl
 class Ruler(GeneratedProtocol):
     name = "ruler"
     protocol = "ruler"
+    protocol_description = "RULER's tasks and metrics"
     protocols = ("ruler",)
     order = 40
     asked = "--lengths (RULER's tasks)"
