@@ -137,10 +137,9 @@ def _parser(protocol: str = "ours") -> argparse.ArgumentParser:
         parser.add_argument("--hf-scoring", choices=("generation", "teacher-forced"),
                             default="generation")
     parser.add_argument("--no-progress", action="store_true")
+    described = "; ".join(f"{name}: {text}" for name, text in protocol_descriptions().items())
     parser.add_argument("--protocol", choices=tuple(protocol_tasks()), default=protocol,
-                        help="ours (this suite), ruler (RULER's tasks and metrics) or "
-                             "helmet-recall (HELMET's Recall tasks); run with --protocol ruler "
-                             "--help for their flags")
+                        help=f"{described}; run with --protocol NAME --help for its flags")
     parser.add_argument("--write-examples", action="store_true",
                         help="also write examples.jsonl into --out: every prompt as text with "
                              "each checkpoint's output or teacher-forced result and score")
