@@ -381,10 +381,9 @@ def export(stage: Stage) -> None:
 
 # --- 08: every checkpoint and the export in one report ----------------------------------------
 
-EVAL_NAMES = ("EVAL_LENGTHS", "EVAL_DEPTHS", "EVAL_TASKS", "EVAL_SAMPLES", "EVAL_RULER_TASKS",
-              "EVAL_RULER_SAMPLES", "EVAL_RULER_CHAT", "EVAL_LONG_DOCUMENTS",
-              "EVAL_POSITION_LENGTH", "EVAL_SHORT_DOCUMENTS", "EVAL_GPUS", "EVAL_TP", "EVAL_PP",
-              "EVAL_CP", "EVAL_CP_ALGORITHM", "EVAL_OUT")
+# The evaluation settings passed as resolved; the lists and the tokenizer are passed below.
+EVAL_NAMES = tuple(name for name in launch.EVAL_SETTINGS
+                   if name not in ("EVAL_CHECKPOINTS", "EVAL_HF", "TOKENIZER"))
 
 
 def evaluate(stage: Stage, environ=os.environ) -> int:
